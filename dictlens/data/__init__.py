@@ -1,0 +1,1 @@
+"""The data layer: text → tokens → model tap → activation cache / stream."""

@@ -1,0 +1,120 @@
+"""Hook points: one naming scheme for the activations of every transformer architecture.
+
+Named hooks, with L the block index:
+
+==============  =====================================================
+``resid_pre.L``  the residual stream entering block L (its input)
+``resid_post.L`` the residual stream leaving block L (its output)
+``attn_out.L``   the attention sublayer's output, before it is added
+``mlp_out.L``    the MLP sublayer's output, before it is added
+==============  =====================================================
+
+Any module path also works: ``model.layers.3.mlp.down_proj`` is that module's output,
+``model.layers.3.mlp.down_proj:input`` its first input.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dictlens.errors import HookError
+
+NAMED_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
+_NAMED = re.compile(r"^(resid_pre|resid_post|attn_out|mlp_out)\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A place to read activations: a module path and whether its input or output."""
+
+    name: str
+    module: str
+    io: Literal["input", "output"]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The path and ModuleList of the transformer blocks (one per layer)."""
+    n_layers = int(model.config.num_hidden_layers)
+    candidates = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and "vision" not in name
+    ]
+    if not candidates:
+        raise HookError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}")
+    return candidates[0]
+
+
+def _child(block: nn.Module, names: tuple[str, ...]) -> str | None:
+    children = dict(block.named_children())
+    return next((n for n in names if n in children), None)
+
+
+def named_hooks(model: nn.Module) -> dict[str, HookPoint]:
+    """Every named hook point of ``model``, in forward order."""
+    path, blocks = find_blocks(model)
+    hooks: dict[str, HookPoint] = {}
+    for i, block in enumerate(blocks):
+        prefix = f"{path}.{i}"
+        hooks[f"resid_pre.{i}"] = HookPoint(f"resid_pre.{i}", prefix, "input")
+        attn = _child(block, ATTN_NAMES)
+        if attn is not None:
+            hooks[f"attn_out.{i}"] = HookPoint(f"attn_out.{i}", f"{prefix}.{attn}", "output")
+        mlp = _child(block, MLP_NAMES)
+        if mlp is not None:
+            hooks[f"mlp_out.{i}"] = HookPoint(f"mlp_out.{i}", f"{prefix}.{mlp}", "output")
+        hooks[f"resid_post.{i}"] = HookPoint(f"resid_post.{i}", prefix, "output")
+    return hooks
+
+
+def describe_valid(model: nn.Module) -> str:
+    """A compact list of the valid hook names, for error messages."""
+    hooks = named_hooks(model)
+    parts = []
+    for kind in NAMED_KINDS:
+        layers = [int(h.split(".")[1]) for h in hooks if h.startswith(kind + ".")]
+        if layers:
+            parts.append(f"{kind}.{min(layers)}-{max(layers)}")
+    example = next(iter(hooks.values())).module
+    return ", ".join(parts) + f", or a module path such as {example}.mlp[:input]"
+
+
+def resolve_hook(model: nn.Module, name: str) -> HookPoint:
+    """The HookPoint for a named hook or a raw module path; a clear error otherwise."""
+    hooks = named_hooks(model)
+    if name in hooks:
+        return hooks[name]
+    if _NAMED.match(name):
+        raise HookError(f"hook {name!r} does not exist on this model; valid: {describe_valid(model)}")
+    module, _, io = name.partition(":")
+    io = io or "output"
+    modules = dict(model.named_modules())
+    if io not in ("input", "output") or module not in modules or module == "":
+        raise HookError(f"hook {name!r} does not exist on this model; valid: {describe_valid(model)}")
+    return HookPoint(name, module, io)  # type: ignore[arg-type]
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """The activation tensor inside a module's output (a tensor, or a tuple led by one)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    if hasattr(value, "to_tuple"):
+        return first_tensor(value.to_tuple())
+    raise HookError(f"module output of type {type(value).__name__} holds no tensor to read")
+
+
+def input_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """A module's first input, whether it was passed by position or as ``hidden_states``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    raise HookError("module was called without a tensor input to read")

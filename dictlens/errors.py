@@ -1,0 +1,32 @@
+"""User-facing errors.
+
+Every mistake a user can make (a missing file, a bad hook name, a corrupt shard) raises a
+subclass of :class:`DictlensError` with a one-line message that names what is wrong. The
+CLI prints that line and exits non-zero; unexpected failures still show a traceback.
+"""
+
+from __future__ import annotations
+
+
+class DictlensError(Exception):
+    """An expected mistake in the user's input; the message is shown as is."""
+
+
+class ConfigError(DictlensError):
+    """A configuration field is unknown, missing or has an invalid value."""
+
+
+class InputError(DictlensError):
+    """A file, corpus or model given by the user cannot be used."""
+
+
+class HookError(DictlensError):
+    """A hook point does not exist on the model."""
+
+
+class CacheError(DictlensError):
+    """An activation cache is corrupt, incomplete, or does not match the request."""
+
+
+class ActivationError(DictlensError):
+    """Activations contain NaN or Inf values."""
