@@ -102,7 +102,7 @@ def to_storage(x: torch.Tensor, dtype: str, hook: str) -> np.ndarray:
 def from_storage(arr: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored rows → a float32 tensor."""
     if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(np.array(arr).view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(np.array(arr, dtype=np.float32))
 
 
@@ -267,6 +267,8 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, *, progress: bool
     """Run the model over the text and write (or resume) an activation cache in ``cfg.out``."""
     from tqdm.auto import tqdm
 
+    if lm is not None and lm.name != cfg.model:
+        raise ConfigError(f"model: the config names {cfg.model!r} but the loaded model is {lm.name!r}")
     lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     if lm.max_context is not None and cfg.context > lm.max_context:
         raise ConfigError(f"context: {cfg.context} tokens is longer than {cfg.model} allows ({lm.max_context})")
