@@ -41,6 +41,10 @@ class Chunk:
                      self.positions[:n], self.contexts[:n], self.n_contexts)
 
 
+def _array(v: list[float] | None) -> np.ndarray | None:
+    return None if v is None else np.asarray(v, dtype=np.float64)
+
+
 @dataclass
 class Moments:
     """Streamed sums of a set of rows, in float64, so any number of tokens works."""
@@ -83,8 +87,7 @@ class Moments:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Moments:
-        arr = (lambda v: None if v is None else np.asarray(v, dtype=np.float64))
-        return cls(int(d["count"]), arr(d["sum"]), arr(d["sum_sq"]), float(d["sum_norm"]))
+        return cls(int(d["count"]), _array(d["sum"]), _array(d["sum_sq"]), float(d["sum_norm"]))
 
 
 @dataclass

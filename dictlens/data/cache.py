@@ -175,6 +175,7 @@ class CacheWriter:
             "model_class": type(lm.model).__name__, "n_layers": lm.n_layers,
             "widths": widths, "hook_dirs": {h: hook_dirname(h) for h in cfg.hooks},
             "tokens": 0, "contexts": 0, "shards": [], "stats": {}, "filter": {},
+            "harvest_config": to_dict(cfg),
         }
         for h in cfg.hooks:
             (root / hook_dirname(h)).mkdir(exist_ok=True)

@@ -41,7 +41,10 @@ class HookPoint:
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The path and ModuleList of the transformer blocks (one per layer)."""
-    n_layers = int(model.config.num_hidden_layers)
+    config: Any = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_hidden_layers"):
+        raise HookError(f"{type(model).__name__} has no config.num_hidden_layers: not a transformers LM")
+    n_layers = int(config.num_hidden_layers)
     candidates = [
         (name, mod) for name, mod in model.named_modules()
         if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and "vision" not in name

@@ -122,6 +122,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | torch.device | None =
         hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load model {name!r}{hint}: {first}") from None
-    model.to(dev).eval()
+    model.to(dev)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
+    model.eval()
     model.requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, device=dev)

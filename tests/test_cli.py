@@ -1,0 +1,57 @@
+"""The command line: thin over the API, one-line errors and non-zero exits for expected mistakes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from dictlens.cli import main
+
+
+def test_hooks_lists_the_scheme(tiny_model_dirs, capsys):
+    assert main(["hooks", str(tiny_model_dirs["gpt2"])]) == 0
+    out = capsys.readouterr().out
+    assert "GPT2LMHeadModel, 4 blocks, width 32" in out
+    assert "resid_post.3" in out and "transformer.h.3.mlp" in out
+
+
+def test_harvest_then_info(tiny_model_dirs, corpus, tmp_path, capsys):
+    model = str(tiny_model_dirs["gpt_neox"])
+    rc = main(["harvest", "--model", model, "--hook", "resid_post.2", "--hook", "attn_out.0",
+               "--text", str(corpus), "--tokens", "300", "--context", "64", "--out", str(tmp_path / "c"),
+               "--dtype", "float16"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "cache: 300 tokens" in out and "resid_post.2" in out and "attn_out.0" in out
+    assert main(["info", str(tmp_path / "c"), "--verify"]) == 0
+    assert "verified 1 shards" in capsys.readouterr().out
+
+
+def test_errors_are_one_line(tiny_model_dirs, tmp_path, capsys):
+    model = str(tiny_model_dirs["llama"])
+    cases = [
+        (["harvest", "--model", model, "--hook", "resid_post.99", "--out", str(tmp_path / "a")],
+         "hook 'resid_post.99' does not exist"),
+        (["harvest", "--model", model, "--hook", "resid_post.0", "--text", str(tmp_path / "missing.txt"),
+          "--out", str(tmp_path / "b")], "missing.txt does not exist"),
+        (["harvest", "--model", str(tmp_path / "nomodel"), "--hook", "resid_post.0", "--out", str(tmp_path / "c")],
+         "nomodel is neither a model directory nor a .gguf file"),
+        (["info", str(tmp_path)], "no manifest.json"),
+        (["harvest", "--model", model, "--hook", "resid_post.0", "--out", str(tmp_path / "d"),
+          "--outlier-factor", "0.5"], "outlier_factor: expected a factor above 1, found 0.5"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # earlier lines: transformers' loading bars
+        assert last.startswith("dictlens ") and message in last and "Traceback" not in err, err
+
+
+def test_entry_point_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dictlens.cli", "info", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "does not exist" not in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "dictlens.cli", "harvest", "--hook", "x", "--out", "y",
+                           "--tokns", "5"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unrecognized arguments: --tokns" in proc.stderr
