@@ -14,16 +14,17 @@ from dictlens.errors import DictlensError
 
 def _cmd_hooks(args: argparse.Namespace) -> int:
     from dictlens.data.hooks import named_hooks
-    from dictlens.data.models import load_model
+    from dictlens.data.models import load_skeleton
 
-    lm = load_model(args.model, device="cpu")
-    print(f"{args.model}: {type(lm.model).__name__}, {lm.n_layers} blocks, width {lm.d_model}")
+    model = load_skeleton(args.model)  # structure only: no weights are loaded
+    cfg = model.config
+    print(f"{args.model}: {type(model).__name__}, {cfg.num_hidden_layers} blocks, width {cfg.hidden_size}")
     print(f"{'hook':<16} {'reads':<7} module")
-    for name, point in named_hooks(lm.model).items():
+    for name, point in named_hooks(model).items():
         print(f"{name:<16} {point.io:<7} {point.module}")
     if args.modules:
         print("\nmodule paths (append :input to read a module's input):")
-        for name, _ in lm.model.named_modules():
+        for name, _ in model.named_modules():
             if name:
                 print(f"  {name}")
     else:

@@ -95,6 +95,29 @@ def _resolve(name: str) -> tuple[str, dict[str, Any]]:
     return name, {}
 
 
+def _load_error(name: str, e: Exception) -> InputError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return InputError(f"cannot load model {name!r}{hint}: {first}")
+
+
+def load_skeleton(name: str) -> Any:
+    """The model's module tree on the meta device: its structure, without loading weights.
+
+    Enough to list or check hook points of any model in seconds.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    target, kwargs = _resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(target, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _load_error(name, e) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -118,10 +141,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | torch.device | None =
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE=1 is set)" if offline else ""
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load model {name!r}{hint}: {first}") from None
+        raise _load_error(name, e) from None
     model.to(dev)  # type: ignore[arg-type]  # transformers' stub types .to() narrowly
     model.eval()
     model.requires_grad_(False)
