@@ -59,6 +59,15 @@ class Pattern:
         p._rows = rows
         return p
 
+    def subset(self, keep: torch.Tensor) -> Pattern:
+        """The pattern of the pairs where ``keep`` [nnz] is true (order preserved)."""
+        rows, cols = self.rows[keep], self.cols[keep]
+        crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=cols.device)
+        crow[1:] = torch.bincount(rows, minlength=self.n_rows).cumsum(0)
+        p = Pattern(crow, cols, self.n_rows, self.n_features)
+        p._rows = rows
+        return p
+
     @property
     def nnz(self) -> int:
         return int(self.cols.numel())

@@ -1,0 +1,76 @@
+"""SAEConfig: every field needed to rebuild an SAE; saved as ``config.json`` beside the weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dictlens.config import field
+from dictlens.errors import ConfigError
+
+ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+SPARSITY_PENALTIES = ("none", "l1", "tanh", "smooth_l0", "hoyer", "l0")
+
+
+@dataclass
+class SAEConfig:
+    """Architecture of a sparse autoencoder.
+
+    f = σ(W_enc (x − b_dec) + b_enc) (the ``b_dec`` subtraction when ``pre_bias``),
+    x̂ = W_decᵀ f + b_dec, with ``W_enc`` and ``W_dec`` both stored [F, D] (feature-major).
+    """
+
+    d_in: int = field(0, help="input width D (filled in from the activations when 0)", cli=False)
+    expansion: float = field(16.0, help="features per input dimension (F = expansion × D)")
+    n_features: int = field(0, help="number of features F (overrides --expansion when > 0)")
+    activation: str = field("topk", help="topk, batchtopk, relu, jumprelu or gated", flag="--arch")
+    k: int | None = field(None, help="active features per token (topk, batchtopk; default 32)")
+    pre_bias: bool = field(True, help="subtract b_dec from the input before encoding")
+    tied: bool = field(False, help="tie the encoder to the decoder (W_enc = W_dec)")
+    decoder_norm: str = field("unit", help="unit (constrained to norm 1) or free (penalty × column norm)")
+    init_decoder_norm: float = field(0.1, help="norm of the decoder rows at initialisation (free decoders)")
+    jumprelu_threshold: float = field(0.001, help="initial JumpReLU threshold (in normalised units)")
+    jumprelu_bandwidth: float = field(0.001, help="JumpReLU straight-through bandwidth ε")
+    matryoshka: list[int] | None = field(None, help="nested prefix sizes for Matryoshka losses", flag="--prefix")
+    normalize: str = field("sqrt_d", help="input scaling during training: sqrt_d (mean norm √D), unit, none")
+    select_dtype: str = field("auto", help="precision of the dense encoder pass that picks active features: "
+                                           "auto, float32 or bfloat16 (active values are always exact float32)")
+
+    def __post_init__(self) -> None:
+        check(self.activation in ACTIVATIONS, "activation", " / ".join(ACTIVATIONS), self.activation)
+        check(self.decoder_norm in ("unit", "free"), "decoder_norm", "unit or free", self.decoder_norm)
+        check(self.normalize in ("sqrt_d", "unit", "none"), "normalize", "sqrt_d, unit or none", self.normalize)
+        check(self.select_dtype in ("auto", "float32", "bfloat16"), "select_dtype",
+              "auto, float32 or bfloat16", self.select_dtype)
+        check(self.expansion > 0, "expansion", "a positive number", self.expansion)
+        check(self.n_features >= 0, "n_features", "a positive count", self.n_features)
+        check(self.d_in >= 0, "d_in", "a positive width", self.d_in)
+        if self.uses_k and self.k is None:
+            self.k = 32
+        if not self.uses_k and self.k is not None:
+            raise ConfigError(f"k: applies to topk and batchtopk only, not {self.activation} "
+                              "(its sparsity comes from the penalty coefficient)")
+        if self.uses_k:
+            assert self.k is not None
+            check(self.k >= 1, "k", "at least 1 for topk/batchtopk", self.k)
+            if self.d_in:
+                check(self.k <= self.width, "k", f"at most n_features = {self.width}", self.k)
+        check(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth", "a positive number", self.jumprelu_bandwidth)
+        check(self.jumprelu_threshold > 0, "jumprelu_threshold", "a positive number", self.jumprelu_threshold)
+        if self.matryoshka is not None and self.d_in:
+            sizes = list(self.matryoshka)
+            check(all(0 < a < b for a, b in zip(sizes, sizes[1:], strict=False)) and sizes[0] > 0
+                  and sizes[-1] <= self.width, "matryoshka", f"increasing sizes up to {self.width}", sizes)
+
+    @property
+    def width(self) -> int:
+        """The number of features F."""
+        return self.n_features if self.n_features > 0 else max(1, round(self.expansion * self.d_in))
+
+    @property
+    def uses_k(self) -> bool:
+        return self.activation in ("topk", "batchtopk")
+
+
+def check(ok: bool, name: str, expected: str, found: object) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, found {found!r}")
