@@ -199,10 +199,21 @@ class StreamingSource:
         self.buffer_rows = buffer_rows
         self.tap = Tap(lm, [hook])
         self._stats: NormStats | None = None
+        self._width: int | None = None
 
     @property
     def model(self) -> str:
         return self.lm.name
+
+    @property
+    def d_model(self) -> int:
+        """Width of the hook's activations (read from a two-token probe)."""
+        if self._width is None:
+            self._width = int(self.tap(torch.zeros(1, 2, dtype=torch.long))[self.hook].shape[-1])
+        return self._width
+
+    def __len__(self) -> int:
+        return self.tokens
 
     def _rows(self) -> Iterator[torch.Tensor]:
         contexts = pack_contexts(iter_documents(self.text, self.text_field), self.lm.tokenizer,

@@ -200,6 +200,11 @@ class SAE(nn.Module):
         keep = codes.vals > 0
         return codes.pattern.subset(keep), codes.vals[keep] / self.input_scale
 
+    def decode_sparse(self, p: Pattern, vals: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of raw inputs from sparse codes (as returned by encode_sparse)."""
+        with torch.no_grad():
+            return self._decode_values(vals, p) + self.b_dec / self.input_scale
+
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Dense codes f [B, F] of raw inputs."""
         p, vals = self.encode_sparse(x_BD)

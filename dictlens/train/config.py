@@ -1,0 +1,102 @@
+"""TrainConfig: how an SAE is trained (the SAE's own shape lives in SAEConfig)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dictlens.config import field
+from dictlens.sae.config import SPARSITY_PENALTIES, SAEConfig, check
+
+OPTIMIZERS = ("adam", "adamw", "signsgd")
+SCHEDULES = ("constant", "cosine", "linear", "plateau")
+DEAD_HANDLING = ("auxk", "resample", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, losses, dead-feature handling, checkpoints and logging."""
+
+    tokens: int = field(1_000_000, help="training tokens")
+    batch_size: int = field(4096, help="tokens per step")
+    lr: float = field(0.0, help="learning rate (0: 2e-4/√(F/2^14), the published TopK rule)")
+    optimizer: str = field("adam", help="adam, adamw or signsgd (with momentum)")
+    schedule_free: bool = field(False, help="wrap the optimiser in schedule-free averaging (schedulefree)")
+    beta1: float = field(0.9, help="Adam β1 / signSGD momentum")
+    beta2: float = field(0.999, help="Adam β2")
+    weight_decay: float = field(0.0, help="decoupled weight decay (adamw)")
+    warmup_steps: int = field(10, help="linear learning-rate warm-up steps")
+    schedule: str = field("linear", help="after warm-up: constant, cosine, linear (decay over the last "
+                                         "decay_fraction) or plateau (reduce on plateau)")
+    decay_fraction: float = field(0.2, help="share of training over which the linear schedule decays to 0")
+    clip_grad: float = field(0.0, help="clip the gradient norm to this (0: off)")
+    sparsity: str = field("auto", help="penalty: auto, none, l1, tanh, smooth_l0, hoyer or l0")
+    sparsity_coeff: float = field(0.0, help="penalty coefficient (0: the penalty's default)")
+    sparsity_warmup_steps: int = field(0, help="ramp the penalty coefficient linearly over these steps")
+    weight_by_decoder_norm: bool = field(True, help="weight L1/tanh penalties by ‖W_dec[f]‖")
+    dead: str = field("auto", help="dead features: auto (auxk for topk/batchtopk, else resample), "
+                                   "auxk, resample or none")
+    dead_tokens: int = field(0, help="tokens without firing before a feature counts as dead "
+                                     "(0: min(10M, tokens/5))")
+    auxk_coeff: float = field(1 / 32, help="AuxK loss coefficient")
+    auxk_k: int = field(0, help="AuxK latents (0: D/2)")
+    resample_every: int = field(0, help="resample dead features every N steps (0: 4 times over training)")
+    dead_penalty_coeff: float = field(0.0, help="Σ over dead features of ‖W_dec[f]‖² × this")
+    diversity_coeff: float = field(0.0, help="mean |cos| between decoder rows (sampled) × this")
+    pre_act_coeff: float = field(0.0, help="JumpReLU pre-activation loss Σ ReLU(θ − z)·‖W_dec‖ × this")
+    b_dec_init: str = field("geometric_median", help="decoder bias start: geometric_median, mean or zero")
+    seed: int = field(0, help="random seed (initialisation and data order)")
+    device: str | None = field(None, help="cpu or cuda (default: cuda when present)")
+    log_every: int = field(10, help="log metrics every N steps")
+    checkpoint_every: int = field(0, help="checkpoint every N tokens (0: at the end and on Ctrl-C)")
+    heldout_tokens: int = field(0, help="tokens held out of training for the final metrics")
+    skip_nonfinite: bool = field(False, help="skip batches with NaN/Inf (counted) instead of stopping")
+    plots: bool = field(True, help="write PNG plots of the training curves at the end")
+
+    def __post_init__(self) -> None:
+        check(self.tokens > 0, "tokens", "a positive count", self.tokens)
+        check(self.batch_size > 0, "batch_size", "a positive count", self.batch_size)
+        check(self.lr >= 0, "lr", "a non-negative number", self.lr)
+        check(self.optimizer in OPTIMIZERS, "optimizer", " / ".join(OPTIMIZERS), self.optimizer)
+        check(self.schedule in SCHEDULES, "schedule", " / ".join(SCHEDULES), self.schedule)
+        check(self.sparsity in (*SPARSITY_PENALTIES, "auto"), "sparsity",
+              "auto / " + " / ".join(SPARSITY_PENALTIES), self.sparsity)
+        check(self.dead in (*DEAD_HANDLING, "auto"), "dead", "auto / " + " / ".join(DEAD_HANDLING), self.dead)
+        check(self.b_dec_init in ("geometric_median", "mean", "zero"), "b_dec_init",
+              "geometric_median, mean or zero", self.b_dec_init)
+        check(0 <= self.decay_fraction <= 1, "decay_fraction", "a share in [0, 1]", self.decay_fraction)
+        check(self.clip_grad >= 0, "clip_grad", "a non-negative norm", self.clip_grad)
+
+    @property
+    def steps(self) -> int:
+        return max(1, self.tokens // self.batch_size)
+
+    def learning_rate(self, sae: SAEConfig) -> float:
+        return self.lr if self.lr > 0 else 2e-4 / math.sqrt(sae.width / 2**14)
+
+    def penalty(self, sae: SAEConfig) -> str:
+        if self.sparsity != "auto":
+            return self.sparsity
+        return {"relu": "l1", "gated": "l1", "jumprelu": "l0"}.get(sae.activation, "none")
+
+    def penalty_coeff(self, sae: SAEConfig) -> float:
+        if self.sparsity_coeff > 0:
+            return self.sparsity_coeff
+        return {"l1": 5.0, "tanh": 5.0, "smooth_l0": 0.5, "hoyer": 1.0, "l0": 0.5, "none": 0.0}[self.penalty(sae)]
+
+    def dead_method(self, sae: SAEConfig) -> str:
+        if self.dead != "auto":
+            return self.dead
+        return "auxk" if sae.uses_k else "resample"
+
+    def dead_after(self) -> int:
+        return self.dead_tokens if self.dead_tokens > 0 else max(self.batch_size, min(10_000_000, self.tokens // 5))
+
+
+def check_compatible(sae: SAEConfig, train: TrainConfig) -> None:
+    """Contradictions between the two configs, named."""
+    penalty = train.penalty(sae)
+    check(penalty != "l0" or sae.activation == "jumprelu", "sparsity",
+          "l0 only with the jumprelu activation (it needs the threshold's straight-through gradient)", penalty)
+    check(train.pre_act_coeff == 0 or sae.activation == "jumprelu", "pre_act_coeff",
+          "0 unless the activation is jumprelu", train.pre_act_coeff)

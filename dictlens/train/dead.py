@@ -1,0 +1,79 @@
+"""Dead features: usage tracking, and Anthropic-style resampling.
+
+A feature is dead once it has not fired for ``dead_after`` training tokens. Turnover
+counts features whose dead/alive status changed between two logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dictlens.sae.kernels import Pattern
+from dictlens.sae.model import SAE
+
+
+class DeadTracker:
+    def __init__(self, n_features: int, dead_after: int, device: torch.device):
+        self.since_fired = torch.zeros(n_features, dtype=torch.long, device=device)
+        self.dead_after = dead_after
+        self._last_dead = torch.zeros(n_features, dtype=torch.bool, device=device)
+
+    def update(self, pattern: Pattern, vals: torch.Tensor, n_tokens: int) -> None:
+        fired = torch.bincount(pattern.cols[vals > 0], minlength=len(self.since_fired)) > 0
+        self.since_fired += n_tokens
+        self.since_fired[fired] = 0
+
+    @property
+    def dead(self) -> torch.Tensor:
+        return self.since_fired >= self.dead_after
+
+    def turnover(self) -> int:
+        """Features whose dead status changed since the last call."""
+        now = self.dead
+        changed = int((now != self._last_dead).sum())
+        self._last_dead = now.clone()
+        return changed
+
+
+@torch.no_grad()
+def resample(sae: SAE, optimizer: Any, dead: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
+             generator: torch.Generator) -> int:
+    """Re-initialise dead features towards badly reconstructed inputs (Anthropic, 2023).
+
+    Inputs are drawn with probability ∝ squared reconstruction loss; each dead feature's
+    decoder row becomes its input's (centred) direction, its encoder row the same
+    direction scaled to 0.2 × the mean alive encoder norm, its bias 0; a little noise
+    breaks ties; the optimiser state of those rows is reset.
+    """
+    idx = dead.nonzero()[:, 0]
+    if len(idx) == 0:
+        return 0
+    loss = (x - x_hat).pow(2).sum(1)
+    weights = loss.pow(2).float().cpu() + 1e-12
+    picks = torch.multinomial(weights, len(idx), replacement=len(idx) > len(x), generator=generator)
+    directions = x[picks.to(x.device)] - sae.b_dec
+    directions += 0.01 * directions.norm(dim=1, keepdim=True) * torch.randn(
+        directions.shape, generator=generator).to(x.device) / directions.shape[1] ** 0.5
+    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    alive = ~dead
+    enc_norm = sae.W_enc[alive].norm(dim=1).mean() if bool(alive.any()) else torch.tensor(1.0)
+    dec_norm = sae.W_dec[alive].norm(dim=1).mean() if bool(alive.any()) else torch.tensor(1.0)
+    sae.W_dec[idx] = directions * (1.0 if sae.cfg.decoder_norm == "unit" else dec_norm)
+    if not sae.cfg.tied:
+        sae.W_enc_[idx] = directions * 0.2 * enc_norm
+    sae.b_enc[idx] = 0.0
+    _reset_rows(optimizer, sae, idx)
+    return len(idx)
+
+
+def _reset_rows(optimizer: Any, sae: SAE, idx: torch.Tensor) -> None:
+    """Zero the optimiser state (moments, momentum) of the resampled features' rows."""
+    rows_of = {p: p.shape[0] == sae.n_features for p in sae.parameters()}
+    for p, state in optimizer.state.items():
+        if not rows_of.get(p, False):
+            continue
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == p.shape and key != "z":
+                value[idx] = 0

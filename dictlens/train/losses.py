@@ -1,0 +1,130 @@
+"""Loss terms of SAE training; each is returned by name and logged separately.
+
+Conventions (normalised inputs, mean norm √D): reconstruction is the mean over the batch
+of ‖x − x̂‖² (summed over dimensions); sparsity penalties are means over the batch of
+sums over features. ``w_f = ‖W_dec[f]‖`` when penalties are weighted by decoder norm.
+  l1        Σ_f f·w_f
+  tanh      Σ_f tanh(f·w_f)                    (Anthropic, Feb 2024)
+  smooth_l0 Σ_f σ(α f w_f + β) − σ(β)          (α = 10, β = −3; the sigmoid L0 proxy)
+  hoyer     ‖f‖₁ / ‖f‖₂                         (per token)
+  l0        Σ_f H(z_f − θ_f)                     (JumpReLU, straight-through θ gradient)
+Auxiliary: AuxK (Gao et al.), the Gated SAE's frozen-decoder gate loss, a dead-feature
+decoder penalty, a decoder-diversity penalty, the JumpReLU pre-activation loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dictlens.sae.kernels import Pattern, sparse_decode, sparse_encode
+from dictlens.sae.model import SAE, Codes
+from dictlens.train.config import TrainConfig
+
+SMOOTH_L0_ALPHA, SMOOTH_L0_BETA = 10.0, -3.0
+
+
+def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
+    """Mean ‖x − x̂‖²; with Matryoshka prefixes, the mean over every nested prefix too."""
+    full = (x - codes.x_hat).pow(2).sum(1).mean()
+    prefixes = sae.cfg.matryoshka
+    if not prefixes:
+        return full
+    losses = [full]
+    for m in prefixes:
+        if m >= sae.n_features:
+            continue
+        keep = codes.pattern.cols < m
+        sub = codes.pattern.subset(keep)
+        x_hat = sae._decode_values(codes.vals[keep], sub) + sae.b_dec
+        losses.append((x - x_hat).pow(2).sum(1).mean())
+    return torch.stack(losses).mean()
+
+
+def sparsity(sae: SAE, codes: Codes, penalty: str, weighted: bool) -> torch.Tensor:
+    b = codes.pattern.n_rows
+    if penalty == "none":
+        return codes.vals.new_zeros(())
+    if penalty == "l0":
+        assert codes.l0_surrogate is not None
+        return codes.l0_surrogate / b
+    vals = codes.gate if codes.gate is not None else codes.vals
+    if weighted and penalty in ("l1", "tanh", "smooth_l0"):
+        vals = vals * sae.decoder_norms()[codes.pattern.cols]
+    if penalty == "l1":
+        return vals.sum() / b
+    if penalty == "tanh":
+        return torch.tanh(vals).sum() / b
+    if penalty == "smooth_l0":
+        beta = torch.tensor(SMOOTH_L0_BETA)
+        return (torch.sigmoid(SMOOTH_L0_ALPHA * vals + beta) - torch.sigmoid(beta)).sum() / b
+    # hoyer: per-row L1/L2 on the pattern
+    rows = codes.pattern.rows
+    l1 = torch.zeros(b, dtype=vals.dtype, device=vals.device).index_add(0, rows, vals.abs())
+    l2 = torch.zeros(b, dtype=vals.dtype, device=vals.device).index_add(0, rows, vals.pow(2)).sqrt()
+    return (l1 / l2.clamp_min(1e-8)).mean()
+
+
+def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """Reconstruct the residual with the top-k_aux dead features (Gao et al. 2024)."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return x.new_zeros(())
+    k = min(k_aux, n_dead)
+    pre = codes.pre_BF.masked_fill(~dead, float("-inf"))
+    p = Pattern.from_indices(pre.topk(k, dim=1, sorted=False).indices, sae.n_features)
+    x_c = x - sae.b_dec if sae.cfg.pre_bias else x
+    vals = sparse_encode(x_c, sae.W_enc, sae.b_enc, p).relu()
+    e = (x - codes.x_hat).detach()
+    e_hat = sparse_decode(vals, sae.W_dec, p)
+    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def gated_aux(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
+    """‖x − (W_dec_frozen·ReLU(π_gate) + b_dec_frozen)‖²: trains the gate path."""
+    assert codes.gate is not None
+    x_hat = sae._decode_values(codes.gate, codes.pattern, sae.W_dec.detach()) + sae.b_dec.detach()
+    return (x - x_hat).pow(2).sum(1).mean()
+
+
+def dead_penalty(sae: SAE, dead: torch.Tensor) -> torch.Tensor:
+    return sae.W_dec[dead].pow(2).sum()
+
+
+def diversity(sae: SAE, generator: torch.Generator, sample: int = 1024) -> torch.Tensor:
+    """Mean |cos| between distinct decoder rows, over a random sample of features."""
+    idx = torch.randperm(sae.n_features, generator=generator)[:sample].to(sae.device)
+    d = sae.feature_directions()[idx]
+    cos = d @ d.T
+    n = len(idx)
+    return (cos.abs().sum() - cos.diagonal().abs().sum()) / max(1, n * (n - 1))
+
+
+def pre_activation(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """JumpReLU pre-activation loss Σ_f ReLU(θ_f − z_f)·‖W_dec[f]‖ (dense: costs a matmul)."""
+    x_c = x - sae.b_dec if sae.cfg.pre_bias else x
+    z = x_c @ sae.W_enc.T + sae.b_enc
+    theta = sae.log_threshold.exp()
+    return ((theta - z).relu() * sae.decoder_norms()).sum(1).mean()
+
+
+def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: int, dead: torch.Tensor,
+               generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every active loss term, already multiplied by its coefficient; ``total`` is their sum."""
+    terms = {"mse": reconstruction(sae, codes, x)}
+    penalty = cfg.penalty(sae.cfg)
+    if penalty != "none":
+        ramp = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
+        terms[f"sparsity_{penalty}"] = ramp * cfg.penalty_coeff(sae.cfg) * sparsity(
+            sae, codes, penalty, cfg.weight_by_decoder_norm)
+    if sae.cfg.activation == "gated":
+        terms["gated_aux"] = gated_aux(sae, codes, x)
+    if cfg.dead_method(sae.cfg) == "auxk" and cfg.auxk_coeff > 0:
+        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.auxk_k or sae.d_in // 2)
+    if cfg.dead_penalty_coeff > 0:
+        terms["dead_penalty"] = cfg.dead_penalty_coeff * dead_penalty(sae, dead)
+    if cfg.diversity_coeff > 0:
+        terms["diversity"] = cfg.diversity_coeff * diversity(sae, generator)
+    if cfg.pre_act_coeff > 0:
+        terms["pre_act"] = cfg.pre_act_coeff * pre_activation(sae, x)
+    terms["total"] = torch.stack(list(terms.values())).sum()
+    return terms

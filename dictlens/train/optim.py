@@ -1,0 +1,92 @@
+"""Optimisers and learning-rate schedules.
+
+Adam and AdamW come from torch; signed SGD with momentum is below; the schedule-free
+wrapper comes from the ``schedulefree`` package (Defazio et al.), as in sparsify.
+The schedule is a pure function of the step (plus the plateau state), so a resumed run
+follows exactly the same learning rates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dictlens.train.config import TrainConfig
+
+
+class SignSGD(torch.optim.Optimizer):
+    """p ← p − lr·sign(m), m ← β·m + (1 − β)·g: each coordinate moves by exactly lr."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.9):
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            beta = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                m = state["momentum_buffer"]
+                m.mul_(beta).add_(p.grad, alpha=1 - beta)
+                p.add_(m.sign(), alpha=-group["lr"])
+        return None
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> Any:
+    if cfg.optimizer == "signsgd":
+        base: torch.optim.Optimizer = SignSGD(params, lr, momentum=0.0 if cfg.schedule_free else cfg.beta1)
+    elif cfg.optimizer == "adamw":
+        base = torch.optim.AdamW(params, lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    else:
+        base = torch.optim.Adam(params, lr, betas=(cfg.beta1, cfg.beta2))
+    if not cfg.schedule_free:
+        return base
+    from schedulefree import ScheduleFreeWrapper
+
+    wrapped = ScheduleFreeWrapper(base, momentum=0.95)
+    wrapped.train()
+    return wrapped
+
+
+@dataclass
+class Plateau:
+    """Reduce-on-plateau state: halve the rate after ``patience`` logs without a 1% improvement."""
+
+    best: float = math.inf
+    bad: int = 0
+    factor: float = 1.0
+    patience: int = 5
+
+    def update(self, loss: float) -> None:
+        if loss < self.best * 0.99:
+            self.best, self.bad = loss, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                self.factor, self.bad = self.factor * 0.5, 0
+
+
+def lr_factor(cfg: TrainConfig, step: int, plateau: Plateau) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule_free or cfg.schedule == "constant":
+        return 1.0
+    total = cfg.steps
+    if cfg.schedule == "plateau":
+        return plateau.factor
+    if cfg.schedule == "cosine":
+        span = max(1, total - cfg.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+    decay_start = int(total * (1 - cfg.decay_fraction))
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (total - step) / max(1, total - decay_start))

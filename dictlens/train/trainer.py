@@ -1,0 +1,294 @@
+"""The training loop. It consumes batches of activations and knows nothing about models.
+
+A source is anything with ``batches(batch_size, shuffle=, seed=, drop_last=)`` yielding
+float32 [B, D] tensors and a ``stats`` attribute (``ActivationStore``,
+``StreamingSource``, ``ArraySource``). Everything the loop needs to continue exactly
+where it stopped lives in :class:`TrainState` and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dictlens.config import from_dict, to_dict
+from dictlens.errors import ActivationError, CacheError, InputError
+from dictlens.sae.config import SAEConfig
+from dictlens.sae.model import SAE
+from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
+from dictlens.train.config import TrainConfig, check_compatible
+from dictlens.train.dead import DeadTracker, resample
+from dictlens.train.losses import loss_terms
+from dictlens.train.optim import Plateau, build_optimizer, lr_factor
+
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainState:
+    """Where training stands: enough, with the checkpoint's tensors, to resume exactly."""
+
+    step: int = 0
+    tokens: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    skipped_nonfinite: int = 0
+    resampled: int = 0
+    plateau: dict[str, Any] = field(default_factory=lambda: asdict(Plateau()))
+
+
+def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - m).norm() <= tol * m.norm().clamp_min(1e-8):
+            return new
+        m = new
+    return m
+
+
+class Trainer:
+    """Trains one SAE on a source; ``out`` (optional) receives checkpoints, logs and the SAE."""
+
+    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None,
+                 *, metadata: dict[str, Any] | None = None, progress: bool = True):
+        d = int(source.d_model)
+        if sae_cfg.d_in and sae_cfg.d_in != d:
+            raise InputError(f"d_in: the SAE expects width {sae_cfg.d_in}, the activations have width {d}")
+        self.sae_cfg = from_dict(SAEConfig, {**to_dict(sae_cfg), "d_in": d})
+        self.cfg = cfg
+        check_compatible(self.sae_cfg, cfg)
+        self.source = source
+        self.out = Path(out) if out is not None else None
+        self.progress = progress
+        self.device = torch.device(cfg.device) if cfg.device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.sae = SAE(self.sae_cfg, device=self.device, seed=cfg.seed, metadata=metadata)
+        self.lr = cfg.learning_rate(self.sae_cfg)
+        self.optimizer = build_optimizer(list(self.sae.parameters()), cfg, self.lr)
+        self.dead = DeadTracker(self.sae.n_features, cfg.dead_after(), self.device)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.state = TrainState()
+        self.log_file = None
+
+    # ---- set-up ---------------------------------------------------------------------
+    def _initialise(self) -> None:
+        """Input scale and decoder bias from the data (fresh runs only)."""
+        stats = self.source.stats
+        d = self.sae.d_in
+        target = {"sqrt_d": math.sqrt(d), "unit": 1.0, "none": None}[self.sae_cfg.normalize]
+        scale = 1.0 if target is None or stats.mean_norm <= 0 else target / stats.mean_norm
+        self.sae.input_scale.fill_(scale)
+        if self.cfg.b_dec_init == "zero":
+            return
+        sample = next(iter(self.source.batches(min(16384, max(len(self.source), 1)), shuffle=True,
+                                               seed=self.cfg.seed + 10_000)))
+        sample = sample.to(self.device) * scale
+        init = sample.mean(0) if self.cfg.b_dec_init == "mean" else geometric_median(sample)
+        with torch.no_grad():
+            self.sae.b_dec.copy_(init)
+
+    def resume(self) -> bool:
+        """Load ``out/checkpoint.safetensors`` if it exists; True when resumed."""
+        if self.out is None or not (self.out / CHECKPOINT).is_file():
+            return False
+        ck = load_checkpoint(self.out / CHECKPOINT)
+        saved_sae = ck["sae_config"]
+        if saved_sae != to_dict(self.sae_cfg):
+            diff = {k: (saved_sae.get(k), v) for k, v in to_dict(self.sae_cfg).items() if saved_sae.get(k) != v}
+            raise CacheError(f"{self.out / CHECKPOINT} is from a different SAE (saved vs asked: {diff}); "
+                             "use another --out")
+        self.sae.load_state_dict(ck["sae"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if hasattr(self.optimizer, "train_mode"):
+            self.optimizer.train_mode = True  # saved in train mode: parameters already at y
+        self.dead.since_fired.copy_(ck["since_fired"])
+        self.generator.set_state(ck["rng"])
+        self.state = TrainState(**ck["state"])
+        return True
+
+    def save_checkpoint(self) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.out / CHECKPOINT, {
+            "sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "since_fired": self.dead.since_fired, "rng": self.generator.get_state(),
+            "state": asdict(self.state), "sae_config": to_dict(self.sae_cfg), "train_config": to_dict(self.cfg),
+        })
+
+    # ---- the loop -------------------------------------------------------------------
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Batches from the saved position on, epoch after epoch."""
+        while True:
+            it = self.source.batches(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + self.state.epoch,
+                                     drop_last=True)
+            produced, skip = False, self.state.batch_in_epoch
+            for i, x in enumerate(it):
+                produced = True
+                if i < skip:  # already trained on before the checkpoint
+                    continue
+                yield x
+            if not produced:
+                raise InputError(f"the activations hold fewer rows ({len(self.source)}) than one batch "
+                                 f"({self.cfg.batch_size}); lower --batch-size")
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+
+    def _step(self, x: torch.Tensor) -> dict[str, float]:
+        cfg, sae = self.cfg, self.sae
+        plateau = Plateau(**self.state.plateau)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr * lr_factor(cfg, self.state.step, plateau)
+        codes = sae.encode_codes(x)
+        terms = loss_terms(sae, codes, x, cfg, self.state.step, self.dead.dead, self.generator)
+        if not bool(torch.isfinite(terms["total"])):
+            self.save_checkpoint()
+            raise ActivationError(f"step {self.state.step}: the loss became {float(terms['total'])} "
+                                  f"({ {k: float(v) for k, v in terms.items()} }); checkpoint saved; "
+                                  "lower --lr or enable --clip-grad")
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        sae.project_decoder_grad()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad)
+        self.optimizer.step()
+        sae.normalize_decoder()
+        self.dead.update(codes.pattern, codes.vals.detach(), len(x))
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        with torch.no_grad():
+            err = (x - codes.x_hat).pow(2).sum()
+            out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+            out["l0"] = float((codes.vals > 0).sum()) / len(x)
+        if cfg.dead_method(self.sae_cfg) == "resample" and self._resample_due():
+            self.state.resampled += resample(sae, self.optimizer, self.dead.dead, x, codes.x_hat.detach(),
+                                             self.generator)
+            self.dead.since_fired[self.dead.dead] = 0
+        return out
+
+    def _resample_due(self) -> bool:
+        every = self.cfg.resample_every or max(1, self.cfg.steps // 5)
+        step = self.state.step + 1
+        return step % every == 0 and step < self.cfg.steps
+
+    def _log(self, metrics: dict[str, float], t0: float, tokens0: int) -> dict[str, Any]:
+        record = {"step": self.state.step, "tokens": self.state.tokens, **metrics,
+                  "dead_fraction": float(self.dead.dead.float().mean()), "turnover": self.dead.turnover(),
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  "tokens_per_s": (self.state.tokens - tokens0) / max(1e-9, time.perf_counter() - t0)}
+        if self.cfg.schedule == "plateau":
+            plateau = Plateau(**self.state.plateau)
+            plateau.update(metrics["total"])
+            self.state.plateau = asdict(plateau)
+        if self.log_file is not None:
+            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.flush()
+        return record
+
+    def fit(self) -> SAE:
+        """Train to ``cfg.tokens`` (resuming from ``out`` when a checkpoint is there)."""
+        from tqdm.auto import tqdm
+
+        if not self.resume():
+            self._initialise()
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._truncate_log()
+            self.log_file = open(self.out / LOG, "a")  # noqa: SIM115 - closed in finally
+        t0, tokens0 = time.perf_counter(), self.state.tokens
+        next_ckpt = self._next_checkpoint()
+        bar = tqdm(total=self.cfg.steps * self.cfg.batch_size, initial=self.state.tokens, unit="tok",
+                   unit_scale=True, disable=not self.progress, desc="train")
+        try:
+            for x in self._batches():
+                if self.state.step >= self.cfg.steps:
+                    break
+                x = x.to(self.device, torch.float32)
+                if x.shape[1] != self.sae.d_in:
+                    raise InputError(f"batch width {x.shape[1]} does not match the SAE's d_in {self.sae.d_in}")
+                if not bool(torch.isfinite(x).all()):
+                    self._nonfinite(x)
+                    continue
+                metrics = self._step(x * self.sae.input_scale)
+                self.state.step += 1
+                self.state.tokens += len(x)
+                self.state.batch_in_epoch += 1
+                bar.update(len(x))
+                if self.state.step % self.cfg.log_every == 0 or self.state.step == self.cfg.steps:
+                    rec = self._log(metrics, t0, tokens0)
+                    bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.1%}")
+                if next_ckpt and self.state.tokens >= next_ckpt:
+                    self.save_checkpoint()
+                    next_ckpt = self._next_checkpoint()
+        except KeyboardInterrupt:
+            self.save_checkpoint()
+            raise
+        finally:
+            bar.close()
+            if self.log_file is not None:
+                self.log_file.close()
+                self.log_file = None
+        self.save_checkpoint()
+        self._finish()
+        return self.sae
+
+    def _next_checkpoint(self) -> int:
+        every = self.cfg.checkpoint_every
+        return (self.state.tokens // every + 1) * every if every > 0 else 0
+
+    def _nonfinite(self, x: torch.Tensor) -> None:
+        bad = int((~torch.isfinite(x).all(dim=1)).sum())
+        if self.cfg.skip_nonfinite:
+            self.state.skipped_nonfinite += 1
+            self.state.batch_in_epoch += 1
+            return
+        self.save_checkpoint()
+        where = f"; checkpoint saved in {self.out}" if self.out else ""
+        raise ActivationError(f"step {self.state.step}: the batch holds NaN or Inf in {bad} rows{where}; "
+                              "pass --skip-nonfinite to skip such batches")
+
+    def _truncate_log(self) -> None:
+        """Drop log lines past the checkpoint (written after it, before an interruption)."""
+        assert self.out is not None
+        path = self.out / LOG
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip()
+                and json.loads(line)["step"] <= self.state.step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def _finish(self) -> None:
+        """Put schedule-free parameters at their average; save the SAE and the curves."""
+        if hasattr(self.optimizer, "eval"):
+            self.optimizer.eval()
+        if self.out is None:
+            return
+        self.sae.save(self.out)
+        cfg_path = self.out / "config.json"
+        meta = json.loads(cfg_path.read_text())
+        meta["train"] = {**to_dict(self.cfg), "lr_used": self.lr, "state": asdict(self.state)}
+        cfg_path.write_text(json.dumps(meta, indent=1) + "\n")
+        if self.cfg.plots:
+            from dictlens.train.plots import plot_log
+
+            plot_log(self.out / LOG, self.out / "curves.png")
+
+
+def train(sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None, *,
+          metadata: dict[str, Any] | None = None, progress: bool = True) -> SAE:
+    """Train an SAE on ``source`` (a store, a stream, or an array) and return it."""
+    from dictlens.data.store import ArraySource
+
+    if not hasattr(source, "batches"):
+        source = ArraySource(source)
+    return Trainer(sae_cfg, cfg, source, out, metadata=metadata, progress=progress).fit()
