@@ -60,12 +60,18 @@ def _select_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16
-    fast = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    fast: Any = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return torch.bfloat16 if fast is not None and fast() else torch.float32
 
 
 class SAE(nn.Module):
     """A sparse autoencoder f = σ(W_enc (x − b_dec) + b_enc), x̂ = W_decᵀ f + b_dec."""
+
+    input_scale: torch.Tensor
+    threshold: torch.Tensor
+    log_threshold: nn.Parameter
+    r_mag: nn.Parameter
+    b_mag: nn.Parameter
 
     def __init__(self, cfg: SAEConfig, *, device: str | torch.device | None = None, seed: int = 0,
                  metadata: dict[str, Any] | None = None):
@@ -233,7 +239,7 @@ class SAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         if self.cfg.decoder_norm == "unit":
-            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     # ---- save / load ----------------------------------------------------------------
     def folded_state(self) -> dict[str, torch.Tensor]:

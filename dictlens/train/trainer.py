@@ -79,7 +79,7 @@ class Trainer:
         self.dead = DeadTracker(self.sae.n_features, cfg.dead_after(), self.device)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = TrainState()
-        self.log_file = None
+        self.log_file: Any = None
 
     # ---- set-up ---------------------------------------------------------------------
     def _initialise(self) -> None:
