@@ -9,9 +9,13 @@ from dictlens.data.store import ActivationStore, ArraySource, StreamingSource  #
 from dictlens.data.tap import Tap  # noqa: E402
 from dictlens.data.text import iter_documents  # noqa: E402
 from dictlens.errors import DictlensError  # noqa: E402
+from dictlens.eval.metrics import Metrics, evaluate  # noqa: E402
+from dictlens.sae import SAE, SAEConfig  # noqa: E402
+from dictlens.train import TrainConfig, Trainer, train  # noqa: E402
+from dictlens.train.estimator import SAEEstimator  # noqa: E402
 
 __all__ = [
-    "ActivationStore", "ArraySource", "DictlensError", "HarvestConfig", "HarvestResult", "HookPoint",
-    "LoadedModel", "StreamingSource", "Tap", "harvest", "iter_documents", "load_model",
-    "named_hooks", "resolve_hook",
+    "SAE", "ActivationStore", "ArraySource", "DictlensError", "HarvestConfig", "HarvestResult", "HookPoint",
+    "LoadedModel", "Metrics", "SAEConfig", "SAEEstimator", "StreamingSource", "Tap", "TrainConfig", "Trainer",
+    "evaluate", "harvest", "iter_documents", "load_model", "named_hooks", "resolve_hook", "train",
 ]

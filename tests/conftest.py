@@ -18,6 +18,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ARCHS = ("llama", "gpt2", "gpt_neox")
 
 
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -130,8 +130,14 @@ class SAE(nn.Module):
             raise InputError(f"SAE input: expected [batch, {self.d_in}], found {list(x_BD.shape)}")
 
     def _dense_pre(self, x_c: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """No-grad dense pre-activations, in the selection precision."""
-        dt = _select_dtype(self.cfg.select_dtype, x_c.device)
+        """No-grad dense pre-activations, in the selection precision.
+
+        Lower precision ("auto" on hardware with fast bfloat16) is used only to rank
+        features for top-k selection; thresholds (ReLU, JumpReLU, gates, BatchTopK at
+        inference) are always decided in float32 so that no small activation is lost.
+        """
+        ranks = self.cfg.activation == "topk" or (self.cfg.activation == "batchtopk" and self.training)
+        dt = _select_dtype(self.cfg.select_dtype, x_c.device) if ranks else torch.float32
         with torch.no_grad():
             return torch.addmm(bias.detach().to(dt), x_c.detach().to(dt), self.W_enc.detach().to(dt).T)
 
@@ -163,7 +169,7 @@ class SAE(nn.Module):
         if act == "jumprelu":
             theta = self.log_threshold.detach().exp()
             # Pairs within ε/2 below θ carry θ's straight-through gradient.
-            return Pattern.from_mask(pre_BF > (theta - self.cfg.jumprelu_bandwidth / 2).to(pre_BF.dtype))
+            return Pattern.from_mask(pre_BF > theta - self.cfg.jumprelu_bandwidth / 2)
         return Pattern.from_mask(pre_BF > 0)  # relu, gated (π_gate > 0)
 
     def encode_codes(self, x_BD: torch.Tensor) -> Codes:

@@ -1,0 +1,125 @@
+"""The SAE module: configs, every activation, constraints, save/load with the scale folded in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dictlens import SAE, SAEConfig
+from dictlens.errors import CacheError, ConfigError, InputError
+
+ACTS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+
+
+def _cfg(act: str, **kw) -> SAEConfig:
+    kw.setdefault("select_dtype", "float32")  # exact comparisons below; bf16 selection is tested apart
+    return SAEConfig(d_in=12, n_features=40, activation=act, k=5 if act in ("topk", "batchtopk") else None, **kw)
+
+
+def test_contradictory_configs_are_named():
+    with pytest.raises(ConfigError, match="k: applies to topk and batchtopk only, not relu"):
+        SAEConfig(d_in=8, activation="relu", k=8)
+    with pytest.raises(ConfigError, match="k: expected at most n_features = 16, found 32"):
+        SAEConfig(d_in=8, n_features=16, k=32)
+    with pytest.raises(ConfigError, match="activation: expected topk / batchtopk"):
+        SAEConfig(d_in=8, activation="toppk")
+    with pytest.raises(ConfigError, match="matryoshka: expected increasing sizes up to 40"):
+        SAEConfig(d_in=8, n_features=40, matryoshka=[20, 10])
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_save_load_round_trip_with_folded_scale(act, tmp_path):
+    sae = SAE(_cfg(act), seed=1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        sae.normalize_decoder()
+        sae.input_scale.fill_(3.7)
+        sae.threshold.fill_(0.2)
+    sae.eval()
+    x = torch.randn(64, 12) * 5
+    before, codes_before = sae(x), sae.encode(x)
+    sae.save(tmp_path / "s")
+    loaded = SAE.load(tmp_path / "s").eval()
+    assert float(loaded.input_scale) == 1.0
+    torch.testing.assert_close(loaded(x), before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loaded.encode(x), codes_before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), loaded(x), rtol=1e-4, atol=1e-4)
+    if sae.cfg.decoder_norm == "unit":
+        torch.testing.assert_close(loaded.decoder_norms(), torch.ones(40))
+
+
+def test_damaged_checkpoints_are_named(tmp_path):
+    SAE(_cfg("topk")).save(tmp_path / "s")
+    weights = tmp_path / "s" / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CacheError, match="sae.safetensors is truncated or damaged"):
+        SAE.load(tmp_path / "s")
+    SAE(_cfg("jumprelu")).save(tmp_path / "j")
+    (tmp_path / "s" / "sae.safetensors").write_bytes((tmp_path / "j" / "sae.safetensors").read_bytes())
+    with pytest.raises(CacheError, match="does not match its config"):
+        SAE.load(tmp_path / "s")
+    with pytest.raises(InputError, match="config.json is missing"):
+        SAE.load(tmp_path / "nothing")
+
+
+def test_wrong_width_is_an_error():
+    sae = SAE(_cfg("topk"))
+    with pytest.raises(InputError, match=r"expected \[batch, 12\], found \[3, 7\]"):
+        sae(torch.randn(3, 7))
+    with pytest.raises(InputError, match=r"SAE codes: expected \[batch, 40\]"):
+        sae.decode(torch.randn(3, 12))
+
+
+def test_topk_has_exactly_k_and_batchtopk_k_on_average():
+    x = torch.randn(50, 12)
+    topk = SAE(_cfg("topk"))
+    assert ((topk.encode(x) > 0).sum(1) <= 5).all()
+    btk = SAE(_cfg("batchtopk")).train()
+    codes = btk.encode_codes(x)
+    assert codes.pattern.nnz <= 5 * 50 and float(btk.threshold) > 0
+
+
+def test_unit_decoder_constraint():
+    sae = SAE(_cfg("topk"))
+    x = torch.randn(32, 12)
+    (sae.encode_codes(x).x_hat - x).pow(2).sum().backward()
+    scale = float(sae.W_dec.grad.abs().max())
+    sae.project_decoder_grad()
+    assert float((sae.W_dec.grad * sae.W_dec.detach()).sum(1).abs().max()) < 1e-6 * scale
+    with torch.no_grad():
+        sae.W_dec.mul_(2.0)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.decoder_norms(), torch.ones(40))
+
+
+def test_jumprelu_threshold_gets_the_straight_through_gradient():
+    sae = SAE(SAEConfig(d_in=1, n_features=1, activation="jumprelu", jumprelu_threshold=1.0,
+                        jumprelu_bandwidth=0.5, pre_bias=False))
+    with torch.no_grad():
+        sae.W_enc_.fill_(1.0)
+        sae.W_dec.fill_(1.0)
+    x = torch.tensor([[1.1], [0.9], [3.0]])  # within ε/2 above, within ε/2 below, far above
+    codes = sae.encode_codes(x)
+    codes.l0_surrogate.backward()
+    # dL0/dθ = −(1/ε)·#{|z − θ| < ε/2} ; d/d log θ = θ · that
+    assert float(sae.log_threshold.grad) == pytest.approx(-(1 / 0.5) * 2 * 1.0)
+    assert codes.vals.tolist() == pytest.approx([1.1, 0.0, 3.0])
+
+
+def test_bfloat16_selection_agrees_with_float32():
+    """bf16 only ranks features; the chosen sets nearly coincide and values stay exact."""
+    torch.manual_seed(0)
+    cfg = dict(d_in=64, n_features=512, activation="topk", k=16)
+    exact, fast = SAE(SAEConfig(**cfg, select_dtype="float32")), SAE(SAEConfig(**cfg, select_dtype="bfloat16"))
+    x = torch.randn(256, 64)
+    a, b = exact.encode_codes(x), fast.encode_codes(x)
+    same = (a.pattern.cols.view(256, 16)[:, :, None] == b.pattern.cols.view(256, 16)[:, None, :]).any(2)
+    assert float(same.float().mean()) > 0.95
+    err_a, err_b = float((x - a.x_hat).pow(2).sum()), float((x - b.x_hat).pow(2).sum())
+    assert abs(err_a - err_b) / err_a < 0.01
+    # values of the pairs both chose are identical: computed in float32 either way
+    pa = dict(zip(zip(a.pattern.rows.tolist(), a.pattern.cols.tolist(), strict=True), a.pre.tolist(), strict=True))
+    for r, c, v in zip(b.pattern.rows.tolist(), b.pattern.cols.tolist(), b.pre.tolist(), strict=True):
+        if (r, c) in pa:
+            assert v == pytest.approx(pa[(r, c)], rel=1e-6, abs=1e-6)
