@@ -155,9 +155,6 @@ class ArraySource:
         self.data = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data).float()
         if self.data.ndim != 2:
             raise ValueError(f"activations must be 2-D [N, D], got shape {tuple(self.data.shape)}")
-        if not bool(torch.isfinite(self.data).all()):
-            bad = (~torch.isfinite(self.data).all(dim=1)).nonzero()[:, 0]
-            raise CacheError(f"activations hold NaN or Inf in {len(bad)} rows (first: row {int(bad[0])})")
 
     @property
     def d_model(self) -> int:
@@ -168,8 +165,9 @@ class ArraySource:
 
     @property
     def stats(self) -> NormStats:
+        """Statistics of the finite rows (the trainer reports or skips the others)."""
         m = Moments()
-        m.add(self.data)
+        m.add(self.data[torch.isfinite(self.data).all(dim=1)])
         return NormStats.from_moments(m)
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,

@@ -40,6 +40,9 @@ def evaluate(sae: SAE, batches: Iterable[torch.Tensor]) -> Metrics:
         x = x.to(sae.device, torch.float32)
         if x.ndim != 2 or x.shape[1] != sae.d_in:
             raise InputError(f"evaluation data: expected [batch, {sae.d_in}], found {list(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x).all(dim=1)).sum())
+            raise InputError(f"evaluation data: {bad} rows hold NaN or Inf (after {n} good tokens)")
         p, vals = sae.encode_sparse(x)
         x_hat = sae.decode_sparse(p, vals)
         x64 = x.double()

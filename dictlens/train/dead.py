@@ -75,5 +75,6 @@ def _reset_rows(optimizer: Any, sae: SAE, idx: torch.Tensor) -> None:
         if not rows_of.get(p, False):
             continue
         for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.shape == p.shape and key != "z":
-                value[idx] = 0
+            if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                # schedule-free keeps its iterate z: move it with the new row, zero the rest
+                value[idx] = p[idx] if key == "z" else 0

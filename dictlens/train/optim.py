@@ -41,6 +41,14 @@ class SignSGD(torch.optim.Optimizer):
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> Any:
+    if cfg.schedule_free and cfg.optimizer in ("adam", "adamw"):
+        # torch's Adam cannot sit inside ScheduleFreeWrapper (its lazy state init sees the
+        # wrapper's 'z' and skips), so Adam uses the package's native schedule-free AdamW.
+        from schedulefree import AdamWScheduleFree
+
+        opt = AdamWScheduleFree(params, lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        opt.train()
+        return opt
     if cfg.optimizer == "signsgd":
         base: torch.optim.Optimizer = SignSGD(params, lr, momentum=0.0 if cfg.schedule_free else cfg.beta1)
     elif cfg.optimizer == "adamw":

@@ -93,7 +93,7 @@ class Trainer:
             return
         sample = next(iter(self.source.batches(min(16384, max(len(self.source), 1)), shuffle=True,
                                                seed=self.cfg.seed + 10_000)))
-        sample = sample.to(self.device) * scale
+        sample = sample[torch.isfinite(sample).all(dim=1)].to(self.device) * scale
         init = sample.mean(0) if self.cfg.b_dec_init == "mean" else geometric_median(sample)
         with torch.no_grad():
             self.sae.b_dec.copy_(init)
@@ -154,8 +154,9 @@ class Trainer:
         terms = loss_terms(sae, codes, x, cfg, self.state.step, self.dead.dead, self.generator)
         if not bool(torch.isfinite(terms["total"])):
             self.save_checkpoint()
-            raise ActivationError(f"step {self.state.step}: the loss became {float(terms['total'])} "
-                                  f"({ {k: float(v) for k, v in terms.items()} }); checkpoint saved; "
+            values = {k: round(float(v.detach()), 4) for k, v in terms.items()}
+            raise ActivationError(f"step {self.state.step}: the loss became {values['total']} ({values}); "
+                                  "checkpoint saved; "
                                   "lower --lr or enable --clip-grad")
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()

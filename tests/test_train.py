@@ -1,0 +1,136 @@
+"""Training: it really reconstructs, resumes exactly, and stops clearly on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dictlens.train.trainer as trainer_mod
+from dictlens import SAE, ArraySource, SAEConfig, SAEEstimator, TrainConfig, evaluate
+from dictlens.train import train
+from dictlens.errors import ActivationError, CacheError, ConfigError, InputError
+from dictlens.eval.synthetic import sparse_features
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sparse_features(d=32, n_features=64, n=24_000, mean_active=3, decay=0.97, seed=0)
+
+
+def _split(x):
+    return ArraySource(x[:20_000]), ArraySource(x[20_000:])
+
+
+def test_topk_sae_recovers_and_reconstructs(data, tmp_path):
+    tr, ho = _split(data.x)
+    sae = train(SAEConfig(activation="topk", k=4, n_features=128), TrainConfig(tokens=240_000, batch_size=512,
+                lr=3e-3, log_every=20), tr, tmp_path / "run", progress=False)
+    m = evaluate(sae, ho.batches(1000, shuffle=False))
+    assert m.fvu < 0.08 and m.l0 <= 4
+    best_cos = (data.features @ sae.feature_directions().detach().T).max(dim=1).values
+    assert float(best_cos.mean()) > 0.9  # the true features are found
+    assert (tmp_path / "run" / "sae.safetensors").is_file() and (tmp_path / "run" / "curves.png").is_file()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"mse", "auxk", "fvu", "l0", "dead_fraction", "turnover", "lr", "tokens_per_s"} <= set(log[-1])
+    assert log[-1]["fvu"] < log[0]["fvu"]
+    loaded = SAE.load(tmp_path / "run")
+    sae.cfg.select_dtype = loaded.cfg.select_dtype = "float32"  # compare exactly, not bf16 rankings
+    x = ho.data[:100]
+    torch.testing.assert_close(loaded(x), sae(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("act", "extra"), [
+    ("batchtopk", {"k": 4}), ("relu", {}), ("jumprelu", {}), ("gated", {}), ("topk", {"k": 4, "matryoshka": [16, 64]}),
+])
+def test_every_activation_learns(data, act, extra):
+    tr, ho = _split(data.x)
+    sae = train(SAEConfig(activation=act, n_features=128, **extra),
+                TrainConfig(tokens=60_000, batch_size=512, lr=3e-3, plots=False), tr, progress=False)
+    m = evaluate(sae, ho.batches(1000, shuffle=False))
+    assert m.fvu < 0.6, (act, m)
+
+
+@pytest.mark.parametrize("opt", [{"optimizer": "adamw", "weight_decay": 0.01}, {"optimizer": "signsgd", "lr": 1e-3},
+                                 {"optimizer": "adam", "schedule_free": True},
+                                 {"optimizer": "adam", "schedule": "cosine", "clip_grad": 1.0},
+                                 {"optimizer": "adam", "schedule": "plateau", "log_every": 2}])
+def test_optimisers_and_schedules_train(data, opt):
+    tr, ho = _split(data.x)
+    cfg = TrainConfig(**{"tokens": 60_000, "batch_size": 512, "lr": 3e-3, "plots": False, **opt})
+    sae = train(SAEConfig(activation="topk", k=4, n_features=128), cfg, tr, progress=False)
+    assert evaluate(sae, ho.batches(1000, shuffle=False)).fvu < 0.5
+
+
+@pytest.mark.parametrize("setup", [
+    (SAEConfig(activation="topk", k=4, n_features=128), {"dead_tokens": 2048}),
+    (SAEConfig(activation="relu", n_features=128), {"resample_every": 7, "dead_tokens": 1024}),
+    (SAEConfig(activation="topk", k=4, n_features=128), {"schedule_free": True, "optimizer": "signsgd"}),
+])
+def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatch, setup):
+    sae_cfg, extra = setup
+    cfg = TrainConfig(**{"tokens": 30 * 256, "batch_size": 256, "lr": 3e-3, "log_every": 5, "plots": False,
+                         "checkpoint_every": 2560, **extra})
+    src = ArraySource(data.x[:3000])  # several epochs
+    whole = train(sae_cfg, cfg, src, tmp_path / "whole", progress=False)
+
+    real_step = trainer_mod.Trainer._step
+    calls = {"n": 0}
+
+    def interrupting(self, x):
+        calls["n"] += 1
+        if calls["n"] == 17:
+            raise KeyboardInterrupt
+        return real_step(self, x)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_step", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
+    monkeypatch.setattr(trainer_mod.Trainer, "_step", real_step)
+    resumed = train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    lines = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(5, 31, 5))
+
+
+def test_nan_batch_stops_with_step_and_checkpoint_or_is_skipped(data, tmp_path):
+    x = data.x[:4096].clone()
+    x[3000, 5] = float("nan")
+    cfg = dict(tokens=4096, batch_size=512, plots=False)
+    with pytest.raises(ActivationError, match=r"step \d+: the batch holds NaN or Inf in 1 rows; checkpoint saved"):
+        train(SAEConfig(activation="topk", k=4, n_features=64), TrainConfig(**cfg), x, tmp_path / "r", progress=False)
+    assert (tmp_path / "r" / "checkpoint.safetensors").is_file()
+    sae = train(SAEConfig(activation="topk", k=4, n_features=64), TrainConfig(**cfg, skip_nonfinite=True), x,
+                tmp_path / "s", progress=False)
+    meta = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert meta["train"]["state"]["skipped_nonfinite"] >= 1 and meta["train"]["state"]["step"] == 8
+
+
+def test_bad_inputs_are_named(data, tmp_path):
+    with pytest.raises(InputError, match="d_in: the SAE expects width 16, the activations have width 32"):
+        train(SAEConfig(d_in=16), TrainConfig(tokens=512, batch_size=256), data.x[:1000], progress=False)
+    with pytest.raises(InputError, match="fewer rows \\(100\\) than one batch \\(256\\)"):
+        train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=512, batch_size=256), data.x[:100], progress=False)
+    with pytest.raises(ConfigError, match="sparsity: expected l0 only with the jumprelu"):
+        train(SAEConfig(activation="relu"), TrainConfig(sparsity="l0"), data.x[:1000], progress=False)
+    train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=512, batch_size=256, plots=False), data.x[:1000],
+          tmp_path / "r", progress=False)
+    with pytest.raises(CacheError, match="is from a different SAE"):
+        train(SAEConfig(activation="relu", n_features=64), TrainConfig(tokens=1024, batch_size=256), data.x[:1000],
+              tmp_path / "r", progress=False)
+
+
+def test_sklearn_style_estimator(data):
+    X = data.x[:8000].numpy()
+    est = SAEEstimator(activation="topk", k=4, n_features=96, tokens=80_000, batch_size=512, lr=3e-3)
+    codes = est.fit_transform(X)
+    assert codes.shape == (8000, 96) and ((codes > 0).sum(1) <= 4).all()
+    X_hat = est.inverse_transform(codes)
+    fvu = ((X - X_hat) ** 2).sum() / ((X - X.mean(0)) ** 2).sum()
+    assert fvu < 0.3 and est.components_.shape == (96, 32)
+    np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1, rtol=1e-5)
+    with pytest.raises(ConfigError, match="unknown parameter 'tokns' \\(did you mean 'tokens'\\?\\)"):
+        SAEEstimator(tokns=5)
