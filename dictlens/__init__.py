@@ -11,10 +11,11 @@ from dictlens.data.text import iter_documents  # noqa: E402
 from dictlens.errors import DictlensError  # noqa: E402
 from dictlens.eval.metrics import Metrics, evaluate  # noqa: E402
 from dictlens.sae import SAE, SAEConfig  # noqa: E402
+
 # `dictlens.train` stays the subpackage: use `from dictlens.train import train`.
 from dictlens.train.config import TrainConfig  # noqa: E402
-from dictlens.train.trainer import Trainer  # noqa: E402
 from dictlens.train.estimator import SAEEstimator  # noqa: E402
+from dictlens.train.trainer import Trainer  # noqa: E402
 
 __all__ = [
     "SAE", "ActivationStore", "ArraySource", "DictlensError", "HarvestConfig", "HarvestResult", "HookPoint",

@@ -10,9 +10,9 @@ import torch
 
 import dictlens.train.trainer as trainer_mod
 from dictlens import SAE, ArraySource, SAEConfig, SAEEstimator, TrainConfig, evaluate
-from dictlens.train import train
 from dictlens.errors import ActivationError, CacheError, ConfigError, InputError
 from dictlens.eval.synthetic import sparse_features
+from dictlens.train import train
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_nan_batch_stops_with_step_and_checkpoint_or_is_skipped(data, tmp_path):
     with pytest.raises(ActivationError, match=r"step \d+: the batch holds NaN or Inf in 1 rows; checkpoint saved"):
         train(SAEConfig(activation="topk", k=4, n_features=64), TrainConfig(**cfg), x, tmp_path / "r", progress=False)
     assert (tmp_path / "r" / "checkpoint.safetensors").is_file()
-    sae = train(SAEConfig(activation="topk", k=4, n_features=64), TrainConfig(**cfg, skip_nonfinite=True), x,
+    train(SAEConfig(activation="topk", k=4, n_features=64), TrainConfig(**cfg, skip_nonfinite=True), x,
                 tmp_path / "s", progress=False)
     meta = json.loads((tmp_path / "s" / "config.json").read_text())
     assert meta["train"]["state"]["skipped_nonfinite"] >= 1 and meta["train"]["state"]["step"] == 8
