@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dictlens.config import add_arguments, from_namespace
@@ -77,22 +78,90 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from dictlens.data.cache import HarvestConfig, harvest
-    from dictlens.data.text import describe_default
+def _train_source(args: argparse.Namespace) -> tuple[object, dict[str, object]]:
+    """The activation source named on the command line, and metadata for the SAE."""
+    from dictlens.data.store import ActivationStore, StreamingSource
+    from dictlens.errors import ConfigError
 
-    print(f"demo: model smollm2-135m, text: {describe_default()}")
-    cfg = HarvestConfig(hooks=["resid_post.15", "mlp_out.15"], out=args.out, tokens=args.tokens,
-                        context=128, outlier_factor=10.0)
+    if args.acts:
+        store = ActivationStore(args.acts, args.hook, model=args.model)
+        return store, {"model": store.model, "hook": store.hook, "acts": str(args.acts),
+                       "context": store.manifest["context"]}
+    if not (args.model and args.hook and args.text):
+        raise ConfigError("train: give --acts DIR (a harvested cache), or --model, --hook and --text to stream")
+    from dictlens.data.models import load_model
+
+    lm = load_model(args.model)
+    source = StreamingSource(lm, args.hook, args.text, tokens=args.tokens, context=args.context,
+                             text_field=args.text_field)
+    return source, {"model": args.model, "hook": args.hook, "text": args.text, "context": args.context}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dictlens.data.store import split_heldout
+    from dictlens.eval.metrics import evaluate
+    from dictlens.io import atomic_write_json
+    from dictlens.sae.config import SAEConfig
+    from dictlens.train.config import TrainConfig
+    from dictlens.train.trainer import Trainer
+
+    sae_cfg = from_namespace(SAEConfig, args)
+    train_cfg = from_namespace(TrainConfig, args)
+    source, metadata = _train_source(args)
+    heldout = None
+    if train_cfg.heldout_tokens > 0:
+        source, heldout = split_heldout(source, train_cfg.heldout_tokens)
+    trainer = Trainer(sae_cfg, train_cfg, source, args.out, metadata=metadata)
+    sae = trainer.fit(resume=args.resume)
+    print(f"trained {trainer.state.tokens:,} tokens in {trainer.state.step} steps; SAE saved to {args.out}")
+    if heldout is not None:
+        m = evaluate(sae, heldout.batches(4096, shuffle=False))
+        atomic_write_json(Path(args.out) / "metrics.json", m.to_dict())
+        print(f"held-out ({m.n_tokens:,} tokens): FVU {m.fvu:.4f}  explained variance {m.explained_variance:.4f}  "
+              f"L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Harvest the default model's activations, then train a TopK SAE on them."""
+    from dictlens.data.cache import HarvestConfig, harvest
+    from dictlens.data.store import ActivationStore, split_heldout
+    from dictlens.data.text import describe_default
+    from dictlens.eval.metrics import evaluate
+    from dictlens.io import atomic_write_json
+    from dictlens.sae.config import SAEConfig
+    from dictlens.train.config import TrainConfig
+    from dictlens.train.trainer import Trainer
+
+    out = Path(args.out)
+    print(f"demo 1/2: harvest smollm2-135m over the default text ({describe_default()})")
+    cfg = HarvestConfig(hooks=["resid_post.15", "mlp_out.15"], out=str(out / "acts"), tokens=args.tokens,
+                        context=128, outlier_factor=10.0, shard_tokens=8192)
     result = harvest(cfg)
     print_cache_summary(result.manifest, result.seconds, result.new_tokens)
     print(f"activation cache: {result.path}")
+
+    print("\ndemo 2/2: train a TopK SAE (k=32, 16x = 9,216 features) on resid_post.15")
+    store = ActivationStore(out / "acts", "resid_post.15", model="smollm2-135m")
+    train_src, heldout = split_heldout(store, 8192)
+    run = out / "sae"
+    train_cfg = TrainConfig(tokens=args.train_tokens, batch_size=4096, log_every=5, heldout_tokens=8192)
+    trainer = Trainer(SAEConfig(activation="topk", k=32, expansion=16), train_cfg, train_src, run,
+                      metadata={"model": "smollm2-135m", "hook": "resid_post.15", "acts": str(out / "acts")})
+    sae = trainer.fit(resume=(run / "checkpoint.safetensors").is_file())
+    m = evaluate(sae, heldout.batches(4096, shuffle=False))
+    atomic_write_json(run / "metrics.json", m.to_dict())
+    print(f"held-out ({m.n_tokens:,} tokens): FVU {m.fvu:.4f}  explained variance {m.explained_variance:.4f}  "
+          f"L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}")
+    print(f"SAE: {run} (config.json, sae.safetensors); curves: {run / 'curves.png'}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from dictlens import __version__
     from dictlens.data.cache import HarvestConfig
+    from dictlens.sae.config import SAEConfig
+    from dictlens.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="dictlens", allow_abbrev=False,
                                      description="Dictionary learning on neural-network activations.")
@@ -109,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, HarvestConfig)
     p.set_defaults(func=_cmd_harvest)
 
+    p = sub.add_parser("train", help="train an SAE on a cache (--acts) or streamed activations",
+                       allow_abbrev=False)
+    p.add_argument("--acts", help="activation cache directory written by `dictlens harvest`")
+    p.add_argument("--hook", help="hook to read (required with several hooks in the cache, or to stream)")
+    p.add_argument("--model", help="model to stream from (with --text), or to check the cache against")
+    p.add_argument("--text", help="text to stream through --model (instead of --acts)")
+    p.add_argument("--text-field", default="text", help="field of .jsonl / column of .parquet")
+    p.add_argument("--context", type=int, default=128, help="tokens per context when streaming")
+    p.add_argument("--out", required=True, help="run directory: SAE, checkpoint, log.jsonl, curves.png")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    add_arguments(p, SAEConfig)
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("info", help="summarise (and --verify) an activation cache", allow_abbrev=False)
     p.add_argument("cache", help="cache directory")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256")
@@ -116,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job on the embedded default model and text",
                        allow_abbrev=False)
-    p.add_argument("--out", default="runs/demo/acts", help="cache directory (default: runs/demo/acts)")
-    p.add_argument("--tokens", type=int, default=50_000, help="tokens to harvest (default: 50000)")
+    p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    p.add_argument("--tokens", type=int, default=100_000, help="tokens to harvest (default: 100000)")
+    p.add_argument("--train-tokens", type=int, default=1_000_000, help="SAE training tokens (default: 1M)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

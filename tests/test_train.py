@@ -89,7 +89,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
     monkeypatch.setattr(trainer_mod.Trainer, "_step", real_step)
-    resumed = train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
+    with pytest.raises(CacheError, match="already holds a training checkpoint"):
+        train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
+    resumed = train(sae_cfg, cfg, src, tmp_path / "part", progress=False, resume=True)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     lines = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
@@ -120,7 +122,7 @@ def test_bad_inputs_are_named(data, tmp_path):
           tmp_path / "r", progress=False)
     with pytest.raises(CacheError, match="is from a different SAE"):
         train(SAEConfig(activation="relu", n_features=64), TrainConfig(tokens=1024, batch_size=256), data.x[:1000],
-              tmp_path / "r", progress=False)
+              tmp_path / "r", progress=False, resume=True)
 
 
 def test_sklearn_style_estimator(data):

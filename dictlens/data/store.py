@@ -21,7 +21,7 @@ from dictlens.data.models import LoadedModel
 from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids
 from dictlens.data.tap import Tap
 from dictlens.data.text import iter_documents
-from dictlens.errors import CacheError
+from dictlens.errors import CacheError, ConfigError
 
 
 def _shuffled_batches(blocks: Iterable[torch.Tensor], batch_size: int, *, shuffle: bool,
@@ -62,7 +62,7 @@ class ActivationStore:
     """
 
     def __init__(self, path: str | Path, hook: str | None = None, *, model: str | None = None,
-                 verify: bool = True):
+                 verify: bool = True, shards: list[int] | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise CacheError(f"activation cache {self.path} does not exist")
@@ -78,6 +78,9 @@ class ActivationStore:
             raise CacheError(f"{self.path} was harvested from model {self.manifest['model']!r}, not {model!r}")
         if not self.manifest["shards"]:
             raise CacheError(f"{self.path} holds no shards yet")
+        if shards is not None:  # a view on some shards (a train / held-out split)
+            self.manifest = {**self.manifest, "shards": [self.manifest["shards"][i] for i in shards]}
+            self.manifest["tokens"] = sum(s["rows"] for s in self.manifest["shards"])
         self.hook = hook
         self.verify = verify
         self._verified: set[tuple[int, str]] = set()
@@ -244,3 +247,28 @@ class StreamingSource:
         return _shuffled_batches(self._rows(), batch_size, shuffle=shuffle, generator=g,
                                  buffer_rows=self.buffer_rows if shuffle else batch_size,
                                  drop_last=drop_last)
+
+
+def split_heldout(source: Any, n_tokens: int) -> tuple[Any, Any]:
+    """(train, held-out) views of ``source`` with at least ``n_tokens`` held out.
+
+    A cache is split by whole shards (its last ones), an array by rows; a stream cannot be
+    split: harvest a held-out cache instead.
+    """
+    if isinstance(source, ArraySource):
+        if n_tokens >= len(source):
+            raise ConfigError(f"heldout_tokens: expected fewer than the {len(source)} rows, found {n_tokens}")
+        return ArraySource(source.data[:-n_tokens]), ArraySource(source.data[-n_tokens:])
+    if isinstance(source, ActivationStore):
+        rows = [s["rows"] for s in source.manifest["shards"]]
+        k, held = 0, 0
+        while held < n_tokens and k < len(rows):
+            k += 1
+            held += rows[-k]
+        if k >= len(rows):
+            raise ConfigError(f"heldout_tokens: {source.path} has {len(rows)} shards; holding out {n_tokens} tokens "
+                              "would leave none for training (harvest more, or with a smaller --shard-tokens)")
+        n, path, hook = len(rows), source.path, source.hook
+        return (ActivationStore(path, hook, verify=source.verify, shards=list(range(n - k))),
+                ActivationStore(path, hook, verify=source.verify, shards=list(range(n - k, n))))
+    raise ConfigError("heldout_tokens: a stream cannot be split; evaluate on a separately harvested cache")

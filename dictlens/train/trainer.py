@@ -196,11 +196,18 @@ class Trainer:
             self.log_file.flush()
         return record
 
-    def fit(self) -> SAE:
-        """Train to ``cfg.tokens`` (resuming from ``out`` when a checkpoint is there)."""
+    def fit(self, resume: bool = False) -> SAE:
+        """Train to ``cfg.tokens``; with ``resume``, continue from ``out``'s checkpoint.
+
+        Without ``resume``, an ``out`` that already holds a checkpoint is an error, so a
+        finished or interrupted run is never overwritten by accident.
+        """
         from tqdm.auto import tqdm
 
-        if not self.resume():
+        if not resume and self.out is not None and (self.out / CHECKPOINT).is_file():
+            raise CacheError(f"{self.out} already holds a training checkpoint; resume it (--resume) "
+                             "or choose another --out")
+        if not (resume and self.resume()):
             self._initialise()
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -286,10 +293,10 @@ class Trainer:
 
 
 def train(sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None, *,
-          metadata: dict[str, Any] | None = None, progress: bool = True) -> SAE:
+          metadata: dict[str, Any] | None = None, progress: bool = True, resume: bool = False) -> SAE:
     """Train an SAE on ``source`` (a store, a stream, or an array) and return it."""
     from dictlens.data.store import ArraySource
 
     if not hasattr(source, "batches"):
         source = ArraySource(source)
-    return Trainer(sae_cfg, cfg, source, out, metadata=metadata, progress=progress).fit()
+    return Trainer(sae_cfg, cfg, source, out, metadata=metadata, progress=progress).fit(resume=resume)
