@@ -55,3 +55,28 @@ def test_entry_point_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dictlens.cli", "harvest", "--hook", "x", "--out", "y",
                            "--tokns", "5"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unrecognized arguments: --tokns" in proc.stderr
+
+
+def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path, capsys):
+    import json
+
+    model = str(tiny_model_dirs["llama"])
+    assert main(["harvest", "--model", model, "--hook", "resid_post.2", "--text", str(corpus), "--tokens", "2000",
+                 "--context", "64", "--shard-tokens", "400", "--out", str(tmp_path / "acts")]) == 0
+    argv = ["train", "--acts", str(tmp_path / "acts"), "--arch", "topk", "--k", "4", "--expansion", "4",
+            "--tokens", "8000", "--batch-size", "256", "--heldout-tokens", "400", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "held-out" in out and "L0 4.0" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["fvu"] < 1.0 and metrics["n_tokens"] >= 400
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["metadata"]["hook"] == "resid_post.2" and meta["sae"]["d_in"] == 32
+    assert main(argv) == 2  # the run exists: resume it or choose another --out
+    assert "--resume" in capsys.readouterr().err
+    assert main(argv[:-2] + ["--tokens", "9000", "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert main(["train", "--model", model, "--hook", "mlp_out.1", "--text", str(corpus), "--tokens", "1024",
+                 "--batch-size", "256", "--arch", "relu", "--expansion", "2", "--out", str(tmp_path / "s")]) == 0
+    assert main(["train", "--acts", str(tmp_path / "acts"), "--arch", "relu", "--k", "4",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "k: applies to topk and batchtopk only" in capsys.readouterr().err
