@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.autograd import Function
 
 # torch warns that CSR support is "beta" and that invariant checks are off: we build the
@@ -94,29 +95,29 @@ class Pattern:
             self._t = (perm, crow_t, self.rows[perm])
         return self._t
 
-    def csr_t(self, vals: torch.Tensor) -> torch.Tensor:
-        """The F×B transpose, with ``vals`` at the active pairs."""
-        perm, crow_t, rows_t = self._transpose()
-        return torch.sparse_csr_tensor(crow_t, rows_t, vals[perm], size=(self.n_features, self.n_rows),
-                                       check_invariants=False)
-
     def scatter_features(self, vals: torch.Tensor) -> torch.Tensor:
         """Σ over rows of ``vals`` per feature [F]."""
         return torch.zeros(self.n_features, dtype=vals.dtype, device=vals.device).index_add_(0, self.cols, vals)
 
 
+# Both sparse-dense products are weighted bag sums of rows, which ``embedding_bag`` does
+# 4-5x faster on CPU than torch's CSR matmul (measured at B=4096, F=9216, K=32, D=576).
+
 def spmm(p: Pattern, vals: torch.Tensor, dense_FD: torch.Tensor) -> torch.Tensor:
     """[B, D] = S @ dense, S the B×F matrix of ``vals`` on pattern ``p``."""
     if p.nnz == 0:
         return dense_FD.new_zeros(p.n_rows, dense_FD.shape[1])
-    return torch.sparse.mm(p.csr(vals), dense_FD)
+    return F.embedding_bag(p.cols, dense_FD, p.crow, per_sample_weights=vals, mode="sum",
+                           include_last_offset=True)
 
 
 def spmm_t(p: Pattern, vals: torch.Tensor, dense_BD: torch.Tensor) -> torch.Tensor:
     """[F, D] = Sᵀ @ dense."""
     if p.nnz == 0:
         return dense_BD.new_zeros(p.n_features, dense_BD.shape[1])
-    return torch.sparse.mm(p.csr_t(vals), dense_BD)
+    perm, crow_t, rows_t = p._transpose()
+    return F.embedding_bag(rows_t, dense_BD, crow_t, per_sample_weights=vals[perm], mode="sum",
+                           include_last_offset=True)
 
 
 def sddmm(p: Pattern, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor:
@@ -170,6 +171,29 @@ def sparse_encode(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, p: 
 def sparse_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.Tensor:
     """[B, D] = Σ over active pairs of ``vals · W[f]`` (add the decoder bias yourself)."""
     return _SparseDecode.apply(vals, W_FD, p)
+
+
+@torch.no_grad()
+def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: int, *, dtype: torch.dtype,
+                dead: torch.Tensor | None = None, k_aux: int = 0, chunk: int = 1024
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Indices of the top-k pre-activations per row [B, k] (and of the top-``k_aux`` among
+    ``dead`` features, for AuxK), from the dense encoder product in ``dtype``.
+
+    The product is formed ``chunk`` rows at a time and ranked while it is still in cache,
+    so the B×F matrix never exists whole; nothing here is kept for the backward pass.
+    """
+    Wd, bd = W_FD.detach().to(dtype), b_F.detach().to(dtype)
+    n = x_BD.shape[0]
+    idx = torch.empty(n, k, dtype=torch.long, device=x_BD.device)
+    aux = torch.empty(n, k_aux, dtype=torch.long, device=x_BD.device) if dead is not None and k_aux else None
+    for s in range(0, n, chunk):
+        pre = torch.addmm(bd, x_BD[s:s + chunk].detach().to(dtype), Wd.T)
+        idx[s:s + chunk] = pre.topk(k, dim=1, sorted=False).indices
+        if aux is not None:
+            assert dead is not None
+            aux[s:s + chunk] = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False).indices
+    return idx, aux
 
 
 # ---- the obviously-correct dense reference -------------------------------------------

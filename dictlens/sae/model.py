@@ -27,7 +27,14 @@ from dictlens.errors import CacheError, ConfigError, InputError
 from dictlens.io import atomic_write_bytes, atomic_write_json
 from dictlens.sae.activations import jumprelu, step
 from dictlens.sae.config import SAEConfig
-from dictlens.sae.kernels import Pattern, reference_decode, reference_encode, sparse_decode, sparse_encode
+from dictlens.sae.kernels import (
+    Pattern,
+    reference_decode,
+    reference_encode,
+    sparse_decode,
+    sparse_encode,
+    topk_select,
+)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "sae.safetensors"
 # Above this share of active pairs the sparse kernels lose to plain dense matmuls
@@ -41,14 +48,16 @@ class Codes:
 
     ``pre`` holds the exact pre-activations on ``pattern`` (with gradient); ``vals`` the
     activations; ``pre_BF`` the no-grad dense pre-activations used for selection (in
-    ``select_dtype``), kept for auxiliary losses that look at inactive features.
+    ``select_dtype``), kept for auxiliary losses that look at inactive features, except
+    for TopK, whose selection (and AuxK's) runs in chunks and returns indices only.
     """
 
     pattern: Pattern
     pre: torch.Tensor
     vals: torch.Tensor
     x_hat: torch.Tensor
-    pre_BF: torch.Tensor
+    pre_BF: torch.Tensor | None  # None when top-k selection ran chunked (it is never whole)
+    aux_idx: torch.Tensor | None = None  # AuxK: top-k_aux dead features per row
     l0_surrogate: torch.Tensor | None = None  # JumpReLU: Σ H(z − θ) with its STE gradient
     gate: torch.Tensor | None = None  # Gated: ReLU(π_gate) on the pattern
 
@@ -136,7 +145,7 @@ class SAE(nn.Module):
         features for top-k selection; thresholds (ReLU, JumpReLU, gates, BatchTopK at
         inference) are always decided in float32 so that no small activation is lost.
         """
-        ranks = self.cfg.activation == "topk" or (self.cfg.activation == "batchtopk" and self.training)
+        ranks = self.cfg.activation == "batchtopk" and self.training
         dt = _select_dtype(self.cfg.select_dtype, x_c.device) if ranks else torch.float32
         with torch.no_grad():
             return torch.addmm(bias.detach().to(dt), x_c.detach().to(dt), self.W_enc.detach().to(dt).T)
@@ -154,9 +163,6 @@ class SAE(nn.Module):
 
     def _select(self, pre_BF: torch.Tensor, training: bool) -> Pattern:
         act = self.cfg.activation
-        if act == "topk":
-            assert self.cfg.k is not None
-            return Pattern.from_indices(pre_BF.topk(self.cfg.k, dim=1, sorted=False).indices, pre_BF.shape[1])
         if act == "batchtopk" and training:
             assert self.cfg.k is not None
             n = min(self.cfg.k * pre_BF.shape[0], pre_BF.numel())
@@ -172,14 +178,28 @@ class SAE(nn.Module):
             return Pattern.from_mask(pre_BF > theta - self.cfg.jumprelu_bandwidth / 2)
         return Pattern.from_mask(pre_BF > 0)  # relu, gated (π_gate > 0)
 
-    def encode_codes(self, x_BD: torch.Tensor) -> Codes:
-        """The full forward pass on normalised inputs (what the trainer calls)."""
+    def encode_codes(self, x_BD: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 0) -> Codes:
+        """The full forward pass on normalised inputs (what the trainer calls).
+
+        ``dead`` [F] and ``k_aux``: also pick, per row, the top-``k_aux`` dead features for AuxK.
+        """
         self._check_input(x_BD)
         x_c = x_BD - self.b_dec if self.cfg.pre_bias else x_BD
-        pre_BF = self._dense_pre(x_c, self.b_enc)
-        p = self._select(pre_BF, self.training)
+        pre_BF: torch.Tensor | None = None
+        aux_idx = None
+        if self.cfg.activation == "topk":
+            assert self.cfg.k is not None
+            want_aux = dead is not None and bool(dead.any())
+            idx, aux_idx = topk_select(x_c, self.W_enc, self.b_enc, self.cfg.k,
+                                       dtype=_select_dtype(self.cfg.select_dtype, x_c.device),
+                                       dead=dead if want_aux else None,
+                                       k_aux=min(k_aux, int(dead.sum())) if want_aux and dead is not None else 0)
+            p = Pattern.from_indices(idx, self.n_features)
+        else:
+            pre_BF = self._dense_pre(x_c, self.b_enc)
+            p = self._select(pre_BF, self.training)
         pre = self._encode_values(x_c, self.b_enc, p)
-        codes = Codes(p, pre, pre, pre, pre_BF)
+        codes = Codes(p, pre, pre, pre, pre_BF, aux_idx)
         act = self.cfg.activation
         if act in ("topk", "batchtopk", "relu"):
             codes.vals = pre.relu()

@@ -69,9 +69,12 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
-    k = min(k_aux, n_dead)
-    pre = codes.pre_BF.masked_fill(~dead, float("-inf"))
-    p = Pattern.from_indices(pre.topk(k, dim=1, sorted=False).indices, sae.n_features)
+    if codes.aux_idx is not None:  # picked during the chunked TopK selection
+        idx = codes.aux_idx
+    else:
+        assert codes.pre_BF is not None
+        idx = codes.pre_BF.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=1, sorted=False).indices
+    p = Pattern.from_indices(idx, sae.n_features)
     x_c = x - sae.b_dec if sae.cfg.pre_bias else x
     vals = sparse_encode(x_c, sae.W_enc, sae.b_enc, p).relu()
     e = (x - codes.x_hat).detach()

@@ -150,8 +150,10 @@ class Trainer:
         plateau = Plateau(**self.state.plateau)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * lr_factor(cfg, self.state.step, plateau)
-        codes = sae.encode_codes(x)
-        terms = loss_terms(sae, codes, x, cfg, self.state.step, self.dead.dead, self.generator)
+        dead = self.dead.dead
+        auxk = cfg.dead_method(self.sae_cfg) == "auxk" and cfg.auxk_coeff > 0
+        codes = sae.encode_codes(x, dead if auxk else None, cfg.auxk_k or sae.d_in // 2)
+        terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator)
         if not bool(torch.isfinite(terms["total"])):
             self.save_checkpoint()
             values = {k: round(float(v.detach()), 4) for k, v in terms.items()}
