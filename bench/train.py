@@ -191,7 +191,8 @@ def run_saelens(train_f, tokens):
     from sae_lens.training.sae_trainer import SAETrainer
 
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D, d_sae=F, k=K, dtype="float32", device="cpu"))
-    cfg = SAETrainerConfig(total_training_samples=tokens, train_batch_size_samples=B, lr=PUBLISHED_LR, device="cpu")
+    cfg = SAETrainerConfig(total_training_samples=tokens, train_batch_size_samples=B, lr=PUBLISHED_LR,
+                           lr_end=PUBLISHED_LR / 10, device="cpu")
     trainer = SAETrainer(cfg, sae, data_provider=batches(train_f, tokens))
     t = time.perf_counter()
     trained = trainer.fit()

@@ -136,3 +136,30 @@ def test_sklearn_style_estimator(data):
     np.testing.assert_allclose(np.linalg.norm(est.components_, axis=1), 1, rtol=1e-5)
     with pytest.raises(ConfigError, match="unknown parameter 'tokns' \\(did you mean 'tokens'\\?\\)"):
         SAEEstimator(tokns=5)
+
+
+@pytest.mark.parametrize("terms", [
+    {"sparsity": "tanh"}, {"sparsity": "smooth_l0"}, {"sparsity": "hoyer"},
+    {"sparsity": "l1", "dead_penalty_coeff": 0.1, "diversity_coeff": 1.0, "sparsity_warmup_steps": 10},
+])
+def test_every_penalty_is_logged_and_trains(data, terms, tmp_path):
+    tr, ho = _split(data.x)
+    cfg = TrainConfig(tokens=30_000, batch_size=512, lr=3e-3, log_every=5, plots=False, dead_tokens=1024, **terms)
+    sae = train(SAEConfig(activation="relu", n_features=128, decoder_norm="free"), cfg, tr, tmp_path / "r",
+                progress=False)
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    name = f"sparsity_{terms['sparsity']}"
+    assert all(np.isfinite(r[name]) and r[name] > 0 for r in log)
+    for extra in ("dead_penalty", "diversity"):
+        if f"{extra}_coeff" in terms:
+            assert extra in log[-1]
+    assert evaluate(sae, ho.batches(1000, shuffle=False)).fvu < 1.0
+
+
+def test_jumprelu_pre_activation_loss(data):
+    tr, _ = _split(data.x)
+    cfg = TrainConfig(tokens=10_000, batch_size=512, lr=3e-3, plots=False, pre_act_coeff=0.1)
+    sae = train(SAEConfig(activation="jumprelu", n_features=64), cfg, tr, progress=False)
+    assert torch.isfinite(sae.log_threshold).all()
+    with pytest.raises(ConfigError, match="pre_act_coeff: expected 0 unless the activation is jumprelu"):
+        train(SAEConfig(activation="relu", n_features=64), cfg, tr, progress=False)

@@ -54,15 +54,15 @@ class Moments:
     sum_sq: np.ndarray | None = None  # per dimension
     sum_norm: float = 0.0
 
-    def add(self, x: torch.Tensor) -> None:
-        if len(x) == 0:
-            return
-        x64 = x.double()
-        s, sq = x64.sum(0).numpy(), (x64 * x64).sum(0).numpy()
-        self.sum = s if self.sum is None else self.sum + s
-        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
-        self.sum_norm += float(x64.norm(dim=1).sum())
-        self.count += len(x)
+    def add(self, x: torch.Tensor, chunk: int = 1 << 15) -> None:
+        """Add rows; float64 copies are made ``chunk`` rows at a time, so memory stays small."""
+        for part in x.split(chunk):
+            x64 = part.double()
+            s, sq = x64.sum(0).cpu().numpy(), (x64 * x64).sum(0).cpu().numpy()
+            self.sum = s if self.sum is None else self.sum + s
+            self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
+            self.sum_norm += float(x64.norm(dim=1).sum())
+            self.count += len(part)
 
     def merge(self, other: Moments) -> Moments:
         out = Moments(self.count, self.sum, self.sum_sq, self.sum_norm)

@@ -170,7 +170,8 @@ class ArraySource:
     def stats(self) -> NormStats:
         """Statistics of the finite rows (the trainer reports or skips the others)."""
         m = Moments()
-        m.add(self.data[torch.isfinite(self.data).all(dim=1)])
+        for part in self.data.split(1 << 15):
+            m.add(part[torch.isfinite(part).all(dim=1)])
         return NormStats.from_moments(m)
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
