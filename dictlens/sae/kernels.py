@@ -186,13 +186,15 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     Wd, bd = W_FD.detach().to(dtype), b_F.detach().to(dtype)
     n = x_BD.shape[0]
     idx = torch.empty(n, k, dtype=torch.long, device=x_BD.device)
-    aux = torch.empty(n, k_aux, dtype=torch.long, device=x_BD.device) if dead is not None and k_aux else None
+    dead_idx = dead.nonzero()[:, 0] if dead is not None and k_aux else None
+    aux = torch.empty(n, k_aux, dtype=torch.long, device=x_BD.device) if dead_idx is not None else None
     for s in range(0, n, chunk):
         pre = torch.addmm(bd, x_BD[s:s + chunk].detach().to(dtype), Wd.T)
         idx[s:s + chunk] = pre.topk(k, dim=1, sorted=False).indices
         if aux is not None:
-            assert dead is not None
-            aux[s:s + chunk] = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=1, sorted=False).indices
+            assert dead_idx is not None
+            # rank only the dead columns: usually a small share of F
+            aux[s:s + chunk] = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices]
     return idx, aux
 
 

@@ -122,7 +122,7 @@ def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: 
     if sae.cfg.activation == "gated":
         terms["gated_aux"] = gated_aux(sae, codes, x)
     if cfg.dead_method(sae.cfg) == "auxk" and cfg.auxk_coeff > 0:
-        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.auxk_k or sae.d_in // 2)
+        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.aux_k(sae.cfg))
     if cfg.dead_penalty_coeff > 0:
         terms["dead_penalty"] = cfg.dead_penalty_coeff * dead_penalty(sae, dead)
     if cfg.diversity_coeff > 0:

@@ -40,6 +40,64 @@ class SignSGD(torch.optim.Optimizer):
         return None
 
 
+class ScheduleFreeSignSGD(torch.optim.Optimizer):
+    """Schedule-free signed SGD (Defazio et al. 2024 around a sign step), as sparsify trains.
+
+    z takes the sign steps; x is their running average (weights ∝ lr_max², as in
+    schedulefree); the parameter holds y = (1 − β)·z + β·x, where gradients are taken.
+    Only z is stored: x is recovered from y and z, so an in-place change of the
+    parameter (decoder renormalisation, resampling) carries into x, exactly as with
+    schedulefree's ScheduleFreeWrapper, but without its in-place xor swaps.
+    ``eval()`` puts x in the parameters; ``train()`` puts y back.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.95,
+                 weight_lr_power: float = 2.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_lr_power": weight_lr_power,
+                                  "lr_max": 0.0, "weight_sum": 0.0, "train_mode": True})
+
+    def _z(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        for p in params:
+            if "z" not in self.state[p]:
+                self.state[p]["z"] = p.detach().clone()
+        return [self.state[p]["z"] for p in params]
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        for group in self.param_groups:
+            if group["train_mode"]:
+                ps = list(group["params"])
+                torch._foreach_lerp_(ps, self._z(ps), 1 - 1 / group["momentum"])  # y → x
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                ps = list(group["params"])
+                torch._foreach_lerp_(ps, self._z(ps), 1 - group["momentum"])  # x → y
+                group["train_mode"] = True
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                raise RuntimeError("ScheduleFreeSignSGD.step() in eval mode: call train() first")
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
+            zs, beta, lr = self._z(ps), group["momentum"], group["lr"]
+            group["lr_max"] = max(group["lr_max"], lr)
+            weight = group["lr_max"] ** group["weight_lr_power"]
+            group["weight_sum"] += weight
+            c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 1.0
+            torch._foreach_lerp_(ps, zs, 1 - 1 / beta)  # y → x
+            torch._foreach_add_(zs, torch._foreach_sign([p.grad for p in ps]), alpha=-lr)
+            torch._foreach_lerp_(ps, zs, c)  # average in the new z
+            torch._foreach_lerp_(ps, zs, 1 - beta)  # x → y
+        return None
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> Any:
     if cfg.schedule_free and cfg.optimizer in ("adam", "adamw"):
         # torch's Adam cannot sit inside ScheduleFreeWrapper (its lazy state init sees the
@@ -50,18 +108,12 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: floa
         opt.train()
         return opt
     if cfg.optimizer == "signsgd":
-        base: torch.optim.Optimizer = SignSGD(params, lr, momentum=0.0 if cfg.schedule_free else cfg.beta1)
-    elif cfg.optimizer == "adamw":
-        base = torch.optim.AdamW(params, lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    else:
-        base = torch.optim.Adam(params, lr, betas=(cfg.beta1, cfg.beta2))
-    if not cfg.schedule_free:
-        return base
-    from schedulefree import ScheduleFreeWrapper
-
-    wrapped = ScheduleFreeWrapper(base, momentum=0.95)
-    wrapped.train()
-    return wrapped
+        if cfg.schedule_free:
+            return ScheduleFreeSignSGD(params, lr, momentum=0.95)
+        return SignSGD(params, lr, momentum=cfg.beta1)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr, betas=(cfg.beta1, cfg.beta2))
 
 
 @dataclass

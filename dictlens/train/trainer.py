@@ -110,8 +110,6 @@ class Trainer:
                              "use another --out")
         self.sae.load_state_dict(ck["sae"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        if hasattr(self.optimizer, "train_mode"):
-            self.optimizer.train_mode = True  # saved in train mode: parameters already at y
         self.dead.since_fired.copy_(ck["since_fired"])
         self.generator.set_state(ck["rng"])
         self.state = TrainState(**ck["state"])
@@ -152,7 +150,7 @@ class Trainer:
             group["lr"] = self.lr * lr_factor(cfg, self.state.step, plateau)
         dead = self.dead.dead
         auxk = cfg.dead_method(self.sae_cfg) == "auxk" and cfg.auxk_coeff > 0
-        codes = sae.encode_codes(x, dead if auxk else None, cfg.auxk_k or sae.d_in // 2)
+        codes = sae.encode_codes(x, dead if auxk else None, cfg.aux_k(sae.cfg))
         terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator)
         if not bool(torch.isfinite(terms["total"])):
             self.save_checkpoint()
