@@ -175,10 +175,11 @@ def sparse_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.T
 
 @torch.no_grad()
 def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: int, *, dtype: torch.dtype,
-                dead: torch.Tensor | None = None, k_aux: int = 0, chunk: int = 1024
+                dead: torch.Tensor | None = None, k_aux: int = 0, aux_rows: int = 0, chunk: int = 1024
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Indices of the top-k pre-activations per row [B, k] (and of the top-``k_aux`` among
-    ``dead`` features, for AuxK), from the dense encoder product in ``dtype``.
+    ``dead`` features, for AuxK, in the first ``aux_rows`` rows or all when 0), from the
+    dense encoder product in ``dtype``.
 
     The product is formed ``chunk`` rows at a time and ranked while it is still in cache,
     so the B×F matrix never exists whole; nothing here is kept for the backward pass.
@@ -187,11 +188,13 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     n = x_BD.shape[0]
     idx = torch.empty(n, k, dtype=torch.long, device=x_BD.device)
     dead_idx = dead.nonzero()[:, 0] if dead is not None and k_aux else None
-    aux = torch.empty(n, k_aux, dtype=torch.long, device=x_BD.device) if dead_idx is not None else None
+    n_aux = min(n, aux_rows) if aux_rows > 0 else n
+    aux = torch.empty(n_aux, k_aux, dtype=torch.long, device=x_BD.device) if dead_idx is not None else None
     for s in range(0, n, chunk):
         pre = torch.addmm(bd, x_BD[s:s + chunk].detach().to(dtype), Wd.T)
         idx[s:s + chunk] = pre.topk(k, dim=1, sorted=False).indices
-        if aux is not None:
+        if aux is not None and s < n_aux:
+            pre = pre[:n_aux - s]
             assert dead_idx is not None
             # rank only the dead columns: usually a small share of F
             aux[s:s + chunk] = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices]

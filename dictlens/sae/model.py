@@ -178,10 +178,12 @@ class SAE(nn.Module):
             return Pattern.from_mask(pre_BF > theta - self.cfg.jumprelu_bandwidth / 2)
         return Pattern.from_mask(pre_BF > 0)  # relu, gated (π_gate > 0)
 
-    def encode_codes(self, x_BD: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 0) -> Codes:
+    def encode_codes(self, x_BD: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 0,
+                     aux_rows: int = 0) -> Codes:
         """The full forward pass on normalised inputs (what the trainer calls).
 
-        ``dead`` [F] and ``k_aux``: also pick, per row, the top-``k_aux`` dead features for AuxK.
+        ``dead`` [F] and ``k_aux``: also pick, per row (of the first ``aux_rows``, or all),
+        the top-``k_aux`` dead features for AuxK.
         """
         self._check_input(x_BD)
         x_c = x_BD - self.b_dec if self.cfg.pre_bias else x_BD
@@ -193,7 +195,8 @@ class SAE(nn.Module):
             idx, aux_idx = topk_select(x_c, self.W_enc, self.b_enc, self.cfg.k,
                                        dtype=_select_dtype(self.cfg.select_dtype, x_c.device),
                                        dead=dead if want_aux else None,
-                                       k_aux=min(k_aux, int(dead.sum())) if want_aux and dead is not None else 0)
+                                       k_aux=min(k_aux, int(dead.sum())) if want_aux and dead is not None else 0,
+                                       aux_rows=aux_rows)
             p = Pattern.from_indices(idx, self.n_features)
         else:
             pre_BF = self._dense_pre(x_c, self.b_enc)

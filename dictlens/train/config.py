@@ -42,6 +42,7 @@ class TrainConfig:
                                      "(0: tokens/64, at least 2 batches, at most 10M)")
     auxk_coeff: float = field(1 / 32, help="AuxK loss coefficient")
     auxk_k: int = field(0, help="AuxK latents per token (0: 2k for top-k SAEs, else D/2)")
+    auxk_rows: int = field(0, help="compute AuxK on the first N tokens of each batch (0: all)")
     resample_every: int = field(0, help="resample dead features every N steps (0: 4 times over training)")
     dead_penalty_coeff: float = field(0.0, help="Σ over dead features of ‖W_dec[f]‖² × this")
     diversity_coeff: float = field(0.0, help="mean |cos| between decoder rows (sampled) × this")

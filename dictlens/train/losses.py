@@ -64,20 +64,24 @@ def sparsity(sae: SAE, codes: Codes, penalty: str, weighted: bool) -> torch.Tens
     return (l1 / l2.clamp_min(1e-8)).mean()
 
 
-def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-    """Reconstruct the residual with the top-k_aux dead features (Gao et al. 2024)."""
+def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int, rows: int = 0) -> torch.Tensor:
+    """Reconstruct the residual with the top-k_aux dead features (Gao et al. 2024), on the
+    first ``rows`` rows of the batch (all when 0)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
+    n = min(len(x), rows) if rows > 0 else len(x)
     if codes.aux_idx is not None:  # picked during the chunked TopK selection
         idx = codes.aux_idx
     else:
         assert codes.pre_BF is not None
-        idx = codes.pre_BF.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=1, sorted=False).indices
+        pre = codes.pre_BF[:n].masked_fill(~dead, float("-inf"))
+        idx = pre.topk(min(k_aux, n_dead), dim=1, sorted=False).indices
+    x, x_hat = x[:n], codes.x_hat[:n]
     p = Pattern.from_indices(idx, sae.n_features)
     x_c = x - sae.b_dec if sae.cfg.pre_bias else x
     vals = sparse_encode(x_c, sae.W_enc, sae.b_enc, p).relu()
-    e = (x - codes.x_hat).detach()
+    e = (x - x_hat).detach()
     e_hat = sparse_decode(vals, sae.W_dec, p)
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
 
@@ -122,7 +126,7 @@ def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: 
     if sae.cfg.activation == "gated":
         terms["gated_aux"] = gated_aux(sae, codes, x)
     if cfg.dead_method(sae.cfg) == "auxk" and cfg.auxk_coeff > 0:
-        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.aux_k(sae.cfg))
+        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.aux_k(sae.cfg), cfg.auxk_rows)
     if cfg.dead_penalty_coeff > 0:
         terms["dead_penalty"] = cfg.dead_penalty_coeff * dead_penalty(sae, dead)
     if cfg.diversity_coeff > 0:

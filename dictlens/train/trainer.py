@@ -150,7 +150,7 @@ class Trainer:
             group["lr"] = self.lr * lr_factor(cfg, self.state.step, plateau)
         dead = self.dead.dead
         auxk = cfg.dead_method(self.sae_cfg) == "auxk" and cfg.auxk_coeff > 0
-        codes = sae.encode_codes(x, dead if auxk else None, cfg.aux_k(sae.cfg))
+        codes = sae.encode_codes(x, dead if auxk else None, cfg.aux_k(sae.cfg), cfg.auxk_rows)
         terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator)
         if not bool(torch.isfinite(terms["total"])):
             self.save_checkpoint()
