@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 D, F, K, B = 576, 9216, 32, 4096
 PUBLISHED_LR = 2e-4 / (F / 2**14) ** 0.5
-METHODS = ["dictlens", "dictlens-sf-signsgd", "dense", "sparsify-adam", "sparsify-signum", "saelens",
+METHODS = ["dictlens", "dictlens-adam", "dense", "sparsify-adam", "sparsify-signum", "saelens",
            "dictionary-learning"]
 
 
@@ -85,8 +85,8 @@ def run_dictlens(train_f, tokens, variant):
     from dictlens import ArraySource, SAEConfig, TrainConfig
     from dictlens.train.trainer import Trainer
 
-    extra = {"optimizer": "signsgd", "schedule_free": True, "lr": 5e-3 / (F / 2**14) ** 0.5} \
-        if variant == "sf-signsgd" else {"optimizer": "adam", "lr": PUBLISHED_LR}
+    # "default": dictlens's defaults (schedule-free signSGD, AuxK); "adam": Adam at the published rate.
+    extra = {} if variant == "default" else {"optimizer": "adam", "schedule_free": False, "lr": PUBLISHED_LR}
     cfg = TrainConfig(tokens=tokens, batch_size=B, plots=False, log_every=10**9, **extra)
     data = torch.cat(list(batches(train_f, tokens)))  # already in bench order: no reshuffle
     src = ArraySource(data)
@@ -217,8 +217,8 @@ def run_dictionary_learning(train_f, tokens):
 def worker(method: str, train_f: Path, held_f: Path, tokens: int) -> dict[str, Any]:
     torch.manual_seed(0)
     runners = {
-        "dictlens": lambda: run_dictlens(train_f, tokens, "adam"),
-        "dictlens-sf-signsgd": lambda: run_dictlens(train_f, tokens, "sf-signsgd"),
+        "dictlens": lambda: run_dictlens(train_f, tokens, "default"),
+        "dictlens-adam": lambda: run_dictlens(train_f, tokens, "adam"),
         "dense": lambda: run_dense(train_f, tokens),
         "sparsify-adam": lambda: run_sparsify(train_f, tokens, "adam"),
         "sparsify-signum": lambda: run_sparsify(train_f, tokens, "signum"),
