@@ -43,6 +43,12 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def check(ok: bool, name: str, expected: str, found: object) -> None:
+    """Raise ConfigError('name: expected X, found Y') unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{name}: expected {expected}, found {found!r}")
+
+
 def suggest(name: str, valid: list[str]) -> str:
     """' (did you mean X?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(name, valid, n=1)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dictlens import __version__
-from dictlens.config import field, to_dict
+from dictlens.config import check, field, to_dict
 from dictlens.data.activations import Chunk, FilterState, NormStats, TokenFilter, iter_chunks
 from dictlens.data.models import DEFAULT_MODEL, LoadedModel, load_model
 from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids
@@ -66,20 +66,16 @@ class HarvestConfig:
     overwrite: bool = field(False, help="replace an existing cache in --out instead of resuming it")
 
     def __post_init__(self) -> None:
-        _check(self.dtype in DTYPES, "dtype", "float32, float16 or bfloat16", self.dtype)
-        _check(self.tokens > 0, "tokens", "a positive count", self.tokens)
-        _check(self.context >= 2, "context", "at least 2", self.context)
-        _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
-        _check(self.shard_tokens >= 1, "shard_tokens", "at least 1", self.shard_tokens)
-        _check(self.prepend_bos in ("auto", "yes", "no"), "prepend_bos", "auto, yes or no", self.prepend_bos)
-        _check(self.outlier_factor is None or self.outlier_factor > 1, "outlier_factor",
+        check(self.dtype in DTYPES, "dtype", "float32, float16 or bfloat16", self.dtype)
+        check(self.tokens > 0, "tokens", "a positive count", self.tokens)
+        check(self.context >= 2, "context", "at least 2", self.context)
+        check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        check(self.shard_tokens >= 1, "shard_tokens", "at least 1", self.shard_tokens)
+        check(self.prepend_bos in ("auto", "yes", "no"), "prepend_bos", "auto, yes or no", self.prepend_bos)
+        check(self.outlier_factor is None or self.outlier_factor > 1, "outlier_factor",
                "a factor above 1", self.outlier_factor)
-        _check(bool(self.hooks), "hooks", "at least one hook", self.hooks)
+        check(bool(self.hooks), "hooks", "at least one hook", self.hooks)
 
-
-def _check(ok: bool, name: str, expected: str, found: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: expected {expected}, found {found!r}")
 
 
 def hook_dirname(hook: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dictlens.config import field
+from dictlens.config import check, field
 from dictlens.errors import ConfigError
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
@@ -70,7 +70,3 @@ class SAEConfig:
     def uses_k(self) -> bool:
         return self.activation in ("topk", "batchtopk")
 
-
-def check(ok: bool, name: str, expected: str, found: object) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: expected {expected}, found {found!r}")

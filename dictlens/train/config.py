@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dictlens.config import field
-from dictlens.sae.config import SPARSITY_PENALTIES, SAEConfig, check
+from dictlens.config import check, field
+from dictlens.sae.config import SPARSITY_PENALTIES, SAEConfig
 
 OPTIMIZERS = ("adam", "adamw", "signsgd")
 SCHEDULES = ("constant", "cosine", "linear", "plateau")
