@@ -120,6 +120,9 @@ def test_bad_inputs_are_named(data, tmp_path):
         train(SAEConfig(activation="relu"), TrainConfig(sparsity="l0"), data.x[:1000], progress=False)
     train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=512, batch_size=256, plots=False), data.x[:1000],
           tmp_path / "r", progress=False)
+    with pytest.raises(CacheError, match=r"was trained with other settings .*'optimizer': \('signsgd', 'adam'\)"):
+        train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=1024, batch_size=256, optimizer="adam"), data.x[:1000],
+              tmp_path / "r", progress=False, resume=True)
     with pytest.raises(CacheError, match="is from a different SAE"):
         train(SAEConfig(activation="relu", n_features=64), TrainConfig(tokens=1024, batch_size=256), data.x[:1000],
               tmp_path / "r", progress=False, resume=True)

@@ -29,6 +29,10 @@ from dictlens.train.losses import loss_terms
 from dictlens.train.optim import Plateau, build_optimizer, lr_factor
 
 CHECKPOINT = "checkpoint.safetensors"
+# TrainConfig fields a resumed run may change (more tokens, other logging); any other
+# change would silently continue a different experiment.
+RESUMABLE_CHANGES = {"tokens", "log_every", "checkpoint_every", "plots", "device", "heldout_tokens",
+                     "skip_nonfinite"}
 LOG = "log.jsonl"
 
 
@@ -108,6 +112,12 @@ class Trainer:
             diff = {k: (saved_sae.get(k), v) for k, v in to_dict(self.sae_cfg).items() if saved_sae.get(k) != v}
             raise CacheError(f"{self.out / CHECKPOINT} is from a different SAE (saved vs asked: {diff}); "
                              "use another --out")
+        saved_train = ck["train_config"]
+        changed = {k: (saved_train.get(k), v) for k, v in to_dict(self.cfg).items()
+                   if k not in RESUMABLE_CHANGES and saved_train.get(k) != v}
+        if changed:
+            raise CacheError(f"{self.out / CHECKPOINT} was trained with other settings (saved vs asked: {changed}); "
+                             "resume with the same settings, or use another --out")
         self.sae.load_state_dict(ck["sae"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.dead.since_fired.copy_(ck["since_fired"])
