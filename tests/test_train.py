@@ -166,3 +166,14 @@ def test_jumprelu_pre_activation_loss(data):
     assert torch.isfinite(sae.log_threshold).all()
     with pytest.raises(ConfigError, match="pre_act_coeff: expected 0 unless the activation is jumprelu"):
         train(SAEConfig(activation="relu", n_features=64), cfg, tr, progress=False)
+
+
+def test_tensorboard_receives_the_logged_metrics(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(tokens=4096, batch_size=512, log_every=2, plots=False, tensorboard=str(tmp_path / "tb"))
+    train(SAEConfig(activation="topk", k=4, n_features=64), cfg, data.x[:4096], progress=False)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"train/fvu", "train/mse", "train/l0", "train/lr"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/fvu")] == [2, 4, 6, 8]

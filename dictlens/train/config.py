@@ -55,6 +55,10 @@ class TrainConfig:
     heldout_tokens: int = field(0, help="tokens held out of training for the final metrics")
     skip_nonfinite: bool = field(False, help="skip batches with NaN/Inf (counted) instead of stopping")
     plots: bool = field(True, help="write PNG plots of the training curves at the end")
+    tensorboard: str | None = field(None, help="also write the logged metrics as TensorBoard scalars here "
+                                               "(needs the tensorboard package)")
+    wandb_project: str | None = field(None, help="also log the metrics to this Weights & Biases project "
+                                                 "(needs the wandb package)")
 
     def __post_init__(self) -> None:
         check(self.tokens > 0, "tokens", "a positive count", self.tokens)

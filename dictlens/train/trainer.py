@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dictlens.config import from_dict, to_dict
-from dictlens.errors import ActivationError, CacheError, InputError
+from dictlens.errors import ActivationError, CacheError, ConfigError, InputError
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.model import SAE
 from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
@@ -32,7 +32,45 @@ CHECKPOINT = "checkpoint.safetensors"
 # TrainConfig fields a resumed run may change (more tokens, other logging); any other
 # change would silently continue a different experiment.
 RESUMABLE_CHANGES = {"tokens", "log_every", "checkpoint_every", "plots", "device", "heldout_tokens",
-                     "skip_nonfinite"}
+                     "skip_nonfinite", "tensorboard", "wandb_project"}
+
+
+class ExternalLoggers:
+    """TensorBoard and W&B, when asked for: each logged record goes to them too."""
+
+    def __init__(self, cfg: TrainConfig, config: dict[str, Any]):
+        self.tb: Any = None
+        self.wandb: Any = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("tensorboard: the tensorboard package is not installed "
+                                  "(pip install tensorboard)") from None
+            self.tb = SummaryWriter(cfg.tensorboard)
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("wandb_project: the wandb package is not installed (pip install wandb)") from None
+            self.wandb = wandb
+            wandb.init(project=cfg.wandb_project, config=config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(record, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 LOG = "log.jsonl"
 
 
@@ -84,6 +122,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = TrainState()
         self.log_file: Any = None
+        self.external: ExternalLoggers | None = None
 
     # ---- set-up ---------------------------------------------------------------------
     def _initialise(self) -> None:
@@ -204,6 +243,8 @@ class Trainer:
         if self.log_file is not None:
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
+        if self.external is not None:
+            self.external.log(record)
         return record
 
     def fit(self, resume: bool = False) -> SAE:
@@ -223,6 +264,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self._truncate_log()
             self.log_file = open(self.out / LOG, "a")  # noqa: SIM115 - closed in finally
+        self.external = ExternalLoggers(self.cfg, {"sae": to_dict(self.sae_cfg), "train": to_dict(self.cfg)})
         t0, tokens0 = time.perf_counter(), self.state.tokens
         next_ckpt = self._next_checkpoint()
         bar = tqdm(total=self.cfg.steps * self.cfg.batch_size, initial=self.state.tokens, unit="tok",
@@ -256,6 +298,9 @@ class Trainer:
             if self.log_file is not None:
                 self.log_file.close()
                 self.log_file = None
+            if self.external is not None:
+                self.external.close()
+                self.external = None
         self.save_checkpoint()
         self._finish()
         return self.sae
