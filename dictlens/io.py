@@ -30,6 +30,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; invalid JSON is a CacheError naming the file and line."""
+    from dictlens.errors import CacheError
+
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 def npy_bytes(arr: np.ndarray) -> memoryview:
     """The .npy encoding of ``arr`` (header + raw data), never pickled."""
     buf = io.BytesIO()

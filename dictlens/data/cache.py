@@ -33,7 +33,7 @@ from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_to
 from dictlens.data.tap import Tap
 from dictlens.data.text import DEFAULT_TEXT, iter_documents
 from dictlens.errors import ActivationError, CacheError, ConfigError, InputError
-from dictlens.io import atomic_write_bytes, atomic_write_json, npy_bytes, sha256_bytes, sha256_file
+from dictlens.io import atomic_write_bytes, atomic_write_json, npy_bytes, read_json, sha256_bytes, sha256_file
 
 FORMAT = "dictlens-activations"
 FORMAT_VERSION = 1
@@ -103,15 +103,10 @@ def from_storage(arr: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    import json
-
     file = path / "manifest.json"
     if not file.is_file():
         raise CacheError(f"{path} is not an activation cache: no manifest.json")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{file} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    manifest = read_json(file)
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{file} is not a dictlens activation manifest")
     if manifest.get("format_version", 0) > FORMAT_VERSION:
@@ -140,11 +135,12 @@ class CacheWriter:
         self.manifest = manifest
         self.state = state
         self.buffer: list[Chunk] = []
+        self.buffered_rows = 0
         self.pending_contexts = 0
 
     @property
     def tokens(self) -> int:
-        return self.manifest["tokens"] + sum(len(c) for c in self.buffer)
+        return self.manifest["tokens"] + self.buffered_rows
 
     @property
     def contexts_done(self) -> int:
@@ -198,13 +194,14 @@ class CacheWriter:
 
     def add(self, chunk: Chunk) -> None:
         self.buffer.append(chunk)
+        self.buffered_rows += len(chunk)
         self.pending_contexts += chunk.n_contexts
         for h, a in chunk.acts.items():
             self.state.kept[h].add(a)
 
     def flush(self) -> None:
         """Write the buffered rows as one shard and record it in the manifest."""
-        rows = sum(len(c) for c in self.buffer)
+        rows = self.buffered_rows
         if rows:
             index = len(self.manifest["shards"])
             table = np.stack([np.concatenate([c.token_ids for c in self.buffer]).astype(np.int64),
@@ -218,7 +215,7 @@ class CacheWriter:
             self.manifest["tokens"] += rows
         self.manifest["contexts"] += self.pending_contexts
         self.manifest["filter"] = self.state.to_json()
-        self.buffer, self.pending_contexts = [], 0
+        self.buffer, self.buffered_rows, self.pending_contexts = [], 0, 0
         atomic_write_json(self.root / "manifest.json", self.manifest)
 
     def _write(self, rel: str, arr: np.ndarray) -> dict[str, Any]:
@@ -288,7 +285,7 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, *, progress: bool
             chunk = chunk.head(cfg.tokens - writer.tokens)
             writer.add(chunk)
             bar.update(len(chunk))
-            if sum(len(c) for c in writer.buffer) >= cfg.shard_tokens:
+            if writer.buffered_rows >= cfg.shard_tokens:
                 writer.flush()
             if writer.tokens >= cfg.tokens:
                 exhausted = False

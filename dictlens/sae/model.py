@@ -12,7 +12,6 @@ activations, its decoder keeps unit-norm rows, and its codes come out in raw uni
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 from dictlens import __version__
 from dictlens.config import from_dict, to_dict
 from dictlens.errors import CacheError, ConfigError, InputError
-from dictlens.io import atomic_write_bytes, atomic_write_json
+from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 from dictlens.sae.activations import jumprelu, step
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.kernels import (
@@ -285,8 +284,11 @@ class SAE(nn.Module):
         state["input_scale"] = torch.tensor(1.0)
         return state
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``config.json`` and ``sae.safetensors`` into directory ``path``, atomically."""
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``config.json`` and ``sae.safetensors`` into directory ``path``, atomically.
+
+        ``extra``: more top-level entries for ``config.json`` (the trainer adds its settings).
+        """
         from safetensors.torch import save
 
         out = Path(path)
@@ -294,7 +296,8 @@ class SAE(nn.Module):
         state = {k: v.contiguous().cpu() for k, v in self.folded_state().items()}
         atomic_write_bytes(out / WEIGHTS_FILE, save(state))
         atomic_write_json(out / CONFIG_FILE, {"format": "dictlens-sae", "dictlens_version": __version__,
-                                              "sae": to_dict(self.cfg), "metadata": self.metadata})
+                                              "sae": to_dict(self.cfg), "metadata": self.metadata,
+                                              **(extra or {})})
         return out
 
     @classmethod
@@ -308,10 +311,7 @@ class SAE(nn.Module):
         for f in (cfg_file, weights):
             if not f.is_file():
                 raise InputError(f"SAE checkpoint {root}: {f.name} is missing")
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{cfg_file} is not valid JSON ({e.msg})") from None
+        meta = read_json(cfg_file)
         if meta.get("format") != "dictlens-sae":
             raise InputError(f"{cfg_file} is not a dictlens SAE config")
         cfg = from_dict(SAEConfig, meta["sae"], source=str(cfg_file))

@@ -20,6 +20,7 @@ import torch
 
 from dictlens.config import from_dict, to_dict
 from dictlens.errors import ActivationError, CacheError, ConfigError, InputError
+from dictlens.io import atomic_write_bytes
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.model import SAE
 from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
@@ -328,7 +329,7 @@ class Trainer:
             return
         keep = [line for line in path.read_text().splitlines() if line.strip()
                 and json.loads(line)["step"] <= self.state.step]
-        path.write_text("".join(line + "\n" for line in keep))
+        atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
     def _finish(self) -> None:
         """Put schedule-free parameters at their average; save the SAE and the curves."""
@@ -336,11 +337,8 @@ class Trainer:
             self.optimizer.eval()
         if self.out is None:
             return
-        self.sae.save(self.out)
-        cfg_path = self.out / "config.json"
-        meta = json.loads(cfg_path.read_text())
-        meta["train"] = {**to_dict(self.cfg), "lr_used": self.lr, "state": asdict(self.state)}
-        cfg_path.write_text(json.dumps(meta, indent=1) + "\n")
+        self.sae.save(self.out, extra={"train": {**to_dict(self.cfg), "lr_used": self.lr,
+                                                 "state": asdict(self.state)}})
         if self.cfg.plots:
             from dictlens.train.plots import plot_log
 
