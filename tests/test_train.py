@@ -34,7 +34,7 @@ def test_topk_sae_recovers_and_reconstructs(data, tmp_path):
     assert float(best_cos.mean()) > 0.9  # the true features are found
     assert (tmp_path / "run" / "sae.safetensors").is_file() and (tmp_path / "run" / "curves.png").is_file()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert {"mse", "auxk", "fvu", "l0", "dead_fraction", "turnover", "lr", "tokens_per_s"} <= set(log[-1])
+    assert {"mse", "boosted", "fvu", "l0", "dead_fraction", "turnover", "lr", "tokens_per_s"} <= set(log[-1])
     assert log[-1]["fvu"] < log[0]["fvu"]
     loaded = SAE.load(tmp_path / "run")
     sae.cfg.select_dtype = loaded.cfg.select_dtype = "float32"  # compare exactly, not bf16 rankings
@@ -66,6 +66,7 @@ def test_optimisers_and_schedules_train(data, opt):
 
 @pytest.mark.parametrize("setup", [
     (SAEConfig(activation="topk", k=4, n_features=128), {"dead_tokens": 2048}),
+    (SAEConfig(activation="topk", k=4, n_features=128), {"dead": "auxk", "dead_tokens": 512, "schedule_free": False}),
     (SAEConfig(activation="relu", n_features=128), {"resample_every": 7, "dead_tokens": 1024}),
     (SAEConfig(activation="topk", k=4, n_features=128), {"schedule_free": True, "optimizer": "signsgd"}),
 ])
@@ -120,9 +121,9 @@ def test_bad_inputs_are_named(data, tmp_path):
         train(SAEConfig(activation="relu"), TrainConfig(sparsity="l0"), data.x[:1000], progress=False)
     train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=512, batch_size=256, plots=False), data.x[:1000],
           tmp_path / "r", progress=False)
-    with pytest.raises(CacheError, match=r"was trained with other settings .*'optimizer': \('signsgd', 'adam'\)"):
-        train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=1024, batch_size=256, optimizer="adam"), data.x[:1000],
-              tmp_path / "r", progress=False, resume=True)
+    with pytest.raises(CacheError, match=r"was trained with other settings .*'optimizer': \('adam', 'signsgd'\)"):
+        train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=1024, batch_size=256, optimizer="signsgd"),
+              data.x[:1000], tmp_path / "r", progress=False, resume=True)
     with pytest.raises(CacheError, match="is from a different SAE"):
         train(SAEConfig(activation="relu", n_features=64), TrainConfig(tokens=1024, batch_size=256), data.x[:1000],
               tmp_path / "r", progress=False, resume=True)
@@ -177,3 +178,49 @@ def test_tensorboard_receives_the_logged_metrics(data, tmp_path):
     events.Reload()
     assert {"train/fvu", "train/mse", "train/l0", "train/lr"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/fvu")] == [2, 4, 6, 8]
+
+
+def test_boost_revives_dead_features_and_none_does_not(data):
+    def dead_after(dead_method):
+        cfg = TrainConfig(tokens=40 * 512, batch_size=512, lr=3e-3, plots=False, dead=dead_method,
+                          dead_tokens=512, boost=1.0)
+        t = trainer_mod.Trainer(SAEConfig(activation="topk", k=4, n_features=128), cfg,
+                                ArraySource(data.x[:20_000]), progress=False)
+        t._initialise()
+        with torch.no_grad():
+            t.sae.b_enc[:16] = -20.0  # far below any top-4 pre-activation: these never fire
+        logs = []
+        for x in ArraySource(data.x[:20_000]).batches(512, shuffle=True, seed=0):
+            if t.state.step >= cfg.steps:
+                break
+            logs.append(t._step(x * t.sae.input_scale))
+            t.state.step += 1
+        return int(t.dead.dead[:16].sum()), logs
+
+    still_dead, logs = dead_after("boost")
+    assert still_dead == 0 and max(r["boosted"] for r in logs) >= 16
+    assert dead_after("none")[0] == 16
+
+
+def test_auxk_dense_and_sparse_paths_agree():
+    """With k_aux ≥ the dead count both paths use every dead feature: same loss, same gradients."""
+    from dictlens.train.losses import auxk
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, activation="topk", k=4, n_features=64, select_dtype="float32"))
+    x = torch.randn(200, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[[3, 17, 40, 41, 63]] = True
+    results = []
+    for sparse in (False, True):
+        sae.zero_grad(set_to_none=True)
+        codes = sae.encode_codes(x, dead if sparse else None, 8)
+        assert (codes.aux_idx is not None) == sparse
+        loss = auxk(sae, codes, x, dead, 8)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))
+    (l_dense, g_dense), (l_sparse, g_sparse) = results
+    torch.testing.assert_close(l_dense, l_sparse, rtol=1e-5, atol=1e-6)
+    assert g_dense.keys() == g_sparse.keys()
+    for name in g_dense:
+        torch.testing.assert_close(g_dense[name], g_sparse[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -261,8 +261,9 @@ class SAE(nn.Module):
         """Remove the gradient component parallel to each unit decoder row."""
         if self.cfg.decoder_norm != "unit" or self.W_dec.grad is None:
             return
-        W, g = self.W_dec, self.W_dec.grad
-        g -= (g * W).sum(dim=1, keepdim=True) * W / W.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-12)
+        W, g = self.W_dec.detach(), self.W_dec.grad
+        coef = torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W).clamp_min(1e-12)
+        g.addcmul_(W, coef.unsqueeze(1), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

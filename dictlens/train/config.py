@@ -10,7 +10,7 @@ from dictlens.sae.config import SPARSITY_PENALTIES, SAEConfig
 
 OPTIMIZERS = ("adam", "adamw", "signsgd")
 SCHEDULES = ("constant", "cosine", "linear", "plateau")
-DEAD_HANDLING = ("auxk", "resample", "none")
+DEAD_HANDLING = ("boost", "auxk", "resample", "none")
 
 
 @dataclass
@@ -21,13 +21,13 @@ class TrainConfig:
     batch_size: int = field(4096, help="tokens per step")
     lr: float = field(0.0, help="learning rate (0: 2e-4/√(F/2^14) for Adam, the published TopK rule; "
                                 "5e-3/√(F/2^14) for signSGD, as in sparsify)")
-    optimizer: str = field("signsgd", help="signsgd (with momentum), adam or adamw; the default, with "
-                                           "schedule-free averaging, had the best held-out FVU in bench/train.py")
+    optimizer: str = field("adam", help="adam, adamw or signsgd (with momentum); the default, with "
+                                        "schedule-free averaging, had the best held-out FVU in bench/train.py")
     schedule_free: bool = field(True, help="schedule-free averaging (Defazio et al.) around the optimiser")
     beta1: float = field(0.9, help="Adam β1 / signSGD momentum")
-    beta2: float = field(0.999, help="Adam β2")
+    beta2: float = field(0.0, help="Adam β2 (0: 0.99 with schedule-free averaging, else 0.999)")
     weight_decay: float = field(0.0, help="decoupled weight decay (adamw)")
-    warmup_steps: int = field(10, help="linear learning-rate warm-up steps")
+    warmup_steps: int = field(20, help="linear learning-rate warm-up steps")
     schedule: str = field("linear", help="after warm-up: constant, cosine, linear (decay over the last "
                                          "decay_fraction) or plateau (reduce on plateau)")
     decay_fraction: float = field(0.2, help="share of training over which the linear schedule decays to 0")
@@ -36,10 +36,13 @@ class TrainConfig:
     sparsity_coeff: float = field(0.0, help="penalty coefficient (0: the penalty's default)")
     sparsity_warmup_steps: int = field(0, help="ramp the penalty coefficient linearly over these steps")
     weight_by_decoder_norm: bool = field(True, help="weight L1/tanh penalties by ‖W_dec[f]‖")
-    dead: str = field("auto", help="dead features: auto (auxk for topk/batchtopk, else resample), "
-                                   "auxk, resample or none")
+    dead: str = field("auto", help="dead features: auto (boost for topk/batchtopk, else resample), "
+                                   "boost, auxk, resample or none")
     dead_tokens: int = field(0, help="tokens without firing before a feature counts as dead "
                                      "(0: tokens/64, at least 2 batches, at most 10M)")
+    boost: float = field(0.05, help="dead=boost: every step, raise each dead feature's encoder bias "
+                                    "by this × the batch's mean input norm/√d (1 under the default "
+                                    "normalisation) until it fires again")
     auxk_coeff: float = field(1 / 32, help="AuxK loss coefficient")
     auxk_k: int = field(0, help="AuxK latents per token (0: 2k for top-k SAEs, else D/2)")
     auxk_rows: int = field(0, help="compute AuxK on the first N tokens of each batch (0: all)")
@@ -73,6 +76,8 @@ class TrainConfig:
               "geometric_median, mean or zero", self.b_dec_init)
         check(0 <= self.decay_fraction <= 1, "decay_fraction", "a share in [0, 1]", self.decay_fraction)
         check(self.clip_grad >= 0, "clip_grad", "a non-negative norm", self.clip_grad)
+        check(0 <= self.beta2 < 1, "beta2", "a number in [0, 1)", self.beta2)
+        check(self.boost >= 0, "boost", "a non-negative number", self.boost)
 
     @property
     def steps(self) -> int:
@@ -81,8 +86,18 @@ class TrainConfig:
     def learning_rate(self, sae: SAEConfig) -> float:
         if self.lr > 0:
             return self.lr
-        base = 5e-3 if self.optimizer == "signsgd" else 2e-4
+        # signSGD: sparsify's rule; Adam: the published TopK rule (Gao et al.), which is tuned
+        # for billions of tokens; schedule-free Adam: the best rate of bench/train.py
+        # (9e-3 at 9,216 features), scaled with width by the same 1/√F law.
+        rules = {"signsgd": 5e-3, "adam": 6.75e-3 if self.schedule_free else 2e-4}
+        base = rules.get(self.optimizer, rules["adam"])
         return base / math.sqrt(sae.width / 2**14)
+
+    @property
+    def adam_beta2(self) -> float:
+        if self.beta2 > 0:
+            return self.beta2
+        return 0.99 if self.schedule_free else 0.999
 
     def aux_k(self, sae: SAEConfig) -> int:
         if self.auxk_k > 0:
@@ -102,11 +117,12 @@ class TrainConfig:
     def dead_method(self, sae: SAEConfig) -> str:
         if self.dead != "auto":
             return self.dead
-        return "auxk" if sae.uses_k else "resample"
+        return "boost" if sae.uses_k else "resample"
 
     def dead_after(self) -> int:
-        # Short runs need a short window: most features that die do so early, and AuxK can
-        # only revive those it sees as dead (bench/train.py: 2.1% dead at tokens/64, 16% at tokens/5).
+        # Short runs need a short window: most features that die do so early, and AuxK or a
+        # boost can only revive those it sees as dead (bench/train.py: 2.1% dead at
+        # tokens/64, 16% at tokens/5, with AuxK).
         if self.dead_tokens > 0:
             return self.dead_tokens
         return min(10_000_000, max(2 * self.batch_size, self.tokens // 64))

@@ -1,4 +1,4 @@
-"""Dead features: usage tracking, and Anthropic-style resampling.
+"""Dead features: usage tracking, bias boosting, and Anthropic-style resampling.
 
 A feature is dead once it has not fired for ``dead_after`` training tokens. Turnover
 counts features whose dead/alive status changed between two logs.
@@ -78,3 +78,26 @@ def _reset_rows(optimizer: Any, sae: SAE, idx: torch.Tensor) -> None:
             if isinstance(value, torch.Tensor) and value.shape == p.shape:
                 # schedule-free keeps its iterate z: move it with the new row, zero the rest
                 value[idx] = p[idx] if key == "z" else 0
+
+
+@torch.no_grad()
+def boost(sae: SAE, optimizer: Any, dead: torch.Tensor, amount: float) -> int:
+    """Raise the encoder bias of every dead feature by ``amount`` (normalised units).
+
+    A dead feature's pre-activation then climbs uniformly until it wins its first
+    tokens, the ones its encoder direction matches best, and ordinary gradients take
+    over from there; the bias stops rising as soon as it fires. This is the
+    bias-update load balancing of DeepSeek-V3's router (top-k routing has the same
+    starving-expert problem), applied to the encoder bias itself so that training and
+    inference select alike. Schedule-free optimisers also keep the iterate ``z``: it is
+    moved by the same amount, so the averaged weights see the whole boost.
+    """
+    n = int(dead.sum())
+    if n == 0 or amount == 0:
+        return 0
+    step = dead.to(sae.b_enc.dtype) * amount
+    sae.b_enc.add_(step)
+    z = optimizer.state.get(sae.b_enc, {}).get("z")
+    if isinstance(z, torch.Tensor) and z.shape == sae.b_enc.shape:
+        z.add_(step)
+    return n

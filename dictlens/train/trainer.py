@@ -25,8 +25,8 @@ from dictlens.sae.config import SAEConfig
 from dictlens.sae.model import SAE
 from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
 from dictlens.train.config import TrainConfig, check_compatible
-from dictlens.train.dead import DeadTracker, resample
-from dictlens.train.losses import loss_terms
+from dictlens.train.dead import DeadTracker, boost, resample
+from dictlens.train.losses import auxk_is_sparse, loss_terms
 from dictlens.train.optim import Plateau, build_optimizer, lr_factor
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -200,7 +200,11 @@ class Trainer:
             group["lr"] = self.lr * lr_factor(cfg, self.state.step, plateau)
         dead = self.dead.dead
         auxk = cfg.dead_method(self.sae_cfg) == "auxk" and cfg.auxk_coeff > 0
-        codes = sae.encode_codes(x, dead if auxk else None, cfg.aux_k(sae.cfg), cfg.auxk_rows)
+        k_aux = cfg.aux_k(sae.cfg)
+        # Many dead features: AuxK's pairs come out of the TopK selection (sparse);
+        # few: the loss takes a dense product over the dead columns instead.
+        sparse_aux = auxk and auxk_is_sparse(int(dead.sum()), k_aux)
+        codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, cfg.auxk_rows)
         terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator)
         if not bool(torch.isfinite(terms["total"])):
             self.save_checkpoint()
@@ -216,11 +220,18 @@ class Trainer:
         self.optimizer.step()
         sae.normalize_decoder()
         self.dead.update(codes.pattern, codes.vals.detach(), len(x))
+        if cfg.dead_method(self.sae_cfg) == "boost":
+            unit = float(x.norm(dim=1).mean()) / math.sqrt(x.shape[1])
+            boosted = boost(sae, self.optimizer, self.dead.dead, cfg.boost * unit)
+        else:
+            boosted = None
         out = {k: float(v.detach()) for k, v in terms.items()}
         with torch.no_grad():
             err = (x - codes.x_hat).pow(2).sum()
             out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
             out["l0"] = float((codes.vals > 0).sum()) / len(x)
+        if boosted is not None:
+            out["boosted"] = boosted
         if cfg.dead_method(self.sae_cfg) == "resample" and self._resample_due():
             self.state.resampled += resample(sae, self.optimizer, self.dead.dead, x, codes.x_hat.detach(),
                                              self.generator)
