@@ -31,8 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 D, F, K, B = 576, 9216, 32, 4096
 PUBLISHED_LR = 2e-4 / (F / 2**14) ** 0.5
-METHODS = ["dictlens", "dictlens-adam", "dense", "sparsify-adam", "sparsify-signum", "saelens",
-           "dictionary-learning"]
+METHODS = ["dictlens", "dictlens-auxk", "dictlens-signsgd", "dictlens-adam", "dense", "sparsify-adam",
+           "sparsify-signum", "saelens", "dictionary-learning"]
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -85,8 +85,15 @@ def run_dictlens(train_f, tokens, variant):
     from dictlens import ArraySource, SAEConfig, TrainConfig
     from dictlens.train.trainer import Trainer
 
-    # "default": dictlens's defaults (schedule-free signSGD, AuxK); "adam": Adam at the published rate.
-    extra = {} if variant == "default" else {"optimizer": "adam", "schedule_free": False, "lr": PUBLISHED_LR}
+    # "default": dictlens's defaults (schedule-free Adam, dead features boosted); "auxk": the
+    # same with AuxK instead of the boost; "signsgd": the previous default (schedule-free
+    # signSGD at sparsify's rate, AuxK); "adam": plain Adam at the published rate.
+    extra = {
+        "default": {},
+        "auxk": {"dead": "auxk"},
+        "signsgd": {"optimizer": "signsgd", "dead": "auxk", "warmup_steps": 10},
+        "adam": {"optimizer": "adam", "schedule_free": False, "lr": PUBLISHED_LR},
+    }[variant]
     cfg = TrainConfig(tokens=tokens, batch_size=B, plots=False, log_every=10**9, **extra)
     data = torch.cat(list(batches(train_f, tokens)))  # already in bench order: no reshuffle
     src = ArraySource(data)
@@ -218,6 +225,8 @@ def worker(method: str, train_f: Path, held_f: Path, tokens: int) -> dict[str, A
     torch.manual_seed(0)
     runners = {
         "dictlens": lambda: run_dictlens(train_f, tokens, "default"),
+        "dictlens-auxk": lambda: run_dictlens(train_f, tokens, "auxk"),
+        "dictlens-signsgd": lambda: run_dictlens(train_f, tokens, "signsgd"),
         "dictlens-adam": lambda: run_dictlens(train_f, tokens, "adam"),
         "dense": lambda: run_dense(train_f, tokens),
         "sparsify-adam": lambda: run_sparsify(train_f, tokens, "adam"),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from schedulefree import ScheduleFreeWrapper
+from schedulefree import AdamWScheduleFree, ScheduleFreeWrapper
 
-from dictlens.train.optim import ScheduleFreeSignSGD, SignSGD
+from dictlens.train.optim import ScheduleFreeAdam, ScheduleFreeSignSGD, SignSGD
 
 
 def _run(make):
@@ -58,3 +59,27 @@ def test_in_place_changes_carry_into_the_average_like_the_wrapper():
 
     ref = run(lambda ps: ScheduleFreeWrapper(SignSGD(ps, 0.01, momentum=0.0), momentum=0.95))
     torch.testing.assert_close(run(lambda ps: ScheduleFreeSignSGD(ps, 0.01)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.01])
+def test_schedule_free_adam_matches_the_package(decay):
+    """Same y during training, same x after eval(), with warm-up, in-place edits and decay."""
+    def run(make):
+        w = torch.nn.Parameter(torch.randn(30, 6, generator=torch.Generator().manual_seed(0)))
+        opt = make([w])
+        opt.train()
+        g = torch.Generator().manual_seed(2)
+        for step in range(25):
+            opt.param_groups[0]["lr"] = 0.01 * min(1.0, (step + 1) / 5)
+            w.grad = torch.randn(30, 6, generator=g) * (0.1 if step % 3 else 5.0)
+            opt.step()
+            with torch.no_grad():
+                w /= w.norm(dim=1, keepdim=True)
+        y = w.detach().clone()
+        opt.eval()
+        return y, w.detach().clone()
+
+    ref = run(lambda ps: AdamWScheduleFree(ps, 0.01, betas=(0.9, 0.99), weight_decay=decay))
+    ours = run(lambda ps: ScheduleFreeAdam(ps, 0.01, betas=(0.9, 0.99), weight_decay=decay))
+    for a, b in zip(ref, ours, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)

@@ -184,20 +184,29 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     The product is formed ``chunk`` rows at a time and ranked while it is still in cache,
     so the B×F matrix never exists whole; nothing here is kept for the backward pass.
     """
-    Wd, bd = W_FD.detach().to(dtype), b_F.detach().to(dtype)
-    n = x_BD.shape[0]
+    # The bias rides in the product as an extra input column of ones: a GEMM with
+    # K = D + 1 is cheaper than addmm's copy of the bias into every output row.
+    n, d = x_BD.shape
+    Wd = torch.empty(W_FD.shape[0], d + 1, dtype=dtype, device=W_FD.device)
+    Wd[:, :d] = W_FD.detach()
+    Wd[:, d] = b_F.detach()
+    xd = torch.empty(n, d + 1, dtype=dtype, device=x_BD.device)
+    xd[:, :d] = x_BD.detach()
+    xd[:, d] = 1
+    pre = torch.empty(min(n, chunk), W_FD.shape[0], dtype=dtype, device=x_BD.device)
     idx = torch.empty(n, k, dtype=torch.long, device=x_BD.device)
     dead_idx = dead.nonzero()[:, 0] if dead is not None and k_aux else None
     n_aux = min(n, aux_rows) if aux_rows > 0 else n
     aux = torch.empty(n_aux, k_aux, dtype=torch.long, device=x_BD.device) if dead_idx is not None else None
     for s in range(0, n, chunk):
-        pre = torch.addmm(bd, x_BD[s:s + chunk].detach().to(dtype), Wd.T)
-        idx[s:s + chunk] = pre.topk(k, dim=1, sorted=False).indices
+        rows = min(chunk, n - s)
+        block = torch.mm(xd[s:s + rows], Wd.T, out=pre[:rows])  # one reused buffer
+        idx[s:s + rows] = block.topk(k, dim=1, sorted=False).indices
         if aux is not None and s < n_aux:
-            pre = pre[:n_aux - s]
+            block = block[:n_aux - s]
             assert dead_idx is not None
             # rank only the dead columns: usually a small share of F
-            aux[s:s + chunk] = dead_idx[pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices]
+            aux[s:s + chunk] = dead_idx[block.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices]
     return idx, aux
 
 

@@ -258,12 +258,15 @@ class SAE(nn.Module):
     # ---- constraints ----------------------------------------------------------------
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
-        """Remove the gradient component parallel to each unit decoder row."""
+        """Remove the gradient component parallel to each unit decoder row.
+
+        The rows are unit-norm here: initialised so and renormalised after every step
+        (``normalize_decoder``), so the projection needs no division by ‖W_dec[f]‖².
+        """
         if self.cfg.decoder_norm != "unit" or self.W_dec.grad is None:
             return
         W, g = self.W_dec.detach(), self.W_dec.grad
-        coef = torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W).clamp_min(1e-12)
-        g.addcmul_(W, coef.unsqueeze(1), value=-1.0)
+        g.addcmul_(W, torch.linalg.vecdot(g, W).unsqueeze(1), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -1,7 +1,8 @@
 """Optimisers and learning-rate schedules.
 
-Adam and AdamW come from torch; signed SGD with momentum is below; the schedule-free
-wrapper comes from the ``schedulefree`` package (Defazio et al.), as in sparsify.
+Adam and AdamW come from torch; signed SGD with momentum and the schedule-free versions
+of signSGD and AdamW (Defazio et al. 2024; sparsify trains with the first) are below,
+checked against the ``schedulefree`` package in the tests.
 The schedule is a pure function of the step (plus the plateau state), so a resumed run
 follows exactly the same learning rates.
 """
@@ -101,15 +102,81 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
         return None
 
 
+class ScheduleFreeAdam(torch.optim.Optimizer):
+    """Schedule-free AdamW (Defazio et al. 2024), the same numbers as ``schedulefree``'s
+    ``AdamWScheduleFree`` (a test checks) in fewer passes over the weights.
+
+    The parameters hold y, the iterate z and the second moment live in the state under
+    the package's names ('z', 'exp_avg_sq'), x is recovered from y and z. The step
+    reuses one scratch tensor per parameter instead of allocating the normalised
+    gradient: 8 passes instead of 10, and no fresh pages to fault in every step.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, weight_lr_power: float = 2.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                  "weight_lr_power": weight_lr_power, "k": 0, "lr_max": 0.0, "weight_sum": 0.0,
+                                  "train_mode": True})
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        for group in self.param_groups:
+            if group["train_mode"]:
+                for p in group["params"]:
+                    if "z" in self.state[p]:
+                        p.lerp_(self.state[p]["z"], 1 - 1 / group["betas"][0])  # y → x
+                group["train_mode"] = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                for p in group["params"]:
+                    if "z" in self.state[p]:
+                        p.lerp_(self.state[p]["z"], 1 - group["betas"][0])  # x → y
+                group["train_mode"] = True
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            if not group["train_mode"]:
+                raise RuntimeError("ScheduleFreeAdam.step() in eval mode: call train() first")
+            beta1, beta2 = group["betas"]
+            k, lr = group["k"], group["lr"]
+            root_bc2 = math.sqrt(1 - beta2 ** (k + 1))
+            group["lr_max"] = max(group["lr_max"], lr)
+            weight = group["lr_max"] ** group["weight_lr_power"]
+            group["weight_sum"] += weight
+            c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "z" not in state:
+                    state["z"] = p.detach().clone()
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                z, v, g = state["z"], state["exp_avg_sq"], p.grad
+                u = self._scratch.get(p)
+                if u is None or u.shape != p.shape:
+                    u = self._scratch[p] = torch.empty_like(p)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                # g/(√(v/bc2) + eps) = √bc2 · g/(√v + eps·√bc2)
+                torch.sqrt(v, out=u)
+                u.add_(group["eps"] * root_bc2)
+                torch.div(g, u, out=u)
+                if group["weight_decay"]:
+                    u.add_(p, alpha=group["weight_decay"] / root_bc2)
+                p.lerp_(z, c)
+                p.add_(u, alpha=root_bc2 * lr * (beta1 * (1 - c) - 1))
+                z.sub_(u, alpha=root_bc2 * lr)
+            group["k"] = k + 1
+        return None
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> Any:
     if cfg.schedule_free and cfg.optimizer in ("adam", "adamw"):
-        # torch's Adam cannot sit inside ScheduleFreeWrapper (its lazy state init sees the
-        # wrapper's 'z' and skips), so Adam uses the package's native schedule-free AdamW.
-        from schedulefree import AdamWScheduleFree
-
-        opt = AdamWScheduleFree(params, lr, betas=(cfg.beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-        opt.train()
-        return opt
+        return ScheduleFreeAdam(params, lr, betas=(cfg.beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "signsgd":
         if cfg.schedule_free:
             return ScheduleFreeSignSGD(params, lr, momentum=0.95)
