@@ -101,7 +101,7 @@ def run_dictlens(train_f, tokens, variant):
     trainer._initialise()
     t = time.perf_counter()
     for x in batches(train_f, tokens):
-        trainer._step(x * trainer.sae.input_scale)
+        trainer._step(x * trainer.sae.input_scale, measure=trainer.state.step % 10 == 0)  # fit logs every 10
         trainer.state.step += 1
     if hasattr(trainer.optimizer, "eval"):
         trainer.optimizer.eval()

@@ -80,11 +80,11 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatc
     real_step = trainer_mod.Trainer._step
     calls = {"n": 0}
 
-    def interrupting(self, x):
+    def interrupting(self, x, **kw):
         calls["n"] += 1
         if calls["n"] == 17:
             raise KeyboardInterrupt
-        return real_step(self, x)
+        return real_step(self, x, **kw)
 
     monkeypatch.setattr(trainer_mod.Trainer, "_step", interrupting)
     with pytest.raises(KeyboardInterrupt):

@@ -15,6 +15,7 @@ decoder penalty, a decoder-diversity penalty, the JumpReLU pre-activation loss.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dictlens.sae.kernels import Pattern, sparse_decode, sparse_encode
 from dictlens.sae.model import SAE, Codes
@@ -25,7 +26,7 @@ SMOOTH_L0_ALPHA, SMOOTH_L0_BETA = 10.0, -3.0
 
 def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
     """Mean ‖x − x̂‖²; with Matryoshka prefixes, the mean over every nested prefix too."""
-    full = (x - codes.x_hat).pow(2).sum(1).mean()
+    full = F.mse_loss(codes.x_hat, x, reduction="sum") / len(x)  # one fused kernel each way
     prefixes = sae.cfg.matryoshka
     if not prefixes:
         return full
@@ -36,7 +37,7 @@ def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
         keep = codes.pattern.cols < m
         sub = codes.pattern.subset(keep)
         x_hat = sae._decode_values(codes.vals[keep], sub) + sae.b_dec
-        losses.append((x - x_hat).pow(2).sum(1).mean())
+        losses.append(F.mse_loss(x_hat, x, reduction="sum") / len(x))
     return torch.stack(losses).mean()
 
 

@@ -228,7 +228,9 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
-    def _step(self, x: torch.Tensor) -> dict[str, float]:
+    def _step(self, x: torch.Tensor, measure: bool = True) -> dict[str, float]:
+        """One optimisation step on a normalised batch; with ``measure``, also the logged
+        metrics (loss terms, FVU, L0), which cost a few passes over the batch."""
         cfg, sae = self.cfg, self.sae
         plateau = Plateau(**self.state.plateau)
         for group in self.optimizer.param_groups:
@@ -260,13 +262,15 @@ class Trainer:
             boosted = boost(sae, self.optimizer, self.dead.dead, cfg.boost * unit)
         else:
             boosted = None
-        out = {k: float(v.detach()) for k, v in terms.items()}
-        with torch.no_grad():
-            err = (x - codes.x_hat).pow(2).sum()
-            out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
-            out["l0"] = float((codes.vals > 0).sum()) / len(x)
-        if boosted is not None:
-            out["boosted"] = boosted
+        out: dict[str, float] = {}
+        if measure:
+            out = {k: float(v.detach()) for k, v in terms.items()}
+            with torch.no_grad():
+                err = (x - codes.x_hat).pow(2).sum()
+                out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+                out["l0"] = float((codes.vals > 0).sum()) / len(x)
+            if boosted is not None:
+                out["boosted"] = boosted
         if cfg.dead_method(self.sae_cfg) == "resample" and self._resample_due():
             self.state.resampled += resample(sae, self.optimizer, self.dead.dead, x, codes.x_hat.detach(),
                                              self.generator)
@@ -326,12 +330,13 @@ class Trainer:
                 if not bool(torch.isfinite(x).all()):
                     self._nonfinite(x)
                     continue
-                metrics = self._step(x * self.sae.input_scale)
+                log_now = (self.state.step + 1) % self.cfg.log_every == 0 or self.state.step + 1 == self.cfg.steps
+                metrics = self._step(x * self.sae.input_scale, measure=log_now)
                 self.state.step += 1
                 self.state.tokens += len(x)
                 self.state.batch_in_epoch += 1
                 bar.update(len(x))
-                if self.state.step % self.cfg.log_every == 0 or self.state.step == self.cfg.steps:
+                if log_now:
                     rec = self._log(metrics, t0, tokens0)
                     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.1%}")
                 if next_ckpt and self.state.tokens >= next_ckpt:
