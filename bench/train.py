@@ -295,7 +295,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['method']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / fastest_peer:.2f} | "
               f"{floor['float32'] / r['tokens_per_s']:.2f} | {floor['bfloat16'] / r['tokens_per_s']:.2f} | "
-              f"{r['fvu']:.3f} | {r['l0']:.1f} | {r['dead']:.1%} | {r['peak_rss_gb']:.2f} |")
+              f"{r['fvu']:.4f} | {r['l0']:.1f} | {r['dead']:.2%} | {r['peak_rss_gb']:.2f} |")
 
 
 if __name__ == "__main__":

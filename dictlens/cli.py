@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dictlens.config import add_arguments, from_namespace
-from dictlens.errors import DictlensError
+from dictlens.errors import CacheError, DictlensError
 
 
 def _cmd_hooks(args: argparse.Namespace) -> int:
@@ -146,9 +147,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     train_src, heldout = split_heldout(store, 8192)
     run = out / "sae"
     train_cfg = TrainConfig(tokens=args.train_tokens, batch_size=4096, log_every=5, heldout_tokens=8192)
-    trainer = Trainer(SAEConfig(activation="topk", k=32, expansion=16), train_cfg, train_src, run,
-                      metadata={"model": "smollm2-135m", "hook": "resid_post.15", "acts": str(out / "acts")})
-    sae = trainer.fit(resume=(run / "checkpoint.safetensors").is_file())
+
+    def trainer() -> Trainer:
+        return Trainer(SAEConfig(activation="topk", k=32, expansion=16), train_cfg, train_src, run,
+                       metadata={"model": "smollm2-135m", "hook": "resid_post.15", "acts": str(out / "acts")})
+
+    try:
+        sae = trainer().fit(resume=(run / "checkpoint.safetensors").is_file())
+    except CacheError as e:
+        # A demo run from an older dictlens (other defaults): keep it aside, train afresh.
+        if "other settings" not in str(e) and "different SAE" not in str(e):
+            raise
+        previous = run.with_name(run.name + ".previous")
+        if previous.exists():
+            shutil.rmtree(previous)
+        run.rename(previous)
+        print(f"the SAE in {run} was trained with other settings; moved it to {previous}, training afresh")
+        sae = trainer().fit()
     m = evaluate(sae, heldout.batches(4096, shuffle=False))
     atomic_write_json(run / "metrics.json", m.to_dict())
     print(f"held-out ({m.n_tokens:,} tokens): FVU {m.fvu:.4f}  explained variance {m.explained_variance:.4f}  "
