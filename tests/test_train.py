@@ -224,3 +224,15 @@ def test_auxk_dense_and_sparse_paths_agree():
     assert g_dense.keys() == g_sparse.keys()
     for name in g_dense:
         torch.testing.assert_close(g_dense[name], g_sparse[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_default_resampling_happens_in_the_first_half_only(data):
+    cfg = TrainConfig(tokens=80 * 256, batch_size=256, plots=False)
+    t = trainer_mod.Trainer(SAEConfig(activation="relu", n_features=64), cfg, ArraySource(data.x[:2000]),
+                            progress=False)
+    due = []
+    for step in range(cfg.steps):
+        t.state.step = step
+        if t._resample_due():
+            due.append(step + 1)
+    assert due == [10, 20, 30, 40]
