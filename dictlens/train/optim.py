@@ -41,7 +41,41 @@ class SignSGD(torch.optim.Optimizer):
         return None
 
 
-class ScheduleFreeSignSGD(torch.optim.Optimizer):
+class _ScheduleFree(torch.optim.Optimizer):
+    """What both schedule-free optimisers share: y in the parameters, z in the state,
+    x = the average, recovered from y and z; ``eval()`` puts x in the parameters and
+    ``train()`` puts y back."""
+
+    def _beta(self, group: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+    def _swap(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] != to_train:
+                beta = self._beta(group)
+                for p in group["params"]:
+                    if "z" in self.state[p]:
+                        p.lerp_(self.state[p]["z"], 1 - beta if to_train else 1 - 1 / beta)
+                group["train_mode"] = to_train
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        self._swap(to_train=False)  # y → x
+
+    @torch.no_grad()
+    def train(self) -> None:
+        self._swap(to_train=True)  # x → y
+
+    @staticmethod
+    def _average_weight(group: dict[str, Any], lr: float, empty: float) -> float:
+        """The weight c of this step's z in the running average (∝ lr_max^power)."""
+        group["lr_max"] = max(group["lr_max"], lr)
+        weight = group["lr_max"] ** group["weight_lr_power"]
+        group["weight_sum"] += weight
+        return weight / group["weight_sum"] if group["weight_sum"] > 0 else empty
+
+
+class ScheduleFreeSignSGD(_ScheduleFree):
     """Schedule-free signed SGD (Defazio et al. 2024 around a sign step), as sparsify trains.
 
     z takes the sign steps; x is their running average (weights ∝ lr_max², as in
@@ -57,27 +91,14 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_lr_power": weight_lr_power,
                                   "lr_max": 0.0, "weight_sum": 0.0, "train_mode": True})
 
+    def _beta(self, group: dict[str, Any]) -> float:
+        return group["momentum"]
+
     def _z(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         for p in params:
             if "z" not in self.state[p]:
                 self.state[p]["z"] = p.detach().clone()
         return [self.state[p]["z"] for p in params]
-
-    @torch.no_grad()
-    def eval(self) -> None:
-        for group in self.param_groups:
-            if group["train_mode"]:
-                ps = list(group["params"])
-                torch._foreach_lerp_(ps, self._z(ps), 1 - 1 / group["momentum"])  # y → x
-                group["train_mode"] = False
-
-    @torch.no_grad()
-    def train(self) -> None:
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                ps = list(group["params"])
-                torch._foreach_lerp_(ps, self._z(ps), 1 - group["momentum"])  # x → y
-                group["train_mode"] = True
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -88,10 +109,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
             if not ps:
                 continue
             zs, beta, lr = self._z(ps), group["momentum"], group["lr"]
-            group["lr_max"] = max(group["lr_max"], lr)
-            weight = group["lr_max"] ** group["weight_lr_power"]
-            group["weight_sum"] += weight
-            c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 1.0
+            c = self._average_weight(group, lr, empty=1.0)
             # y → x, z' = z − lr·sign(g), x' = lerp(x, z', c), y' = lerp(x', z', 1 − β) collapse
             # to y' = lerp(y, z, c) − (1 − β(1 − c))·lr·sign(g): four passes over the
             # weights instead of six, the same numbers up to rounding.
@@ -102,7 +120,7 @@ class ScheduleFreeSignSGD(torch.optim.Optimizer):
         return None
 
 
-class ScheduleFreeAdam(torch.optim.Optimizer):
+class ScheduleFreeAdam(_ScheduleFree):
     """Schedule-free AdamW (Defazio et al. 2024), the same numbers as ``schedulefree``'s
     ``AdamWScheduleFree`` (a test checks) in fewer passes over the weights.
 
@@ -119,23 +137,8 @@ class ScheduleFreeAdam(torch.optim.Optimizer):
                                   "train_mode": True})
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}
 
-    @torch.no_grad()
-    def eval(self) -> None:
-        for group in self.param_groups:
-            if group["train_mode"]:
-                for p in group["params"]:
-                    if "z" in self.state[p]:
-                        p.lerp_(self.state[p]["z"], 1 - 1 / group["betas"][0])  # y → x
-                group["train_mode"] = False
-
-    @torch.no_grad()
-    def train(self) -> None:
-        for group in self.param_groups:
-            if not group["train_mode"]:
-                for p in group["params"]:
-                    if "z" in self.state[p]:
-                        p.lerp_(self.state[p]["z"], 1 - group["betas"][0])  # x → y
-                group["train_mode"] = True
+    def _beta(self, group: dict[str, Any]) -> float:
+        return group["betas"][0]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -145,10 +148,7 @@ class ScheduleFreeAdam(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             k, lr = group["k"], group["lr"]
             root_bc2 = math.sqrt(1 - beta2 ** (k + 1))
-            group["lr_max"] = max(group["lr_max"], lr)
-            weight = group["lr_max"] ** group["weight_lr_power"]
-            group["weight_sum"] += weight
-            c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 0.0
+            c = self._average_weight(group, lr, empty=0.0)
             for p in group["params"]:
                 if p.grad is None:
                     continue
