@@ -1,21 +1,38 @@
 """Reconstruction and sparsity metrics, streamed over any number of held-out tokens.
 
-  FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²   (x̄ the mean vector of the evaluated set)
-  explained variance = 1 − FVU;  MSE = Σ‖x − x̂‖² / (N·D)
-  L0 = mean number of non-zero codes per token
-  dead fraction = share of features never active on the N evaluated tokens
-Sums are float64, so a streamed value equals the one computed in one batch.
+Every definition is written out in ``docs/metrics.md``; in short, over N evaluated
+tokens x_t ∈ R^D with reconstructions x̂_t and codes f_t:
+
+  FVU = Σ_t‖x_t − x̂_t‖² / Σ_t‖x_t − x̄‖²   (x̄ the mean vector of all N tokens)
+  explained variance = 1 − FVU
+  legacy explained variance = mean_t 1 − ‖x_t − x̂_t‖² / ‖x_t − x̄_B‖²  (x̄_B the batch mean;
+      SAELens's former formula, kept only to compare with numbers published with it)
+  MSE = Σ_t‖x_t − x̂_t‖² / (N·D);  MSE per token = Σ_t‖x_t − x̂_t‖² / N
+  uncentred normalised MSE = Σ_t‖x_t − x̂_t‖² / Σ_t‖x_t‖²
+  L0 = mean_t #{i: f_ti ≠ 0};  L1 = mean_t Σ_i |f_ti|
+  dead fraction = share of features never active on the N tokens;
+  dense fraction = share of features active on more than 10% of them
+  cosine = mean_t cos(x_t, x̂_t);  L2 ratio = mean_t ‖x̂_t‖/‖x_t‖
+  relative reconstruction bias = Σ_t‖x̂_t‖² / Σ_t x_t·x̂_t   (Gated SAE paper, eq. 10: 1 is unbiased,
+      below 1 is shrinkage)
+
+Sums are float64 and taken about a fixed reference point (the first batch's mean), so
+the total variance does not cancel catastrophically and a streamed value equals the
+one computed in one batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from dictlens.errors import InputError
+from dictlens.sae.kernels import Pattern
 from dictlens.sae.model import SAE
+
+DENSE_ABOVE = 0.1  # a feature active on more than this share of tokens counts as dense
 
 
 @dataclass
@@ -23,37 +40,120 @@ class Metrics:
     n_tokens: int
     fvu: float
     explained_variance: float
+    explained_variance_legacy: float
     mse: float
+    mse_per_token: float
+    nmse_uncentred: float
     l0: float
+    l1: float
     dead_fraction: float
+    dense_fraction: float
+    cosine: float
+    l2_ratio: float
+    relative_reconstruction_bias: float
+    # per-feature count of tokens it fired on (not in to_dict: F numbers)
+    feature_counts: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("feature_counts")
+        return d
+
+    def feature_density(self) -> torch.Tensor:
+        """Share of the evaluated tokens each feature fired on [F]."""
+        if self.feature_counts is None:
+            raise InputError("these metrics were computed without codes: no feature density")
+        return self.feature_counts.double() / max(1, self.n_tokens)
+
+
+class ReconstructionStats:
+    """Streamed sums behind :class:`Metrics`; feed ``update(x, x_hat, pattern, vals)``."""
+
+    def __init__(self, n_features: int | None = None):
+        self.n = 0
+        self.d = 0
+        self.ref: torch.Tensor | None = None
+        self.sum_c: torch.Tensor | None = None  # Σ (x − ref), float64 [D]
+        self.sq_c = 0.0  # Σ ‖x − ref‖²
+        self.sq = 0.0  # Σ ‖x‖²
+        self.err = 0.0  # Σ ‖x − x̂‖²
+        self.dot = 0.0  # Σ x·x̂
+        self.hat_sq = 0.0  # Σ ‖x̂‖²
+        self.cos = 0.0  # Σ cos(x, x̂)
+        self.ratio = 0.0  # Σ ‖x̂‖/‖x‖
+        self.legacy = 0.0  # Σ per-token legacy EV
+        self.nnz = 0
+        self.l1 = 0.0
+        self.counts = torch.zeros(n_features, dtype=torch.long) if n_features else None
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor, pattern: Pattern | None = None,
+               vals: torch.Tensor | None = None) -> None:
+        if x.ndim != 2 or x_hat.shape != x.shape:
+            raise InputError(f"metrics: x {list(x.shape)} and x̂ {list(x_hat.shape)} must both be [batch, d]")
+        if len(x) == 0:
+            return
+        x64, h64 = x.double(), x_hat.double()
+        if self.ref is None:
+            self.ref = x64.mean(0)
+            self.d = x.shape[1]
+            self.sum_c = torch.zeros_like(self.ref)
+        assert self.sum_c is not None
+        xc = x64 - self.ref
+        self.sum_c += xc.sum(0)
+        self.sq_c += float(xc.pow(2).sum())
+        x_sq = x64.pow(2).sum(1)
+        h_sq = h64.pow(2).sum(1)
+        e_sq = (x64 - h64).pow(2).sum(1)
+        dot = (x64 * h64).sum(1)
+        self.sq += float(x_sq.sum())
+        self.err += float(e_sq.sum())
+        self.dot += float(dot.sum())
+        self.hat_sq += float(h_sq.sum())
+        norms = x_sq.sqrt().clamp_min(1e-12) * h_sq.sqrt().clamp_min(1e-12)
+        self.cos += float((dot / norms).sum())
+        self.ratio += float((h_sq.sqrt() / x_sq.sqrt().clamp_min(1e-12)).sum())
+        batch_var = (x64 - x64.mean(0)).pow(2).sum(1)
+        self.legacy += float((1 - e_sq / batch_var.clamp_min(1e-30)).sum())
+        self.n += len(x)
+        if pattern is not None and vals is not None:
+            active = vals != 0
+            self.nnz += int(active.sum())
+            self.l1 += float(vals.double().abs().sum())
+            if self.counts is not None:
+                # one count per (token, feature): patterns hold each pair once
+                self.counts += torch.bincount(pattern.cols[active].cpu(), minlength=len(self.counts))
+
+    def result(self) -> Metrics:
+        if self.n == 0 or self.sum_c is None:
+            raise InputError("evaluation data is empty")
+        n = self.n
+        total = self.sq_c - float(self.sum_c.pow(2).sum()) / n
+        fvu = self.err / total if total > 0 else float("nan")
+        counts = self.counts
+        dead = 1 - float((counts > 0).double().mean()) if counts is not None else float("nan")
+        dense = float((counts > DENSE_ABOVE * n).double().mean()) if counts is not None else float("nan")
+        return Metrics(
+            n_tokens=n, fvu=fvu, explained_variance=1 - fvu, explained_variance_legacy=self.legacy / n,
+            mse=self.err / (n * self.d), mse_per_token=self.err / n,
+            nmse_uncentred=self.err / self.sq if self.sq > 0 else float("nan"),
+            l0=self.nnz / n, l1=self.l1 / n, dead_fraction=dead, dense_fraction=dense,
+            cosine=self.cos / n, l2_ratio=self.ratio / n,
+            relative_reconstruction_bias=self.hat_sq / self.dot if self.dot != 0 else float("nan"),
+            feature_counts=counts)
 
 
 @torch.no_grad()
 def evaluate(sae: SAE, batches: Iterable[torch.Tensor]) -> Metrics:
     """Metrics of ``sae`` on raw activation batches [B, D] (held out from training)."""
-    n, err, s, sq, nnz = 0, 0.0, None, 0.0, 0
-    fired = torch.zeros(sae.n_features, dtype=torch.bool, device=sae.device)
+    stats = ReconstructionStats(sae.n_features)
     for x in batches:
         x = x.to(sae.device, torch.float32)
         if x.ndim != 2 or x.shape[1] != sae.d_in:
             raise InputError(f"evaluation data: expected [batch, {sae.d_in}], found {list(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x).all(dim=1)).sum())
-            raise InputError(f"evaluation data: {bad} rows hold NaN or Inf (after {n} good tokens)")
+            raise InputError(f"evaluation data: {bad} rows hold NaN or Inf (after {stats.n} good tokens)")
         p, vals = sae.encode_sparse(x)
-        x_hat = sae.decode_sparse(p, vals)
-        x64 = x.double()
-        err += float((x64 - x_hat.double()).pow(2).sum())
-        s = x64.sum(0) if s is None else s + x64.sum(0)
-        sq += float(x64.pow(2).sum())
-        nnz += p.nnz
-        fired[p.cols] = True
-        n += len(x)
-    if n == 0 or s is None:
-        raise InputError("evaluation data is empty")
-    total = sq - float(s.pow(2).sum()) / n
-    fvu = err / total if total > 0 else float("nan")
-    return Metrics(n, fvu, 1 - fvu, err / (n * sae.d_in), nnz / n, 1 - float(fired.float().mean()))
+        stats.update(x, sae.decode_sparse(p, vals), p, vals)
+    return stats.result()
