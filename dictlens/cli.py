@@ -123,6 +123,58 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_metrics(m: Any) -> None:
+    """The short terminal table of dictlens eval / train / demo."""
+    rows = [("tokens (N)", f"{m.n_tokens:,}"), ("FVU", f"{m.fvu:.4f}"),
+            ("explained variance", f"{m.explained_variance:.4f}"),
+            ("  legacy (per-token, batch mean)", f"{m.explained_variance_legacy:.4f}"),
+            ("MSE per token", f"{m.mse_per_token:.4g}"), ("uncentred normalised MSE", f"{m.nmse_uncentred:.4g}"),
+            ("L0", f"{m.l0:.1f}"), ("L1", f"{m.l1:.4g}"), ("dead (never on N tokens)", f"{m.dead_fraction:.2%}"),
+            ("dense (> 10% of tokens)", f"{m.dense_fraction:.2%}"), ("cosine(x, x̂)", f"{m.cosine:.4f}"),
+            ("‖x̂‖/‖x‖", f"{m.l2_ratio:.4f}"), ("relative reconstruction bias", f"{m.relative_reconstruction_bias:.4f}")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v:>10}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Held-out metrics of a trained SAE: JSON, a terminal table, the density histogram."""
+    from dictlens.data.store import ActivationStore, split_heldout
+    from dictlens.errors import ConfigError, InputError
+    from dictlens.eval.metrics import evaluate
+    from dictlens.eval.plots import density_histogram
+    from dictlens.io import atomic_write_json
+    from dictlens.sae.model import SAE
+
+    sae = SAE.load(args.run)
+    hook = args.hook or sae.metadata.get("hook")
+    store = ActivationStore(args.acts, hook, model=args.model)
+    trained_on = sae.metadata.get("hook")
+    if trained_on and store.hook != trained_on:
+        raise InputError(f"the SAE in {args.run} was trained on {trained_on}, the cache {args.acts} holds "
+                         f"{store.hook}; pass the matching --hook or cache")
+    if store.d_model != sae.d_in:
+        raise InputError(f"the SAE in {args.run} reads width {sae.d_in}, the cache's {store.hook} has width "
+                         f"{store.d_model}")
+    source = store
+    if args.heldout:
+        if args.heldout < 0:
+            raise ConfigError(f"heldout: expected a token count >= 0, found {args.heldout}")
+        _, source = split_heldout(store, args.heldout)
+    m = evaluate(sae, source.batches(args.batch_size, shuffle=False))
+    out = Path(args.out) if args.out else Path(args.run)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"run": str(args.run), "acts": str(args.acts), "hook": store.hook,
+              "heldout": args.heldout or "whole cache", **m.to_dict()}
+    atomic_write_json(out / "eval.json", record)
+    png = density_histogram(m, out / "feature_density.png", title=store.hook)
+    part = f", last {args.heldout:,} tokens" if args.heldout else ""
+    print(f"{args.run} on {args.acts} ({store.hook}{part}):")
+    print_metrics(m)
+    print(f"written: {out / 'eval.json'}, {png}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Harvest the default model's activations, then train a TopK SAE on them."""
     from dictlens.data.cache import HarvestConfig, harvest
@@ -206,6 +258,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, SAEConfig)
     add_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="held-out metrics of a trained SAE (JSON, table, density PNG)",
+                       allow_abbrev=False)
+    p.add_argument("run", help="run directory of a trained SAE (config.json + sae.safetensors)")
+    p.add_argument("--acts", required=True, help="activation cache to evaluate on")
+    p.add_argument("--hook", help="hook to read (default: the one the SAE was trained on)")
+    p.add_argument("--model", help="check the cache was harvested from this model")
+    p.add_argument("--heldout", type=int, default=0,
+                   help="evaluate on the last N tokens of the cache (the tail `train --heldout-tokens N` "
+                        "held out); 0: the whole cache, for a separate held-out cache")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per evaluation batch")
+    p.add_argument("--out", help="where eval.json and feature_density.png go (default: the run directory)")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("info", help="summarise (and --verify) an activation cache", allow_abbrev=False)
     p.add_argument("cache", help="cache directory")

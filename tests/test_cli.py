@@ -72,6 +72,15 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     assert metrics["fvu"] < 1.0 and metrics["n_tokens"] >= 400
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["metadata"]["hook"] == "resid_post.2" and meta["sae"]["d_in"] == 32
+    # eval on the same held-out tail reproduces the training command's figure, and writes JSON + PNG
+    assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--heldout", "400",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert "relative reconstruction bias" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert ev["n_tokens"] == metrics["n_tokens"] and abs(ev["fvu"] - metrics["fvu"]) < 1e-3
+    assert (tmp_path / "ev" / "feature_density.png").stat().st_size > 1000
+    assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--hook", "resid_post.1"]) == 2
+    assert "resid_post" in capsys.readouterr().err
     assert main(argv) == 2  # the run exists: resume it or choose another --out
     assert "--resume" in capsys.readouterr().err
     assert main(argv[:-2] + ["--tokens", "9000", "--out", str(tmp_path / "run"), "--resume"]) == 0
