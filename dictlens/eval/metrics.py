@@ -144,16 +144,26 @@ class ReconstructionStats:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, batches: Iterable[torch.Tensor]) -> Metrics:
-    """Metrics of ``sae`` on raw activation batches [B, D] (held out from training)."""
+def evaluate(sae: SAE, batches: Iterable[torch.Tensor], *, exact: bool = True) -> Metrics:
+    """Metrics of ``sae`` on raw activation batches [B, D] (held out from training).
+
+    With ``exact`` (the default) TopK features are ranked in float32, so the figures do
+    not depend on the hardware's fast low-precision ranking (``select_dtype``).
+    """
     stats = ReconstructionStats(sae.n_features)
-    for x in batches:
-        x = x.to(sae.device, torch.float32)
-        if x.ndim != 2 or x.shape[1] != sae.d_in:
-            raise InputError(f"evaluation data: expected [batch, {sae.d_in}], found {list(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            bad = int((~torch.isfinite(x).all(dim=1)).sum())
-            raise InputError(f"evaluation data: {bad} rows hold NaN or Inf (after {stats.n} good tokens)")
-        p, vals = sae.encode_sparse(x)
-        stats.update(x, sae.decode_sparse(p, vals), p, vals)
+    saved = sae.cfg.select_dtype
+    if exact:
+        sae.cfg.select_dtype = "float32"
+    try:
+        for x in batches:
+            x = x.to(sae.device, torch.float32)
+            if x.ndim != 2 or x.shape[1] != sae.d_in:
+                raise InputError(f"evaluation data: expected [batch, {sae.d_in}], found {list(x.shape)}")
+            if not bool(torch.isfinite(x).all()):
+                bad = int((~torch.isfinite(x).all(dim=1)).sum())
+                raise InputError(f"evaluation data: {bad} rows hold NaN or Inf (after {stats.n} good tokens)")
+            p, vals = sae.encode_sparse(x)
+            stats.update(x, sae.decode_sparse(p, vals), p, vals)
+    finally:
+        sae.cfg.select_dtype = saved
     return stats.result()
