@@ -164,13 +164,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     m = evaluate(sae, source.batches(args.batch_size, shuffle=False))
     out = Path(args.out) if args.out else Path(args.run)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"run": str(args.run), "acts": str(args.acts), "hook": store.hook,
-              "heldout": args.heldout or "whole cache", **m.to_dict()}
+    record: dict[str, Any] = {"run": str(args.run), "acts": str(args.acts), "hook": store.hook,
+                              "heldout": args.heldout or "whole cache", **m.to_dict()}
+    spliced = None
+    if args.splice_text:
+        from dictlens.data.models import load_model
+        from dictlens.eval.splice import sae_replacement, splice_metrics, text_batches
+
+        model_name = args.model or sae.metadata.get("model") or store.model
+        lm = load_model(model_name)
+        batches = text_batches(lm, args.splice_text, tokens=args.splice_tokens, context=args.context)
+        spliced = splice_metrics(lm, store.hook, sae_replacement(sae), batches)
+        record["spliced"] = {"model": model_name, "text": args.splice_text, **spliced.to_dict()}
     atomic_write_json(out / "eval.json", record)
     png = density_histogram(m, out / "feature_density.png", title=store.hook)
     part = f", last {args.heldout:,} tokens" if args.heldout else ""
     print(f"{args.run} on {args.acts} ({store.hook}{part}):")
     print_metrics(m)
+    if spliced is not None:
+        print(f"spliced into {record['spliced']['model']} at {store.hook} ({spliced.n_tokens:,} predictions, "
+              f"{args.splice_text}):")
+        print(f"  CE clean {spliced.ce_clean:.4f}  with SAE {spliced.ce_sae:.4f}  zero-ablated {spliced.ce_zero:.4f}"
+              f"  mean-ablated {spliced.ce_mean:.4f} (nats)")
+        print(f"  ΔLM loss {spliced.delta_lm_loss:+.4f} nats  KL {spliced.kl_sae:.4f}  loss recovered: "
+              f"{spliced.recovered_vs_zero:.2%} vs zero, {spliced.recovered_vs_mean:.2%} vs mean")
     print(f"written: {out / 'eval.json'}, {png}")
     return 0
 
@@ -264,11 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory of a trained SAE (config.json + sae.safetensors)")
     p.add_argument("--acts", required=True, help="activation cache to evaluate on")
     p.add_argument("--hook", help="hook to read (default: the one the SAE was trained on)")
-    p.add_argument("--model", help="check the cache was harvested from this model")
+    p.add_argument("--model", help="check the cache was harvested from this model (and splice into it)")
     p.add_argument("--heldout", type=int, default=0,
                    help="evaluate on the last N tokens of the cache (the tail `train --heldout-tokens N` "
                         "held out); 0: the whole cache, for a separate held-out cache")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per evaluation batch")
+    p.add_argument("--splice-text", help="also splice the SAE into the model over this text (a path, "
+                                         "`default`, a dataset): CE, loss recovered, KL")
+    p.add_argument("--splice-tokens", type=int, default=8192, help="scored tokens for --splice-text")
+    p.add_argument("--context", type=int, default=128, help="context length for --splice-text")
     p.add_argument("--out", help="where eval.json and feature_density.png go (default: the run directory)")
     p.set_defaults(func=_cmd_eval)
 

@@ -74,9 +74,12 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     assert meta["metadata"]["hook"] == "resid_post.2" and meta["sae"]["d_in"] == 32
     # eval on the same held-out tail reproduces the training command's figure, and writes JSON + PNG
     assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--heldout", "400",
-                 "--out", str(tmp_path / "ev")]) == 0
-    assert "relative reconstruction bias" in capsys.readouterr().out
+                 "--out", str(tmp_path / "ev"), "--model", model, "--splice-text", str(corpus),
+                 "--splice-tokens", "200", "--context", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "relative reconstruction bias" in out and "loss recovered" in out
     ev = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert ev["spliced"]["n_tokens"] >= 200 and ev["spliced"]["ce_clean"] > 0
     assert ev["n_tokens"] == metrics["n_tokens"] and abs(ev["fvu"] - metrics["fvu"]) < 1e-3
     assert (tmp_path / "ev" / "feature_density.png").stat().st_size > 1000
     assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--hook", "resid_post.1"]) == 2

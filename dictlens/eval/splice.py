@@ -143,3 +143,45 @@ def _hook_mean(lm: LoadedModel, point: HookPoint, data: list[tuple[torch.Tensor,
         count += len(acts)
     assert total is not None
     return (total / max(1, count)).float()
+
+
+def text_batches(lm: LoadedModel, text: str, *, tokens: int, context: int = 128, batch_size: int = 8,
+                 text_field: str = "text") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, keep)`` batches of packed contexts from a text source (as harvested:
+    BOS prepended when the tokenizer has one; padding and special tokens not kept), with
+    at least ``tokens`` kept positions in all."""
+    import numpy as np
+
+    from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids
+    from dictlens.data.text import iter_documents
+
+    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
+    contexts = pack_contexts(iter_documents(text, text_field), lm.tokenizer, context,
+                             prepend_bos=resolve_prepend_bos(lm.tokenizer, "auto"))
+    out, rows, kept = [], [], 0
+    for ctx in contexts:
+        rows.append(ctx)
+        if len(rows) == batch_size:
+            ids = torch.from_numpy(np.stack([c.ids for c in rows]).astype(np.int64))
+            keep = torch.arange(context)[None] < torch.tensor([c.n_valid for c in rows])[:, None]
+            keep &= ~torch.isin(ids, special)
+            out.append((ids, keep))
+            kept += int(keep.sum())
+            rows = []
+            if kept >= tokens:
+                break
+    if not out:
+        raise InputError(f"splice evaluation: {text!r} holds fewer than {batch_size} contexts of {context} tokens")
+    return out
+
+
+def sae_replacement(sae: Any) -> Replace:
+    """The SAE's reconstruction of raw activations of any leading shape [..., D], ranked in float32."""
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        saved = sae.cfg.select_dtype
+        sae.cfg.select_dtype = "float32"
+        try:
+            return sae(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
+        finally:
+            sae.cfg.select_dtype = saved
+    return reconstruct
