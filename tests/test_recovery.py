@@ -36,3 +36,15 @@ def test_random_dictionary_scores_low_and_codes_count():
     assert r.recall == 1.0 and r.precision == pytest.approx(float((data.codes > 0).float().mean()), rel=1e-6)
     with pytest.raises(InputError, match="same d"):
         mmcs(data.features, torch.randn(5, 3))
+
+
+def test_default_training_recovers_the_true_features_at_the_true_width():
+    """A shortened Sharkey setting (d = 64, G = 128): the defaults must find the features."""
+    from dictlens import ArraySource, SAEConfig, TrainConfig
+    from dictlens.train import train
+
+    data = sparse_features(d=64, n_features=128, n=40_000, mean_active=5, decay=0.99, seed=0)
+    cfg = TrainConfig(tokens=300_000, batch_size=512, plots=False)
+    assert cfg.learning_rate(SAEConfig(d_in=64, n_features=128, k=5)) == 1e-2  # the capped rule
+    sae = train(SAEConfig(activation="topk", k=5, n_features=128), cfg, ArraySource(data.x), progress=False)
+    assert recovery(data.features, sae.W_dec).mcc > 0.95
