@@ -192,6 +192,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    """Every method on a synthetic setting with known features: one table."""
+    from dictlens.errors import ConfigError
+    from dictlens.eval.synth import format_table, run_synth, sharkey
+
+    if args.setting != "sharkey":
+        raise ConfigError(f"setting: expected sharkey, found {args.setting!r}")
+    data = sharkey(d=args.d, n_features=args.features, n=args.samples, seed=args.seed)
+    widths = args.width or [args.features, 2 * args.features]
+    print(f"{args.setting}: d {args.d}, {args.features} true features, 5 active on average, {args.samples:,} samples; "
+          f"SAEs trained on {args.tokens:,} tokens")
+    rows = run_synth(data, widths, tokens=args.tokens, sklearn_iters=args.sklearn_iters, seed=args.seed)
+    print(format_table(rows))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Harvest the default model's activations, then train a TopK SAE on them."""
     from dictlens.data.cache import HarvestConfig, harvest
@@ -292,6 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=128, help="context length for --splice-text")
     p.add_argument("--out", help="where eval.json and feature_density.png go (default: the run directory)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("synth", help="recover known features: SAEs beside baselines on synthetic data",
+                       allow_abbrev=False)
+    p.add_argument("--setting", default="sharkey", help="sharkey (Sharkey et al.: unit features, p ∝ 0.99^i)")
+    p.add_argument("--d", type=int, default=256, help="data dimension")
+    p.add_argument("--features", type=int, default=512, help="true features G")
+    p.add_argument("--samples", type=int, default=200_000, help="samples generated (the last tenth, at most "
+                                                                "20,000, are held out)")
+    p.add_argument("--width", type=int, action="append", help="dictionary width (repeat; default: G and 2G)")
+    p.add_argument("--tokens", type=int, default=2_000_000, help="SAE training tokens")
+    p.add_argument("--sklearn-iters", type=int, default=5, help="MiniBatchDictionaryLearning epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("info", help="summarise (and --verify) an activation cache", allow_abbrev=False)
     p.add_argument("cache", help="cache directory")

@@ -48,3 +48,16 @@ def test_default_training_recovers_the_true_features_at_the_true_width():
     assert cfg.learning_rate(SAEConfig(d_in=64, n_features=128, k=5)) == 1e-2  # the capped rule
     sae = train(SAEConfig(activation="topk", k=5, n_features=128), cfg, ArraySource(data.x), progress=False)
     assert recovery(data.features, sae.W_dec).mcc > 0.95
+
+
+def test_synth_command_prints_every_method(capsys):
+    from dictlens.cli import main
+
+    assert main(["synth", "--d", "32", "--features", "48", "--samples", "6000", "--width", "48",
+                 "--tokens", "60000", "--sklearn-iters", "1"]) == 0
+    out = capsys.readouterr().out
+    for method in ("random", "PCA", "sklearn", "dictlens topk", "dictlens relu", "dictlens batchtopk", "FISTA"):
+        assert method in out
+    topk = next(line for line in out.splitlines() if line.startswith("| dictlens topk"))
+    random = next(line for line in out.splitlines() if line.startswith("| random"))
+    assert float(topk.split("|")[4]) > float(random.split("|")[4]) + 0.3  # MCC column

@@ -1,0 +1,75 @@
+"""Baselines beside the SAEs on synthetic data: what a learned dictionary must beat.
+
+* random: unit Gaussian directions (what chance looks like for MMCS / MCC);
+* PCA: the top principal directions (at most d of them);
+* sklearn: ``MiniBatchDictionaryLearning`` (online dictionary learning, Mairal et al.),
+  codes by OMP with the true mean number of active features, or by lasso;
+* FISTA: sparse codes for a fixed dictionary (an SAE's decoder) found by optimisation
+  instead of the encoder: the gap between the two is the SAE's amortisation gap.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dictlens.errors import ConfigError
+
+
+def random_dictionary(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    # offset: the synthetic generators draw their true features from the plain seed
+    w = torch.randn(n, d, generator=torch.Generator().manual_seed(1_000_003 + seed))
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def pca_dictionary(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The top min(n, d) principal directions of ``x`` [N, d]."""
+    xc = x.double() - x.double().mean(0)
+    _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+    return vh[: min(n, x.shape[1])].float()
+
+
+def sklearn_dictionary(x: torch.Tensor, n: int, *, codes: str = "omp", n_nonzero: int = 5, alpha: float = 0.1,
+                       max_iter: int = 10, batch_size: int = 256, seed: int = 0
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dictionary [n, d], codes [N, n]) from scikit-learn's MiniBatchDictionaryLearning."""
+    try:
+        from sklearn.decomposition import MiniBatchDictionaryLearning
+    except ImportError as e:  # pragma: no cover - the 'baselines' extra
+        raise ConfigError("the sklearn baseline needs scikit-learn: pip install 'dictlens[baselines]'") from e
+    algo = {"omp": "omp", "lasso": "lasso_lars"}.get(codes)
+    if algo is None:
+        raise ConfigError(f"codes: expected omp or lasso, found {codes!r}")
+    model = MiniBatchDictionaryLearning(n_components=n, alpha=alpha, max_iter=max_iter, batch_size=batch_size,
+                                        transform_algorithm=algo, transform_n_nonzero_coefs=n_nonzero,
+                                        transform_alpha=alpha, random_state=seed, positive_code=codes == "lasso")
+    xn = x.double().numpy()
+    model.fit(xn)
+    return torch.from_numpy(model.components_).float(), torch.from_numpy(model.transform(xn)).float()
+
+
+def sklearn_dictionary_codes(x: torch.Tensor, dictionary: torch.Tensor, *, n_nonzero: int = 5
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dictionary, OMP codes [N, n]) of ``x`` on a fixed dictionary (scikit-learn's sparse_encode)."""
+    from sklearn.decomposition import sparse_encode
+
+    codes = sparse_encode(x.double().numpy(), dictionary.double().numpy(), algorithm="omp",
+                          n_nonzero_coefs=n_nonzero)
+    return dictionary, torch.from_numpy(codes).float()
+
+
+@torch.no_grad()
+def fista_codes(x: torch.Tensor, dictionary: torch.Tensor, *, l1: float = 0.05, iters: int = 200,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_{f ≥ 0} ½‖x − b − f·W‖² + l1·‖f‖₁ for a fixed dictionary W [F, d] (FISTA)."""
+    W = dictionary.double()
+    target = x.double() - (bias.double() if bias is not None else 0.0)
+    step = 1.0 / float(torch.linalg.matrix_norm(W, ord=2) ** 2)
+    f = torch.zeros(len(x), len(W), dtype=torch.float64)
+    y, t = f.clone(), 1.0
+    for _ in range(iters):
+        grad = (y @ W - target) @ W.T
+        f_next = (y - step * grad - step * l1).clamp_min(0)
+        t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
+        y = f_next + (t - 1) / t_next * (f_next - f)
+        f, t = f_next, t_next
+    return f.float()

@@ -1,0 +1,92 @@
+"""``dictlens synth``: every method on a synthetic setting with known features, one table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dictlens.eval import baselines
+from dictlens.eval.recovery import recovery
+from dictlens.eval.synthetic import SyntheticData, sparse_features
+
+
+@dataclass
+class Row:
+    method: str
+    width: int
+    mmcs: float
+    mcc: float
+    f1: float
+    fvu: float
+    seconds: float
+
+
+def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x, x_hat = x.double(), x_hat.double()
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def sharkey(d: int = 256, n_features: int = 512, n: int = 200_000, seed: int = 0) -> SyntheticData:
+    """Sharkey et al.'s setting: G unit features, p ∝ 0.99^i scaled to 5 active, U[0,1]·U[0,1]."""
+    return sparse_features(d=d, n_features=n_features, n=n, mean_active=5.0, decay=0.99, seed=seed)
+
+
+def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000, eval_n: int = 20_000,
+              sklearn_n: int = 20_000, sklearn_iters: int = 5, archs: tuple[str, ...] = ("topk", "relu", "batchtopk"),
+              k: int = 5, seed: int = 0, progress: Any = print) -> list[Row]:
+    from dictlens.data.store import ArraySource
+    from dictlens.sae.config import SAEConfig
+    from dictlens.train import train
+    from dictlens.train.config import TrainConfig
+
+    n_eval = min(eval_n, len(data.x) // 10)
+    x_train, x_eval = data.x[:-n_eval], data.x[-n_eval:]
+    codes_eval = data.codes[-n_eval:]
+    true = data.features
+    rows: list[Row] = []
+
+    def add(method: str, width: int, dictionary: torch.Tensor, codes: torch.Tensor | None, x_hat: torch.Tensor | None,
+            seconds: float) -> None:
+        r = recovery(true, dictionary, codes_eval if codes is not None else None, codes)
+        rows.append(Row(method, width, r.mmcs, r.mcc, r.f1, _fvu(x_eval, x_hat) if x_hat is not None else float("nan"),
+                        seconds))
+        progress(f"  {method} (width {width}): MCC {r.mcc:.4f} in {seconds:.1f} s")
+
+    for width in widths:
+        t = time.perf_counter()
+        add("random", width, baselines.random_dictionary(width, true.shape[1], seed), None, None,
+            time.perf_counter() - t)
+        t = time.perf_counter()
+        add("PCA", width, baselines.pca_dictionary(x_train[:50_000], width), None, None, time.perf_counter() - t)
+        t = time.perf_counter()
+        D, _ = baselines.sklearn_dictionary(x_train[:sklearn_n], width, n_nonzero=k, max_iter=sklearn_iters, seed=seed)
+        seconds = time.perf_counter() - t
+        _, C = baselines.sklearn_dictionary_codes(x_eval, D, n_nonzero=k)
+        add("sklearn dictionary learning (OMP)", width, D, C, C @ D, seconds)
+        for arch in archs:
+            extra = {"k": k} if arch in ("topk", "batchtopk") else {}
+            t = time.perf_counter()
+            sae = train(SAEConfig(activation=arch, n_features=width, **extra),
+                        TrainConfig(tokens=tokens, batch_size=1024, plots=False, seed=seed),
+                        ArraySource(x_train), progress=False)
+            seconds = time.perf_counter() - t
+            with torch.no_grad():
+                f = sae.encode(x_eval)
+                add(f"dictlens {arch}", width, sae.W_dec, f, sae.decode(f), seconds)
+                t = time.perf_counter()
+                b = sae.b_dec / sae.input_scale
+                codes = baselines.fista_codes(x_eval, sae.W_dec, bias=b)
+                add("  FISTA codes on its decoder", width, sae.W_dec, codes, codes @ sae.W_dec + b,
+                    time.perf_counter() - t)
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    lines = ["| method | width | MMCS | MCC | F1 | FVU | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.width} | {r.mmcs:.4f} | {r.mcc:.4f} | {r.f1:.3f} | {r.fvu:.4f} | "
+                     f"{r.seconds:.1f} |")
+    return "\n".join(lines).replace("nan", "–")
