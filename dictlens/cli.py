@@ -173,9 +173,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         model_name = args.model or sae.metadata.get("model") or store.model
         lm = load_model(model_name)
-        batches = text_batches(lm, args.splice_text, tokens=args.splice_tokens, context=args.context)
+        batches = text_batches(lm, args.splice_text, tokens=args.splice_tokens, context=args.context,
+                               skip_tokens=args.splice_skip)
         spliced = splice_metrics(lm, store.hook, sae_replacement(sae), batches)
-        record["spliced"] = {"model": model_name, "text": args.splice_text, **spliced.to_dict()}
+        record["spliced"] = {"model": model_name, "text": args.splice_text, "skipped_tokens": args.splice_skip,
+                             **spliced.to_dict()}
     atomic_write_json(out / "eval.json", record)
     png = density_histogram(m, out / "feature_density.png", title=store.hook)
     part = f", last {args.heldout:,} tokens" if args.heldout else ""
@@ -305,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splice-text", help="also splice the SAE into the model over this text (a path, "
                                          "`default`, a dataset): CE, loss recovered, KL")
     p.add_argument("--splice-tokens", type=int, default=8192, help="scored tokens for --splice-text")
+    p.add_argument("--splice-skip", type=int, default=0,
+                   help="skip the first N tokens of --splice-text (e.g. those the SAE was trained on)")
     p.add_argument("--context", type=int, default=128, help="context length for --splice-text")
     p.add_argument("--out", help="where eval.json and feature_density.png go (default: the run directory)")
     p.set_defaults(func=_cmd_eval)

@@ -60,3 +60,16 @@ def test_bad_input(llama):
         splice_metrics(llama, "resid_post.1", lambda x: x, [])
     with pytest.raises(InputError, match="replacement has shape"):
         splice_metrics(llama, "resid_post.1", lambda x: x[..., :4], data)
+
+
+def test_text_batches_skip_the_trained_part_and_keep_no_special_tokens(llama, corpus):
+    from dictlens.eval.splice import text_batches
+
+    first = text_batches(llama, str(corpus), tokens=150, context=32, batch_size=2)
+    later = text_batches(llama, str(corpus), tokens=50, context=32, batch_size=2, skip_tokens=64)
+    assert torch.equal(later[0][0][0], first[1][0][0])  # two contexts of 32 skipped: batch 2 starts there
+    ids, keep = first[0]
+    bos = llama.tokenizer.bos_token_id
+    assert bos is None or not bool(keep[ids == bos].any())
+    with pytest.raises(InputError, match="after the first"):
+        text_batches(llama, str(corpus), tokens=50, context=32, batch_size=2, skip_tokens=10**9)

@@ -146,10 +146,11 @@ def _hook_mean(lm: LoadedModel, point: HookPoint, data: list[tuple[torch.Tensor,
 
 
 def text_batches(lm: LoadedModel, text: str, *, tokens: int, context: int = 128, batch_size: int = 8,
-                 text_field: str = "text") -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 text_field: str = "text", skip_tokens: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(input_ids, keep)`` batches of packed contexts from a text source (as harvested:
     BOS prepended when the tokenizer has one; padding and special tokens not kept), with
-    at least ``tokens`` kept positions in all."""
+    at least ``tokens`` kept positions in all, after skipping the contexts that hold the
+    first ``skip_tokens`` (e.g. the part of the text an SAE was trained on)."""
     import numpy as np
 
     from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids
@@ -158,8 +159,11 @@ def text_batches(lm: LoadedModel, text: str, *, tokens: int, context: int = 128,
     special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
     contexts = pack_contexts(iter_documents(text, text_field), lm.tokenizer, context,
                              prepend_bos=resolve_prepend_bos(lm.tokenizer, "auto"))
-    out, rows, kept = [], [], 0
+    out, rows, kept, skipped = [], [], 0, 0
     for ctx in contexts:
+        if skipped < skip_tokens:
+            skipped += context
+            continue
         rows.append(ctx)
         if len(rows) == batch_size:
             ids = torch.from_numpy(np.stack([c.ids for c in rows]).astype(np.int64))
@@ -171,7 +175,8 @@ def text_batches(lm: LoadedModel, text: str, *, tokens: int, context: int = 128,
             if kept >= tokens:
                 break
     if not out:
-        raise InputError(f"splice evaluation: {text!r} holds fewer than {batch_size} contexts of {context} tokens")
+        raise InputError(f"splice evaluation: {text!r} holds fewer than {batch_size} contexts of {context} tokens"
+                         + (f" after the first {skip_tokens:,} tokens" if skip_tokens else ""))
     return out
 
 
