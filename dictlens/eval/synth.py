@@ -35,7 +35,8 @@ def sharkey(d: int = 256, n_features: int = 512, n: int = 200_000, seed: int = 0
 
 
 def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000, eval_n: int = 20_000,
-              sklearn_n: int = 20_000, sklearn_iters: int = 5, archs: tuple[str, ...] = ("topk", "relu", "batchtopk"),
+              sklearn_n: int = 20_000, sklearn_iters: int = 5,
+              archs: tuple[str, ...] = ("topk", "topk, no dead handling", "relu", "batchtopk"),
               k: int = 5, seed: int = 0, progress: Any = print) -> list[Row]:
     from dictlens.data.store import ArraySource
     from dictlens.sae.config import SAEConfig
@@ -66,16 +67,18 @@ def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000
         seconds = time.perf_counter() - t
         _, C = baselines.sklearn_dictionary_codes(x_eval, D, n_nonzero=k)
         add("sklearn dictionary learning (OMP)", width, D, C, C @ D, seconds)
-        for arch in archs:
+        for name in archs:
+            arch, _, variant = name.partition(",")
             extra = {"k": k} if arch in ("topk", "batchtopk") else {}
+            dead = "none" if "no dead" in variant else "auto"
             t = time.perf_counter()
             sae = train(SAEConfig(activation=arch, n_features=width, **extra),
-                        TrainConfig(tokens=tokens, batch_size=1024, plots=False, seed=seed),
+                        TrainConfig(tokens=tokens, batch_size=1024, plots=False, seed=seed, dead=dead),
                         ArraySource(x_train), progress=False)
             seconds = time.perf_counter() - t
             with torch.no_grad():
                 f = sae.encode(x_eval)
-                add(f"dictlens {arch}", width, sae.W_dec, f, sae.decode(f), seconds)
+                add(f"dictlens {name}", width, sae.W_dec, f, sae.decode(f), seconds)
                 t = time.perf_counter()
                 b = sae.b_dec / sae.input_scale
                 codes = baselines.fista_codes(x_eval, sae.W_dec, bias=b)
