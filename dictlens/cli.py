@@ -171,7 +171,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         from dictlens.data.models import load_model
         from dictlens.eval.splice import sae_replacement, splice_metrics, text_batches
 
-        model_name = args.model or sae.metadata.get("model") or store.model
+        trained_model = sae.metadata.get("model") or store.model
+        if args.model and trained_model and args.model != trained_model:
+            raise InputError(f"the SAE in {args.run} was trained on activations of {trained_model}; splicing it "
+                             f"into {args.model} would measure nothing meaningful")
+        model_name = args.model or trained_model
         lm = load_model(model_name)
         batches = text_batches(lm, args.splice_text, tokens=args.splice_tokens, context=args.context,
                                skip_tokens=args.splice_skip)

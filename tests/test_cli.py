@@ -83,7 +83,11 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     assert ev["n_tokens"] == metrics["n_tokens"] and abs(ev["fvu"] - metrics["fvu"]) < 1e-3
     assert (tmp_path / "ev" / "feature_density.png").stat().st_size > 1000
     assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--hook", "resid_post.1"]) == 2
-    assert "resid_post" in capsys.readouterr().err
+    other = str(tiny_model_dirs["gpt2"])
+    assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--splice-text", str(corpus),
+                 "--model", other]) == 2
+    err = capsys.readouterr().err
+    assert "resid_post" in err and "was harvested from model" in err  # the hook error, then the model
     assert main(argv) == 2  # the run exists: resume it or choose another --out
     assert "--resume" in capsys.readouterr().err
     assert main(argv[:-2] + ["--tokens", "9000", "--out", str(tmp_path / "run"), "--resume"]) == 0
