@@ -118,9 +118,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if heldout is not None:
         m = evaluate(sae, heldout.batches(4096, shuffle=False))
         atomic_write_json(Path(args.out) / "metrics.json", m.to_dict())
-        print(f"held-out ({m.n_tokens:,} tokens): FVU {m.fvu:.4f}  explained variance {m.explained_variance:.4f}  "
-              f"L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}")
+        print_heldout(m)
     return 0
+
+
+def print_heldout(m: Any) -> None:
+    """The one-line held-out summary of dictlens train / demo."""
+    print(f"held-out ({m.n_tokens:,} tokens): FVU {m.fvu:.4f}  explained variance {m.explained_variance:.4f}  "
+          f"L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}")
 
 
 def print_metrics(m: Any) -> None:
@@ -257,8 +262,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         sae = trainer().fit()
     m = evaluate(sae, heldout.batches(4096, shuffle=False))
     atomic_write_json(run / "metrics.json", m.to_dict())
-    print(f"held-out ({m.n_tokens:,} tokens): FVU {m.fvu:.4f}  explained variance {m.explained_variance:.4f}  "
-          f"L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}")
+    print_heldout(m)
     print(f"SAE: {run} (config.json, sae.safetensors); curves: {run / 'curves.png'}")
     return 0
 

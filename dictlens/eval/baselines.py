@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dictlens.errors import ConfigError
@@ -28,33 +30,32 @@ def pca_dictionary(x: torch.Tensor, n: int) -> torch.Tensor:
     return vh[: min(n, x.shape[1])].float()
 
 
-def sklearn_dictionary(x: torch.Tensor, n: int, *, codes: str = "omp", n_nonzero: int = 5, alpha: float = 0.1,
-                       max_iter: int = 10, batch_size: int = 256, seed: int = 0
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dictionary [n, d], codes [N, n]) from scikit-learn's MiniBatchDictionaryLearning."""
+def _sklearn() -> Any:
     try:
-        from sklearn.decomposition import MiniBatchDictionaryLearning
+        import sklearn.decomposition
     except ImportError as e:  # pragma: no cover - the 'baselines' extra
         raise ConfigError("the sklearn baseline needs scikit-learn: pip install 'dictlens[baselines]'") from e
+    return sklearn.decomposition
+
+
+def sklearn_dictionary(x: torch.Tensor, n: int, *, alpha: float = 0.1, max_iter: int = 10, batch_size: int = 256,
+                       seed: int = 0) -> torch.Tensor:
+    """A dictionary [n, d] learned by scikit-learn's MiniBatchDictionaryLearning."""
+    model = _sklearn().MiniBatchDictionaryLearning(n_components=n, alpha=alpha, max_iter=max_iter,
+                                                   batch_size=batch_size, random_state=seed)
+    model.fit(x.double().numpy())
+    return torch.from_numpy(model.components_).float()
+
+
+def sklearn_codes(x: torch.Tensor, dictionary: torch.Tensor, *, codes: str = "omp", n_nonzero: int = 5,
+                  alpha: float = 0.1) -> torch.Tensor:
+    """Codes [N, n] of ``x`` on a fixed dictionary: OMP with ``n_nonzero`` atoms, or (non-negative) lasso."""
     algo = {"omp": "omp", "lasso": "lasso_lars"}.get(codes)
     if algo is None:
         raise ConfigError(f"codes: expected omp or lasso, found {codes!r}")
-    model = MiniBatchDictionaryLearning(n_components=n, alpha=alpha, max_iter=max_iter, batch_size=batch_size,
-                                        transform_algorithm=algo, transform_n_nonzero_coefs=n_nonzero,
-                                        transform_alpha=alpha, random_state=seed, positive_code=codes == "lasso")
-    xn = x.double().numpy()
-    model.fit(xn)
-    return torch.from_numpy(model.components_).float(), torch.from_numpy(model.transform(xn)).float()
-
-
-def sklearn_dictionary_codes(x: torch.Tensor, dictionary: torch.Tensor, *, n_nonzero: int = 5
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dictionary, OMP codes [N, n]) of ``x`` on a fixed dictionary (scikit-learn's sparse_encode)."""
-    from sklearn.decomposition import sparse_encode
-
-    codes = sparse_encode(x.double().numpy(), dictionary.double().numpy(), algorithm="omp",
-                          n_nonzero_coefs=n_nonzero)
-    return dictionary, torch.from_numpy(codes).float()
+    out = _sklearn().sparse_encode(x.double().numpy(), dictionary.double().numpy(), algorithm=algo,
+                                   n_nonzero_coefs=n_nonzero, alpha=alpha, positive=codes == "lasso")
+    return torch.from_numpy(out).float()
 
 
 @torch.no_grad()

@@ -151,10 +151,7 @@ def evaluate(sae: SAE, batches: Iterable[torch.Tensor], *, exact: bool = True) -
     not depend on the hardware's fast low-precision ranking (``select_dtype``).
     """
     stats = ReconstructionStats(sae.n_features)
-    saved = sae.cfg.select_dtype
-    if exact:
-        sae.cfg.select_dtype = "float32"
-    try:
+    with sae.ranking("float32" if exact else sae.cfg.select_dtype):
         for x in batches:
             x = x.to(sae.device, torch.float32)
             if x.ndim != 2 or x.shape[1] != sae.d_in:
@@ -164,6 +161,4 @@ def evaluate(sae: SAE, batches: Iterable[torch.Tensor], *, exact: bool = True) -
                 raise InputError(f"evaluation data: {bad} rows hold NaN or Inf (after {stats.n} good tokens)")
             p, vals = sae.encode_sparse(x)
             stats.update(x, sae.decode_sparse(p, vals), p, vals)
-    finally:
-        sae.cfg.select_dtype = saved
     return stats.result()

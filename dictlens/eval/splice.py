@@ -108,6 +108,8 @@ def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
         with replaced(lm.model, point, masked):
             return lm.model(input_ids=ids, use_cache=False).logits.float()
 
+    variants: dict[str, Replace] = {"sae": lambda x: reconstruct(x.float()), "zero": torch.zeros_like,
+                                    "mean": lambda x: mean.expand_as(x)}
     sums = dict.fromkeys(("clean", "sae", "zero", "mean", "kl"), 0.0)
     n = 0
     for ids, keep in data:
@@ -115,8 +117,6 @@ def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
         scored = keep[:, :-1] & keep[:, 1:]  # predict a kept token from a kept position
         clean = logits(ids, None, keep)[:, :-1]
         logp_clean = clean.log_softmax(-1)
-        variants = {"sae": lambda x: reconstruct(x.float()),
-                    "zero": torch.zeros_like, "mean": lambda x: mean.expand_as(x)}
         sums["clean"] += float(F.nll_loss(logp_clean[scored], labels[scored], reduction="sum"))
         for name, fn in variants.items():
             logp = logits(ids, fn, keep)[:, :-1].log_softmax(-1)
@@ -183,10 +183,6 @@ def text_batches(lm: LoadedModel, text: str, *, tokens: int, context: int = 128,
 def sae_replacement(sae: Any) -> Replace:
     """The SAE's reconstruction of raw activations of any leading shape [..., D], ranked in float32."""
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
-        saved = sae.cfg.select_dtype
-        sae.cfg.select_dtype = "float32"
-        try:
+        with sae.ranking("float32"):
             return sae(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
-        finally:
-            sae.cfg.select_dtype = saved
     return reconstruct

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from dictlens.eval import baselines
+from dictlens.eval.metrics import ReconstructionStats
 from dictlens.eval.recovery import recovery
 from dictlens.eval.synthetic import SyntheticData, sparse_features
 
@@ -25,8 +26,9 @@ class Row:
 
 
 def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    x, x_hat = x.double(), x_hat.double()
-    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    stats = ReconstructionStats()
+    stats.update(x, x_hat)
+    return stats.result().fvu
 
 
 def sharkey(d: int = 256, n_features: int = 512, n: int = 200_000, seed: int = 0) -> SyntheticData:
@@ -63,9 +65,9 @@ def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000
         t = time.perf_counter()
         add("PCA", width, baselines.pca_dictionary(x_train[:50_000], width), None, None, time.perf_counter() - t)
         t = time.perf_counter()
-        D, _ = baselines.sklearn_dictionary(x_train[:sklearn_n], width, n_nonzero=k, max_iter=sklearn_iters, seed=seed)
+        D = baselines.sklearn_dictionary(x_train[:sklearn_n], width, max_iter=sklearn_iters, seed=seed)
         seconds = time.perf_counter() - t
-        _, C = baselines.sklearn_dictionary_codes(x_eval, D, n_nonzero=k)
+        C = baselines.sklearn_codes(x_eval, D, n_nonzero=k)
         add("sklearn dictionary learning (OMP)", width, D, C, C @ D, seconds)
         for name in archs:
             arch, _, variant = name.partition(",")

@@ -13,6 +13,8 @@ activations, its decoder keeps unit-norm rows, and its codes come out in raw uni
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,6 +235,17 @@ class SAE(nn.Module):
             codes = self.encode_codes(x_BD * self.input_scale)
         keep = codes.vals > 0
         return codes.pattern.subset(keep), codes.vals[keep] / self.input_scale
+
+    @contextmanager
+    def ranking(self, select_dtype: str) -> Iterator[SAE]:
+        """Inside the block, TopK features are ranked in ``select_dtype`` (e.g. "float32"
+        for evaluations that must not depend on the hardware's bfloat16 support)."""
+        saved = self.cfg.select_dtype
+        self.cfg.select_dtype = select_dtype
+        try:
+            yield self
+        finally:
+            self.cfg.select_dtype = saved
 
     def decode_sparse(self, p: Pattern, vals: torch.Tensor) -> torch.Tensor:
         """Reconstruction of raw inputs from sparse codes (as returned by encode_sparse)."""
