@@ -205,17 +205,99 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     """Every method on a synthetic setting with known features: one table."""
-    from dictlens.errors import ConfigError
-    from dictlens.eval.synth import format_table, run_synth, sharkey
+    import dataclasses
 
-    if args.setting != "sharkey":
-        raise ConfigError(f"setting: expected sharkey, found {args.setting!r}")
-    data = sharkey(d=args.d, n_features=args.features, n=args.samples, seed=args.seed)
-    widths = args.width or [args.features, 2 * args.features]
-    print(f"{args.setting}: d {args.d}, {args.features} true features, 5 active on average, {args.samples:,} samples; "
-          f"SAEs trained on {args.tokens:,} tokens")
-    rows = run_synth(data, widths, tokens=args.tokens, sklearn_iters=args.sklearn_iters, seed=args.seed)
+    from dictlens.errors import ConfigError
+    from dictlens.eval.synth import format_table, rows_to_json, run_synth
+    from dictlens.eval.synthetic import SyntheticConfig, generate, setting
+    from dictlens.eval.toy import ToyConfig, dimensionality_summary, plot_toy, train_toy_model
+    from dictlens.io import atomic_write_json
+
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SyntheticConfig)}
+    described: dict[str, Any]
+    if args.setting == "toy":
+        stray = [k for k, v in given.items() if v is not None and k not in ("samples", "seed")]
+        if stray:
+            raise ConfigError(f"--setting toy: {', '.join('--' + k.replace('_', '-') for k in stray)} "
+                              "describe the other generator; the toy model takes --toy-features, --toy-dims, "
+                              "--sparsity, --importance-decay")
+        toy_cfg = from_namespace(ToyConfig, args)
+        print(f"toy model of superposition: training {toy_cfg.toy_features} features into {toy_cfg.toy_dims} "
+              f"dimensions (sparsity {toy_cfg.sparsity:g}, importance decay {toy_cfg.importance_decay:g})")
+        toy = train_toy_model(toy_cfg, progress=True)
+        print(dimensionality_summary(toy))
+        data = toy.data(given["samples"] or SyntheticConfig.samples, seed=toy_cfg.seed + 1)
+        described = {"setting": "toy", **dataclasses.asdict(toy_cfg), "samples": len(data.x)}
+        print(f"data: hidden activations h = W x, {data.x.shape[1]} dimensions, {len(data.features)} true features "
+              f"(the represented columns of W), {data.mean_active:.2f} active on average, {len(data.x):,} samples")
+        if out is not None:
+            print(f"written: {plot_toy(toy, str(out / 'toy_model.png'))}")
+    else:
+        cfg = setting(args.setting, **given)
+        data = generate(cfg)
+        described = {"setting": args.setting, **dataclasses.asdict(cfg)}
+        print(f"{args.setting}: {cfg.describe()}; measured {data.mean_active:.2f} active on average")
+    G = len(data.features)
+    widths = args.width or [G, 2 * G]
+    print(f"SAEs trained on {args.tokens:,} tokens; the last tenth of the samples (at most 20,000) is held out")
+    rows = run_synth(data, widths, tokens=args.tokens, sklearn_iters=args.sklearn_iters,
+                     archs=tuple(args.arch) if args.arch else None, seed=given["seed"] or 0)
     print(format_table(rows))
+    if out is not None:
+        atomic_write_json(out / "synth.json", {"config": described, "rows": rows_to_json(rows)})
+        print(f"written: {out / 'synth.json'}")
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """Train a grid of SAEs from one cache, evaluate each, write the CSV and the frontier plots."""
+    from dictlens.data.cache import read_manifest
+    from dictlens.errors import ConfigError
+    from dictlens.eval import sweep
+    from dictlens.io import atomic_write_json
+    from dictlens.sae.config import SAEConfig
+    from dictlens.train.config import TrainConfig
+
+    if not Path(args.acts).is_dir():
+        raise CacheError(f"activation cache {args.acts} does not exist")
+    hooks = args.hook or list(read_manifest(Path(args.acts))["hooks"])
+    grid = sweep.Grid(hooks=hooks, archs=args.arch or ["topk"], ks=args.k or [], coeffs=args.coeff or [],
+                      widths=args.n_features or [], expansions=args.expansion or [], seeds=args.seeds)
+    # the grid's own flags (lists) are not the base configuration's fields of the same names
+    base = argparse.Namespace(**{k: v for k, v in vars(args).items()
+                                 if k not in ("arch", "k", "n_features", "expansion", "activation")})
+    sae_base = from_namespace(SAEConfig, base)
+    train_base = from_namespace(TrainConfig, base)
+    splice = None
+    if args.splice_text:
+        model = args.model or read_manifest(Path(args.acts))["model"]
+        splice = sweep.Splice(model=model, text=args.splice_text, tokens=args.splice_tokens,
+                              skip_tokens=args.splice_skip, context=args.context)
+    elif args.splice_tokens != 4096 or args.splice_skip:
+        raise ConfigError("--splice-tokens / --splice-skip need --splice-text")
+    out = Path(args.out)
+    n = len(grid.points())
+    print(f"sweep: {n} SAEs ({len(hooks)} hook(s) × {', '.join(grid.archs)}), {train_base.tokens:,} tokens each, "
+          f"judged on the last {args.heldout:,} tokens of {args.acts}" + (f", spliced into {splice.model}"
+                                                                            if splice else ""))
+    rows = sweep.run_sweep(args.acts, grid, sae_base, train_base, out, heldout_tokens=args.heldout, splice=splice,
+                           model=args.model)
+    print(sweep.format_rows(rows))
+    written = [out / "sweep.csv", *sweep.plot_frontiers(rows, out)]
+    l0 = args.at_l0 or sweep.default_l0(grid, rows)
+    table = sweep.layer_table(rows, l0)
+    sweep.write_csv(table, out / "layers.csv", columns=list(table[0]))
+    written.append(out / "layers.csv")
+    if len(hooks) > 1:
+        print(sweep.format_layers(table))
+        written.append(sweep.plot_layers(table, list(dict.fromkeys(r["hook"] for r in rows)), out))
+    atomic_write_json(out / "sweep.json", {"acts": str(args.acts), "hooks": hooks, "rows": rows,
+                                           "layers": table, "at_l0": l0})
+    written.append(out / "sweep.json")
+    print("written: " + ", ".join(str(p) for p in written))
     return 0
 
 
@@ -268,8 +350,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import dataclasses
+
     from dictlens import __version__
     from dictlens.data.cache import HarvestConfig
+    from dictlens.eval.synthetic import SyntheticConfig
+    from dictlens.eval.toy import ToyConfig
     from dictlens.sae.config import SAEConfig
     from dictlens.train.config import TrainConfig
 
@@ -323,16 +409,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="recover known features: SAEs beside baselines on synthetic data",
                        allow_abbrev=False)
-    p.add_argument("--setting", default="sharkey", help="sharkey (Sharkey et al.: unit features, p ∝ 0.99^i)")
-    p.add_argument("--d", type=int, default=256, help="data dimension")
-    p.add_argument("--features", type=int, default=512, help="true features G")
-    p.add_argument("--samples", type=int, default=200_000, help="samples generated (the last tenth, at most "
-                                                                "20,000, are held out)")
+    p.add_argument("--setting", default="sharkey",
+                   help="sharkey (Sharkey et al.: unit features, p ∝ 0.99^i), zipf, correlated, hierarchy, noisy, "
+                        "or toy (hidden activations of a toy model of superposition); the flags below override it")
     p.add_argument("--width", type=int, action="append", help="dictionary width (repeat; default: G and 2G)")
     p.add_argument("--tokens", type=int, default=2_000_000, help="SAE training tokens")
+    p.add_argument("--arch", action="append",
+                   help="SAE rows (repeat): topk, 'topk, no dead handling', relu, batchtopk, jumprelu, gated "
+                        "(default: the first four)")
     p.add_argument("--sklearn-iters", type=int, default=5, help="MiniBatchDictionaryLearning epochs")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_synth)
+    p.add_argument("--out", help="directory for synth.json (and toy_model.png)")
+    add_arguments(p, SyntheticConfig)
+    add_arguments(p, ToyConfig, skip=("seed",))
+    # unset flags stay None, so that a named setting's own values are not overwritten by defaults
+    p.set_defaults(func=_cmd_synth, **{f.name: None for f in dataclasses.fields(SyntheticConfig)})
+
+    p = sub.add_parser("sweep", help="train a grid of SAEs from one cache; CSV and sparsity-fidelity frontiers",
+                       allow_abbrev=False)
+    p.add_argument("--acts", required=True, help="activation cache (one or several hooks, one harvest)")
+    p.add_argument("--hook", action="append", help="hook to sweep (repeat; default: every hook of the cache)")
+    p.add_argument("--arch", action="append", help="architecture (repeat): topk, batchtopk, relu, gated, jumprelu")
+    p.add_argument("--k", type=int, action="append", help="k for topk / batchtopk (repeat; default 32)")
+    p.add_argument("--coeff", type=float, action="append",
+                   help="penalty coefficient for relu / gated / jumprelu (repeat; default: the penalty's own)")
+    p.add_argument("--n-features", type=int, action="append", help="width F (repeat)")
+    p.add_argument("--expansion", type=float, action="append", help="width as F / D (repeat; default 16)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per point (seed, seed + 1, ...)")
+    p.add_argument("--heldout", type=int, default=8192, help="tokens held out (the cache's last shards)")
+    p.add_argument("--model", help="check the cache came from this model (and splice into it)")
+    p.add_argument("--splice-text", help="also splice every SAE into the model over this text (ΔLM, recovered)")
+    p.add_argument("--splice-tokens", type=int, default=4096, help="scored tokens for --splice-text")
+    p.add_argument("--splice-skip", type=int, default=0, help="skip the contexts holding the text's first N tokens")
+    p.add_argument("--context", type=int, default=128, help="context length for --splice-text")
+    p.add_argument("--at-l0", type=float, help="L0 at which hooks are compared (default: the middle --k, "
+                                               "else the median L0)")
+    p.add_argument("--out", required=True, help="sweep directory: one run per point, sweep.csv, PNGs")
+    add_arguments(p, SAEConfig, skip=("activation", "k", "expansion", "n_features"))
+    add_arguments(p, TrainConfig, skip=("sparsity_coeff", "heldout_tokens"))
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("info", help="summarise (and --verify) an activation cache", allow_abbrev=False)
     p.add_argument("cache", help="cache directory")

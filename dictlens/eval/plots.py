@@ -4,8 +4,24 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from dictlens.eval.metrics import Metrics
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as PNG atomically (temp file + rename) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from dictlens.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getbuffer())
+    return Path(path)
 
 
 def density_histogram(m: Metrics, out: Path, title: str = "") -> Path:
@@ -29,6 +45,4 @@ def density_histogram(m: Metrics, out: Path, title: str = "") -> Path:
     ax.set_title(f"{title}{' — ' if title else ''}{len(density):,} features, {n_dead:,} dead, "
                  f"N = {m.n_tokens:,} tokens", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

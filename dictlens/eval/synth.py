@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -25,6 +25,9 @@ class Row:
     seconds: float
 
 
+DEFAULT_ARCHS = ("topk", "topk, no dead handling", "relu", "batchtopk")
+
+
 def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     stats = ReconstructionStats()
     stats.update(x, x_hat)
@@ -38,13 +41,19 @@ def sharkey(d: int = 256, n_features: int = 512, n: int = 200_000, seed: int = 0
 
 def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000, eval_n: int = 20_000,
               sklearn_n: int = 20_000, sklearn_iters: int = 5,
-              archs: tuple[str, ...] = ("topk", "topk, no dead handling", "relu", "batchtopk"),
-              k: int = 5, seed: int = 0, progress: Any = print) -> list[Row]:
+              archs: tuple[str, ...] | None = None,
+              sklearn_code_methods: tuple[str, ...] = ("omp", "lasso"), k: int | None = None, seed: int = 0,
+              progress: Any = print) -> list[Row]:
+    """Every method at every width on ``data``; the last tenth (at most ``eval_n`` samples) is held
+    out for scoring. ``k`` (TopK, OMP) defaults to the data's mean number of active features."""
     from dictlens.data.store import ArraySource
     from dictlens.sae.config import SAEConfig
     from dictlens.train import train
     from dictlens.train.config import TrainConfig
 
+    archs = archs or DEFAULT_ARCHS
+    if k is None:
+        k = max(1, round(data.mean_active))
     n_eval = min(eval_n, len(data.x) // 10)
     x_train, x_eval = data.x[:-n_eval], data.x[-n_eval:]
     codes_eval = data.codes[-n_eval:]
@@ -67,14 +76,17 @@ def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000
         t = time.perf_counter()
         D = baselines.sklearn_dictionary(x_train[:sklearn_n], width, max_iter=sklearn_iters, seed=seed)
         seconds = time.perf_counter() - t
-        C = baselines.sklearn_codes(x_eval, D, n_nonzero=k)
-        add("sklearn dictionary learning (OMP)", width, D, C, C @ D, seconds)
+        for codes in sklearn_code_methods:
+            t = time.perf_counter()
+            C = baselines.sklearn_codes(x_eval, D, codes=codes, n_nonzero=k)
+            add(f"sklearn dictionary learning ({codes} codes)", width, D, C, C @ D,
+                seconds + time.perf_counter() - t)
         for name in archs:
             arch, _, variant = name.partition(",")
-            extra = {"k": k} if arch in ("topk", "batchtopk") else {}
+            arch_k = k if arch in ("topk", "batchtopk") else None
             dead = "none" if "no dead" in variant else "auto"
             t = time.perf_counter()
-            sae = train(SAEConfig(activation=arch, n_features=width, **extra),
+            sae = train(SAEConfig(activation=arch, n_features=width, k=arch_k),
                         TrainConfig(tokens=tokens, batch_size=1024, plots=False, seed=seed, dead=dead),
                         ArraySource(x_train), progress=False)
             seconds = time.perf_counter() - t
@@ -83,10 +95,15 @@ def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000
                 add(f"dictlens {name}", width, sae.W_dec, f, sae.decode(f), seconds)
                 t = time.perf_counter()
                 b = sae.b_dec / sae.input_scale
-                codes = baselines.fista_codes(x_eval, sae.W_dec, bias=b)
-                add("  FISTA codes on its decoder", width, sae.W_dec, codes, codes @ sae.W_dec + b,
+                fista = baselines.fista_codes(x_eval, sae.W_dec, bias=b)
+                add("  FISTA codes on its decoder", width, sae.W_dec, fista, fista @ sae.W_dec + b,
                     time.perf_counter() - t)
     return rows
+
+
+def rows_to_json(rows: list[Row]) -> list[dict[str, Any]]:
+    """Rows as JSON-ready dicts (NaN, for metrics a method has no codes for, as null)."""
+    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in asdict(r).items()} for r in rows]
 
 
 def format_table(rows: list[Row]) -> str:

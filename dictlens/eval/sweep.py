@@ -1,0 +1,402 @@
+"""Sweeps: a grid of SAEs trained from one activation cache, evaluated, compared along frontiers.
+
+A point of the grid is (hook, architecture, sparsity, width, seed); sparsity is k for TopK
+and BatchTopK and the penalty coefficient for ReLU, gated and JumpReLU SAEs. Every point is
+trained into its own run directory, evaluated on the same held-out tokens (and, with a
+model and text, spliced into the model over the same predictions), and written as one row
+of ``sweep.csv``. A finished point is not retrained when the sweep runs again, and an
+interrupted one resumes from its checkpoint.
+
+Architectures are compared along their sparsity-fidelity frontiers (L0 against FVU and
+against ΔLM loss), not at single points; several hooks of one cache answer "which layer":
+each (architecture, width) frontier is read at a fixed L0 by interpolation in log L0.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dictlens.config import to_dict
+from dictlens.errors import ConfigError
+from dictlens.eval.plots import save_figure
+from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+
+K_ARCHS = ("topk", "batchtopk")
+PENALISED_ARCHS = ("relu", "gated", "jumprelu")
+ROW = "sweep_row.json"
+
+
+@dataclass
+class Grid:
+    hooks: list[str]
+    archs: list[str] = dataclasses.field(default_factory=lambda: ["topk"])
+    ks: list[int] = dataclasses.field(default_factory=list)           # TopK / BatchTopK
+    coeffs: list[float] = dataclasses.field(default_factory=list)     # penalised SAEs (0: the default)
+    widths: list[int] = dataclasses.field(default_factory=list)       # n_features; empty: use expansions
+    expansions: list[float] = dataclasses.field(default_factory=list)
+    seeds: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.hooks:
+            raise ConfigError("sweep: name at least one --hook")
+        unknown = [a for a in self.archs if a not in K_ARCHS + PENALISED_ARCHS]
+        if unknown:
+            raise ConfigError(f"arch: expected {', '.join(K_ARCHS + PENALISED_ARCHS)}, found {unknown[0]!r}")
+        has_k = any(a in K_ARCHS for a in self.archs)
+        has_pen = any(a in PENALISED_ARCHS for a in self.archs)
+        if self.ks and not has_k:
+            raise ConfigError("sweep: --k is given but no --arch uses it (topk, batchtopk)")
+        if self.coeffs and not has_pen:
+            raise ConfigError("sweep: --coeff is given but no --arch uses it (relu, gated, jumprelu)")
+        if any(k < 1 for k in self.ks) or any(c < 0 for c in self.coeffs):
+            raise ConfigError(f"sweep: k must be ≥ 1 and coefficients ≥ 0, found {self.ks} / {self.coeffs}")
+        if self.widths and self.expansions:
+            raise ConfigError("sweep: give --n-features or --expansion, not both")
+        if self.seeds < 1:
+            raise ConfigError(f"seeds: expected ≥ 1, found {self.seeds}")
+
+    def points(self) -> list[Point]:
+        sizes: list[tuple[str, float]] = ([("n_features", w) for w in _unique(self.widths)]
+                                          or [("expansion", e) for e in _unique(self.expansions)] or [("", 0)])
+        out = []
+        for hook in _unique(self.hooks):
+            for arch in _unique(self.archs):
+                values: list[float | None] = (list(_unique(self.ks)) or [None]) if arch in K_ARCHS \
+                    else (list(_unique(self.coeffs)) or [None])
+                for size_name, size in sizes:
+                    for value in values:
+                        for seed in range(self.seeds):
+                            out.append(Point(hook, arch, value, size_name, size, seed))
+        return out
+
+
+def _unique(xs: list[Any]) -> list[Any]:
+    return list(dict.fromkeys(xs))
+
+
+@dataclass
+class Point:
+    hook: str
+    arch: str
+    value: float | None      # k or coefficient; None: the configuration's default
+    size_name: str           # "n_features", "expansion" or "" (the configuration's default)
+    size: float
+    seed: int
+
+    def name(self) -> str:
+        tag = "" if self.value is None else (f"-k{int(self.value)}" if self.arch in K_ARCHS else f"-c{self.value:g}")
+        size = {"n_features": f"-F{int(self.size)}", "expansion": f"-x{self.size:g}"}.get(self.size_name, "")
+        return f"{_safe(self.hook)}/{self.arch}{tag}{size}-s{self.seed}"
+
+    def configs(self, sae_base: Any, train_base: Any) -> tuple[Any, Any]:
+        sae = {**to_dict(sae_base), "activation": self.arch}
+        train = {**to_dict(train_base), "seed": train_base.seed + self.seed}
+        if self.value is not None:
+            if self.arch in K_ARCHS:
+                sae["k"] = int(self.value)
+            else:
+                train["sparsity_coeff"] = float(self.value)
+        if self.size_name == "n_features":
+            sae["n_features"] = int(self.size)
+        elif self.size_name == "expansion":
+            sae["expansion"], sae["n_features"] = float(self.size), 0
+        if self.arch in PENALISED_ARCHS:
+            sae.pop("k", None)
+        return sae, train
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+@dataclass
+class Splice:
+    """Splice every SAE into this model over this text (same predictions for all)."""
+    model: str
+    text: str
+    tokens: int = 4096
+    skip_tokens: int = 0
+    context: int = 128
+
+
+COLUMNS = ["hook", "arch", "k", "coeff", "n_features", "seed", "l0", "fvu", "explained_variance",
+           "mse_per_token", "dead_fraction", "dense_fraction", "cosine", "relative_reconstruction_bias",
+           "ce_clean", "ce_sae", "ce_zero", "ce_mean", "delta_lm_loss", "recovered_vs_zero", "recovered_vs_mean",
+           "kl_sae", "train_tokens", "train_seconds", "tokens_per_second", "heldout_tokens", "run"]
+
+
+def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out: str | Path, *,
+              heldout_tokens: int = 8192, splice: Splice | None = None, model: str | None = None,
+              progress: Callable[[str], None] = print, bars: bool = True) -> list[dict[str, Any]]:
+    """Train and evaluate every point of ``grid``; returns the rows (also written to ``out/sweep.csv``)."""
+    from dictlens.data.store import ActivationStore, split_heldout
+    from dictlens.eval.metrics import evaluate
+    from dictlens.sae.config import SAEConfig
+    from dictlens.sae.model import SAE
+    from dictlens.train.config import TrainConfig
+    from dictlens.train.trainer import CHECKPOINT, Trainer
+
+    if heldout_tokens <= 0:
+        raise ConfigError(f"heldout: a sweep is judged on held-out tokens; expected a count > 0, found "
+                          f"{heldout_tokens}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points = grid.points()
+    stores: dict[str, tuple[Any, Any, Any]] = {}
+    for hook in _unique(grid.hooks):  # open every hook first: a wrong name fails before any training
+        store = ActivationStore(acts, hook, model=model)
+        train_src, heldout = split_heldout(store, heldout_tokens)
+        stores[hook] = (store, train_src, heldout)
+    lm = None
+    references: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    for i, point in enumerate(points, 1):
+        store, train_src, heldout = stores[point.hook]
+        sae_dict, train_dict = point.configs(sae_base, train_base)
+        sae_cfg = SAEConfig(**sae_dict)
+        train_cfg = TrainConfig(**{**train_dict, "heldout_tokens": 0})
+        run = out / point.name()
+        key = {"sae": to_dict(sae_cfg), "train": to_dict(train_cfg), "acts": str(acts),
+               "heldout_tokens": heldout_tokens, "splice": dataclasses.asdict(splice) if splice else None}
+        done = run / ROW
+        if done.is_file():
+            saved = read_json(done)
+            if saved.get("key") == key:
+                rows.append(saved["row"])
+                progress(f"[{i}/{len(points)}] {point.name()}: done before, "
+                         f"FVU {saved['row']['fvu']:.4f} L0 {saved['row']['l0']:.1f}")
+                continue
+        t0 = time.perf_counter()
+        trainer = Trainer(sae_cfg, train_cfg, train_src, run, progress=bars,
+                          metadata={"model": store.model, "hook": store.hook, "acts": str(acts),
+                                    "context": store.manifest["context"], "sweep": str(out)})
+        trainer.fit(resume=(run / CHECKPOINT).is_file())
+        seconds = time.perf_counter() - t0
+        sae = SAE.load(run)
+        m = evaluate(sae, heldout.batches(4096, shuffle=False))
+        row: dict[str, Any] = {
+            "hook": store.hook, "arch": point.arch, "k": sae_cfg.k if point.arch in K_ARCHS else None,
+            "coeff": train_cfg.penalty_coeff(sae_cfg) if point.arch in PENALISED_ARCHS else None,
+            "n_features": sae.n_features, "seed": train_cfg.seed, "l0": m.l0, "fvu": m.fvu,
+            "explained_variance": m.explained_variance, "mse_per_token": m.mse_per_token,
+            "dead_fraction": m.dead_fraction, "dense_fraction": m.dense_fraction, "cosine": m.cosine,
+            "relative_reconstruction_bias": m.relative_reconstruction_bias,
+            "train_tokens": trainer.state.tokens, "train_seconds": seconds,
+            "tokens_per_second": trainer.state.tokens / seconds if seconds > 0 else None,
+            "heldout_tokens": m.n_tokens, "run": str(run)}
+        if splice is not None:
+            from dictlens.data.models import load_model
+            from dictlens.eval.splice import sae_replacement, splice_metrics, splice_reference, text_batches
+
+            if lm is None:
+                lm = load_model(splice.model)
+            if point.hook not in references:
+                batches = text_batches(lm, splice.text, tokens=splice.tokens, context=splice.context,
+                                       skip_tokens=splice.skip_tokens)
+                references[point.hook] = splice_reference(lm, store.hook, batches)
+            row.update(splice_metrics(lm, store.hook, sae_replacement(sae),
+                                      reference=references[point.hook]).to_dict())
+            row.pop("n_tokens", None)
+        atomic_write_json(done, {"key": key, "row": row})
+        rows.append(row)
+        line = (f"[{i}/{len(points)}] {point.name()}: FVU {m.fvu:.4f}  L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}"
+                f"  ({seconds:.0f} s)")
+        if splice is not None:
+            line += f"  ΔLM {row['delta_lm_loss']:+.4f}  recovered {row['recovered_vs_mean']:.2%} vs mean"
+        progress(line)
+    write_csv(rows, out / "sweep.csv")
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> Path:
+    columns = columns or COLUMNS
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
+
+
+def _family(row: dict[str, Any]) -> tuple[str, str, int]:
+    return (row["hook"], row["arch"], int(row["n_features"]))
+
+
+def aggregate(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("l0", "fvu", "delta_lm_loss",
+                                                                       "recovered_vs_mean", "dead_fraction")
+              ) -> list[dict[str, Any]]:
+    """Seeds averaged: one row per (hook, arch, width, k/coeff) with ``<metric>`` means and
+    ``<metric>_std`` (0 for one seed)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((*_family(r), r.get("k"), r.get("coeff")), []).append(r)
+    out = []
+    for (hook, arch, width, k, coeff), rs in groups.items():
+        agg: dict[str, Any] = {"hook": hook, "arch": arch, "n_features": width, "k": k, "coeff": coeff,
+                               "seeds": len(rs)}
+        for name in metrics:
+            vals = [float(r[name]) for r in rs if r.get(name) is not None]
+            agg[name] = statistics.fmean(vals) if vals else None
+            agg[name + "_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def pareto(points: list[dict[str, Any]], y: str = "fvu") -> list[bool]:
+    """Whether each point is on the frontier: no other has both lower-or-equal L0 and ``y``, one lower."""
+    flags = []
+    for p in points:
+        if p.get(y) is None:
+            flags.append(False)
+            continue
+        dominated = any(q is not p and q.get(y) is not None and q["l0"] <= p["l0"] and q[y] <= p[y]
+                        and (q["l0"] < p["l0"] or q[y] < p[y]) for q in points)
+        flags.append(not dominated)
+    return flags
+
+
+def at_l0(points: list[dict[str, Any]], metric: str, l0: float, tolerance: float = 0.05) -> float | None:
+    """``metric`` along one frontier (points of one family) read at ``l0``: linear in log L0
+    between the two neighbours; an endpoint within ``tolerance`` (relative) counts; else None."""
+    pts = sorted((p["l0"], p[metric]) for p in points if p.get(metric) is not None and p["l0"] > 0)
+    if not pts:
+        return None
+    for a, b in zip(pts, pts[1:], strict=False):
+        if a[0] <= l0 <= b[0]:
+            if b[0] == a[0]:
+                return (a[1] + b[1]) / 2
+            t = (math.log(l0) - math.log(a[0])) / (math.log(b[0]) - math.log(a[0]))
+            return a[1] + t * (b[1] - a[1])
+    for x, v in (pts[0], pts[-1]):
+        if abs(x - l0) <= tolerance * l0:
+            return v
+    return None
+
+
+def layer_table(rows: list[dict[str, Any]], l0: float) -> list[dict[str, Any]]:
+    """Per hook and (arch, width): FVU, ΔLM loss and loss recovered read at ``l0``."""
+    agg = aggregate(rows)
+    fams: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for a in agg:
+        fams.setdefault(_family(a), []).append(a)
+    out = []
+    for (hook, arch, width), pts in fams.items():
+        out.append({"hook": hook, "arch": arch, "n_features": width, "at_l0": l0,
+                    "fvu": at_l0(pts, "fvu", l0), "delta_lm_loss": at_l0(pts, "delta_lm_loss", l0),
+                    "recovered_vs_mean": at_l0(pts, "recovered_vs_mean", l0),
+                    "l0_range": f"{min(p['l0'] for p in pts):.1f}-{max(p['l0'] for p in pts):.1f}"})
+    return out
+
+
+def default_l0(grid: Grid, rows: list[dict[str, Any]]) -> float:
+    """The middle swept k when TopK is swept, else the median measured L0."""
+    if grid.ks:
+        ks = sorted(_unique(grid.ks))
+        return float(ks[(len(ks) - 1) // 2])
+    return float(statistics.median(r["l0"] for r in rows))
+
+
+def _labels(fams: list[tuple[str, str, int]]) -> dict[tuple[str, str, int], str]:
+    widths = {f[2] for f in fams}
+    return {f: f[1] + (f" F={f[2]:,}" if len(widths) > 1 else "") for f in fams}
+
+
+def plot_frontiers(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One PNG per hook: L0 (log) against FVU and, when spliced, against ΔLM loss; one line per
+    (arch, width), seed spread as error bars, frontier points ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(rows)
+    paths = []
+    for hook in _unique([a["hook"] for a in agg]):
+        pts = [a for a in agg if a["hook"] == hook]
+        ys = ["fvu"] + (["delta_lm_loss"] if any(p.get("delta_lm_loss") is not None for p in pts) else [])
+        fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.2), squeeze=False)
+        fams = _unique([_family(p) for p in pts])
+        labels = _labels(fams)
+        for ax, y in zip(axes[0], ys, strict=True):
+            front = pareto(pts, y)
+            for fam in fams:
+                fp = sorted((p for p in pts if _family(p) == fam and p.get(y) is not None), key=lambda p: p["l0"])
+                if not fp:
+                    continue
+                ax.errorbar([p["l0"] for p in fp], [p[y] for p in fp], yerr=[p[y + "_std"] for p in fp],
+                            xerr=[p["l0_std"] for p in fp], marker="o", ms=4, capsize=2, label=labels[fam])
+            on = [p for p, f in zip(pts, front, strict=True) if f]
+            ax.scatter([p["l0"] for p in on], [p[y] for p in on], s=110, facecolors="none", edgecolors="black",
+                       linewidths=1, label="frontier", zorder=3)
+            ax.set_xscale("log")
+            ax.set_xlabel("L0 (features active per token, held out)")
+            ax.set_ylabel({"fvu": "FVU (1 − explained variance)", "delta_lm_loss": "ΔLM loss (nats)"}[y])
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"{hook}: sparsity against fidelity", fontsize=10)
+        fig.tight_layout()
+        paths.append(save_figure(fig, out / f"frontier_{_safe(hook)}.png"))
+    return paths
+
+
+def plot_layers(table: list[dict[str, Any]], hooks: list[str], out: Path) -> Path:
+    """FVU and loss recovered at a fixed L0 against the hook (layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ys = ["fvu"] + (["recovered_vs_mean"] if any(t.get("recovered_vs_mean") is not None for t in table) else [])
+    fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.2), squeeze=False)
+    fams = _unique([(t["arch"], t["n_features"]) for t in table])
+    for ax, y in zip(axes[0], ys, strict=True):
+        for arch, width in fams:
+            vals = {t["hook"]: t[y] for t in table if (t["arch"], t["n_features"]) == (arch, width)}
+            xs = [i for i, h in enumerate(hooks) if vals.get(h) is not None]
+            label = arch + (f" F={width:,}" if len({w for _, w in fams}) > 1 else "")
+            ax.plot(xs, [vals[hooks[i]] for i in xs], marker="o", label=label)
+        ax.set_xticks(range(len(hooks)), hooks, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel({"fvu": "FVU", "recovered_vs_mean": "loss recovered vs mean ablation"}[y])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    l0 = table[0]["at_l0"] if table else 0
+    fig.suptitle(f"per hook, read off each frontier at L0 = {l0:g}", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out / "layers.png")
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    spliced = any(r.get("delta_lm_loss") is not None for r in rows)
+    head = "| hook | arch | k / coeff | F | seed | L0 | FVU | dead |" + (" ΔLM | recovered (mean) |" if spliced else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(rows, key=lambda r: (r["hook"], r["arch"], r["n_features"], r["l0"], r["seed"])):
+        kc = r["k"] if r.get("k") is not None else (f"{r['coeff']:g}" if r.get("coeff") is not None else "")
+        line = (f"| {r['hook']} | {r['arch']} | {kc} | {r['n_features']:,} | {r['seed']} | {r['l0']:.1f} | "
+                f"{r['fvu']:.4f} | {r['dead_fraction']:.2%} |")
+        if spliced:
+            line += f" {r['delta_lm_loss']:+.4f} | {r['recovered_vs_mean']:.2%} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_layers(table: list[dict[str, Any]]) -> str:
+    def f(v: float | None, fmt: str) -> str:
+        return "outside the swept range" if v is None else format(v, fmt)
+
+    lines = [f"| hook | arch | F | FVU at L0 {table[0]['at_l0']:g} | ΔLM | recovered (mean) | L0 swept |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for t in table:
+        lines.append(f"| {t['hook']} | {t['arch']} | {t['n_features']:,} | {f(t['fvu'], '.4f')} | "
+                     f"{f(t['delta_lm_loss'], '+.4f')} | {f(t['recovered_vs_mean'], '.2%')} | {t['l0_range']} |")
+    return "\n".join(lines)
