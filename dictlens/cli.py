@@ -264,7 +264,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not Path(args.acts).is_dir():
         raise CacheError(f"activation cache {args.acts} does not exist")
     hooks = args.hook or list(read_manifest(Path(args.acts))["hooks"])
-    grid = sweep.Grid(hooks=hooks, archs=args.arch or ["topk"], ks=args.k or [], coeffs=args.coeff or [],
+    coeffs, arch_coeffs = sweep.parse_coeffs(args.coeff or [])
+    grid = sweep.Grid(hooks=hooks, archs=args.arch or ["topk"], ks=args.k or [], coeffs=coeffs, arch_coeffs=arch_coeffs,
                       widths=args.n_features or [], expansions=args.expansion or [], seeds=args.seeds)
     # the grid's own flags (lists) are not the base configuration's fields of the same names
     base = argparse.Namespace(**{k: v for k, v in vars(args).items()
@@ -430,8 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hook", action="append", help="hook to sweep (repeat; default: every hook of the cache)")
     p.add_argument("--arch", action="append", help="architecture (repeat): topk, batchtopk, relu, gated, jumprelu")
     p.add_argument("--k", type=int, action="append", help="k for topk / batchtopk (repeat; default 32)")
-    p.add_argument("--coeff", type=float, action="append",
-                   help="penalty coefficient for relu / gated / jumprelu (repeat; default: the penalty's own)")
+    p.add_argument("--coeff", action="append",
+                   help="penalty coefficient for relu / gated / jumprelu (repeat): N for all of them, or "
+                        "ARCH:N,N,... for one (default: the penalty's own)")
     p.add_argument("--n-features", type=int, action="append", help="width F (repeat)")
     p.add_argument("--expansion", type=float, action="append", help="width as F / D (repeat; default 16)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per point (seed, seed + 1, ...)")

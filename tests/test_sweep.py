@@ -9,7 +9,7 @@ import pytest
 
 from dictlens.cli import main
 from dictlens.errors import ConfigError
-from dictlens.eval.sweep import Grid, at_l0, layer_table, pareto
+from dictlens.eval.sweep import Grid, at_l0, layer_table, pareto, parse_coeffs
 
 
 def test_pareto_and_interpolation_by_hand():
@@ -36,6 +36,14 @@ def test_grid_points_and_config_errors():
         Grid(hooks=["h"], archs=["relu"], ks=[8])
     with pytest.raises(ConfigError, match="arch: expected"):
         Grid(hooks=["h"], archs=["topkk"])
+    common, per = parse_coeffs(["1", "relu:0.5,2", "gated:3"])
+    g = Grid(hooks=["h"], archs=["relu", "gated", "jumprelu"], coeffs=common, arch_coeffs=per)
+    assert sorted((p.arch, p.value) for p in g.points()) == [("gated", 3), ("jumprelu", 1), ("relu", 0.5),
+                                                              ("relu", 2)]
+    with pytest.raises(ConfigError, match="names an architecture"):
+        Grid(hooks=["h"], archs=["relu"], arch_coeffs={"gated": [1.0]})
+    with pytest.raises(ConfigError, match="ARCH:N"):
+        parse_coeffs(["relu=2"])
     with pytest.raises(ConfigError, match="not both"):
         Grid(hooks=["h"], widths=[8], expansions=[2])
 

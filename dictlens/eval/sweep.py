@@ -42,6 +42,7 @@ class Grid:
     archs: list[str] = dataclasses.field(default_factory=lambda: ["topk"])
     ks: list[int] = dataclasses.field(default_factory=list)           # TopK / BatchTopK
     coeffs: list[float] = dataclasses.field(default_factory=list)     # penalised SAEs (0: the default)
+    arch_coeffs: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per architecture
     widths: list[int] = dataclasses.field(default_factory=list)       # n_features; empty: use expansions
     expansions: list[float] = dataclasses.field(default_factory=list)
     seeds: int = 1
@@ -58,7 +59,12 @@ class Grid:
             raise ConfigError("sweep: --k is given but no --arch uses it (topk, batchtopk)")
         if self.coeffs and not has_pen:
             raise ConfigError("sweep: --coeff is given but no --arch uses it (relu, gated, jumprelu)")
-        if any(k < 1 for k in self.ks) or any(c < 0 for c in self.coeffs):
+        for arch in self.arch_coeffs:
+            if arch not in self.archs or arch not in PENALISED_ARCHS:
+                raise ConfigError(f"sweep: --coeff {arch}:... names an architecture that is not a swept penalised "
+                                  f"one ({', '.join(a for a in self.archs if a in PENALISED_ARCHS) or 'none'})")
+        all_coeffs = self.coeffs + [c for cs in self.arch_coeffs.values() for c in cs]
+        if any(k < 1 for k in self.ks) or any(c < 0 for c in all_coeffs):
             raise ConfigError(f"sweep: k must be ≥ 1 and coefficients ≥ 0, found {self.ks} / {self.coeffs}")
         if self.widths and self.expansions:
             raise ConfigError("sweep: give --n-features or --expansion, not both")
@@ -72,12 +78,29 @@ class Grid:
         for hook in _unique(self.hooks):
             for arch in _unique(self.archs):
                 values: list[float | None] = (list(_unique(self.ks)) or [None]) if arch in K_ARCHS \
-                    else (list(_unique(self.coeffs)) or [None])
+                    else (list(_unique(self.arch_coeffs.get(arch, self.coeffs))) or [None])
                 for size_name, size in sizes:
                     for value in values:
                         for seed in range(self.seeds):
                             out.append(Point(hook, arch, value, size_name, size, seed))
         return out
+
+
+def parse_coeffs(specs: list[str]) -> tuple[list[float], dict[str, list[float]]]:
+    """``--coeff`` values: ``2`` (every penalised architecture) or ``relu:0.5,1,2`` (one of them)."""
+    common: list[float] = []
+    per: dict[str, list[float]] = {}
+    for spec in specs:
+        arch, sep, values = spec.rpartition(":")
+        try:
+            nums = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(f"--coeff: expected a number or ARCH:N,N,..., found {spec!r}") from None
+        if sep:
+            per.setdefault(arch.strip(), []).extend(nums)
+        else:
+            common.extend(nums)
+    return common, per
 
 
 def _unique(xs: list[Any]) -> list[Any]:
