@@ -174,6 +174,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     spliced = None
     if args.splice_text:
         from dictlens.data.models import load_model
+        from dictlens.data.packing import check_tokenizer
         from dictlens.eval.splice import sae_replacement, splice_metrics, text_batches
 
         trained_model = sae.metadata.get("model") or store.model
@@ -182,6 +183,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                              f"into {args.model} would measure nothing meaningful")
         model_name = args.model or trained_model
         lm = load_model(model_name)
+        check_tokenizer(store.manifest, lm.tokenizer, model_name, args.acts)
         batches = text_batches(lm, args.splice_text, tokens=args.splice_tokens, context=args.context,
                                skip_tokens=args.splice_skip)
         spliced = splice_metrics(lm, store.hook, sae_replacement(sae), batches)

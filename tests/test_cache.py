@@ -228,3 +228,20 @@ def test_bad_inputs(llama, corpus, tmp_path):
     with pytest.raises(HookError, match="valid: resid_pre.0-3"):
         _run(llama, tmp_path / "f", corpus, hooks=["resid_post.7"])
     assert not (tmp_path / "f").exists()  # nothing written for a bad hook
+
+
+def test_a_cache_refuses_a_tokenizer_with_other_ids(llama, corpus, tmp_path):
+    import copy
+    import dataclasses
+
+    from dictlens.data.packing import check_tokenizer, tokenizer_fingerprint
+
+    result = _run(llama, tmp_path / "c", corpus, tokens=300)
+    saved = result.manifest["tokenizer"]
+    assert saved == tokenizer_fingerprint(llama.tokenizer) and saved["vocab_size"] == len(llama.tokenizer)
+    check_tokenizer(result.manifest, llama.tokenizer, llama.name, tmp_path / "c")   # the same: silent
+    other = copy.deepcopy(llama.tokenizer)
+    other.add_tokens(["<a-token-the-cache-never-saw>"])
+    changed = dataclasses.replace(llama, tokenizer=other)
+    with pytest.raises(InputError, match="tokenizer .* is not the one .* harvested with"):
+        _run(changed, tmp_path / "c", corpus, tokens=500)     # extending the cache with other ids

@@ -29,7 +29,13 @@ from dictlens import __version__
 from dictlens.config import check, field, to_dict
 from dictlens.data.activations import Chunk, FilterState, NormStats, TokenFilter, iter_chunks
 from dictlens.data.models import DEFAULT_MODEL, LoadedModel, load_model
-from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids
+from dictlens.data.packing import (
+    check_tokenizer,
+    pack_contexts,
+    resolve_prepend_bos,
+    special_token_ids,
+    tokenizer_fingerprint,
+)
 from dictlens.data.tap import Tap
 from dictlens.data.text import DEFAULT_TEXT, iter_documents
 from dictlens.errors import ActivationError, CacheError, ConfigError, InputError
@@ -150,7 +156,9 @@ class CacheWriter:
     def open(cls, cfg: HarvestConfig, lm: LoadedModel, widths: dict[str, int]) -> CacheWriter:
         root = Path(cfg.out)
         if (root / "manifest.json").is_file() and not cfg.overwrite:
-            return cls._resume(root, cfg)
+            writer = cls._resume(root, cfg)
+            check_tokenizer(writer.manifest, lm.tokenizer, cfg.model, root)
+            return writer
         if root.exists() and any(root.iterdir()):
             if not (root / "manifest.json").is_file():
                 raise InputError(f"output directory {root} is not empty and holds no activation cache; "
@@ -162,7 +170,7 @@ class CacheWriter:
             "format": FORMAT, "format_version": FORMAT_VERSION, "dictlens_version": __version__,
             "complete": False, "exhausted": False, **content,
             "prepend_bos_resolved": resolve_prepend_bos(lm.tokenizer, cfg.prepend_bos),
-            "bos_token_id": lm.tokenizer.bos_token_id,
+            "bos_token_id": lm.tokenizer.bos_token_id, "tokenizer": tokenizer_fingerprint(lm.tokenizer),
             "excluded_token_ids": [] if cfg.keep_special else sorted(special_token_ids(lm.tokenizer)),
             "model_class": type(lm.model).__name__, "n_layers": lm.n_layers,
             "widths": widths, "hook_dirs": {h: hook_dirname(h) for h in cfg.hooks},

@@ -39,6 +39,33 @@ def resolve_prepend_bos(tokenizer: Any, prepend_bos: str | bool) -> bool:
     raise ValueError(f"prepend_bos must be auto, yes or no, not {prepend_bos!r}")
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+    """What token ids mean: the vocabulary size and a sha256 of the (token, id) table with the
+    special tokens. Two tokenizers with the same fingerprint turn text into the same ids."""
+    import hashlib
+    import json
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = sorted(special_token_ids(tokenizer))
+    digest = hashlib.sha256(json.dumps([vocab, special], ensure_ascii=False).encode()).hexdigest()
+    return {"vocab_size": len(tokenizer), "sha256": digest}
+
+
+def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, model: str, cache: Any) -> None:
+    """InputError unless ``tokenizer`` gives token ids the same meaning as the cache's (caches
+    written before dictlens recorded the fingerprint have nothing to compare and pass)."""
+    from dictlens.errors import InputError
+
+    saved = manifest.get("tokenizer")
+    if not saved:
+        return
+    now = tokenizer_fingerprint(tokenizer)
+    if now != saved:
+        raise InputError(f"{model}'s tokenizer ({now['vocab_size']:,} tokens, sha256 {now['sha256'][:12]}) is not "
+                         f"the one {cache} was harvested with ({saved['vocab_size']:,} tokens, sha256 "
+                         f"{saved['sha256'][:12]}): the cache's token ids would name other tokens")
+
+
 def special_token_ids(tokenizer: Any) -> set[int]:
     """BOS, EOS, padding and every other special token id of ``tokenizer``."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])

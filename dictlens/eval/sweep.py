@@ -219,10 +219,12 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
             "heldout_tokens": m.n_tokens, "run": str(run)}
         if splice is not None:
             from dictlens.data.models import load_model
+            from dictlens.data.packing import check_tokenizer
             from dictlens.eval.splice import sae_replacement, splice_metrics, splice_reference, text_batches
 
             if lm is None:
                 lm = load_model(splice.model)
+                check_tokenizer(store.manifest, lm.tokenizer, splice.model, acts)
             if point.hook not in references:
                 batches = text_batches(lm, splice.text, tokens=splice.tokens, context=splice.context,
                                        skip_tokens=splice.skip_tokens)
