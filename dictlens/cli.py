@@ -175,7 +175,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.splice_text:
         from dictlens.data.models import load_model
         from dictlens.data.packing import check_tokenizer
-        from dictlens.eval.splice import sae_replacement, splice_metrics, text_batches
+        from dictlens.eval.splice import outlier_limit, sae_replacement, splice_metrics, text_batches
 
         trained_model = sae.metadata.get("model") or store.model
         if args.model and trained_model and args.model != trained_model:
@@ -186,7 +186,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         check_tokenizer(store.manifest, lm.tokenizer, model_name, args.acts)
         batches = text_batches(lm, args.splice_text, tokens=args.splice_tokens, context=args.context,
                                skip_tokens=args.splice_skip)
-        spliced = splice_metrics(lm, store.hook, sae_replacement(sae), batches)
+        spliced = splice_metrics(lm, store.hook, sae_replacement(sae), batches,
+                                 max_norm=outlier_limit(store.manifest, store.hook))
         record["spliced"] = {"model": model_name, "text": args.splice_text, "skipped_tokens": args.splice_skip,
                              **spliced.to_dict()}
     atomic_write_json(out / "eval.json", record)
@@ -195,8 +196,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"{args.run} on {args.acts} ({store.hook}{part}):")
     print_metrics(m)
     if spliced is not None:
+        held = (f"; {spliced.n_outliers:,} positions above the cache's outlier limit kept clean"
+                if spliced.n_outliers else "")
         print(f"spliced into {record['spliced']['model']} at {store.hook} ({spliced.n_tokens:,} predictions, "
-              f"{args.splice_text}):")
+              f"{args.splice_text}{held}):")
         print(f"  CE clean {spliced.ce_clean:.4f}  with SAE {spliced.ce_sae:.4f}  zero-ablated {spliced.ce_zero:.4f}"
               f"  mean-ablated {spliced.ce_mean:.4f} (nats)")
         print(f"  ΔLM loss {spliced.delta_lm_loss:+.4f} nats  KL {spliced.kl_sae:.4f}  loss recovered: "

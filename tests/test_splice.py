@@ -73,3 +73,30 @@ def test_text_batches_skip_the_trained_part_and_keep_no_special_tokens(llama, co
     assert bos is None or not bool(keep[ids == bos].any())
     with pytest.raises(InputError, match="after the first"):
         text_batches(llama, str(corpus), tokens=50, context=32, batch_size=2, skip_tokens=10**9)
+
+
+def test_positions_above_the_outlier_limit_stay_clean_and_unscored(llama):
+    """An SAE never trained on attention-sink-sized activations must not be judged on them:
+    a replacement that wrecks only the large-norm positions costs nothing under the limit."""
+    from dictlens.data.tap import Tap
+    from dictlens.eval.splice import outlier_limit, splice_reference
+
+    hook = "resid_post.1"
+    data = _batches(llama.model.config.vocab_size)
+    norms = torch.cat([Tap(llama, [hook])(ids)[hook][keep].norm(dim=-1) for ids, keep in data])
+    limit = float(norms.quantile(0.8))
+
+    def wreck_big(x):
+        return torch.where(x.norm(dim=-1, keepdim=True) > limit, 50 * x, x)
+
+    plain = splice_metrics(llama, hook, wreck_big, data)
+    assert plain.n_outliers == 0 and plain.kl_sae > 1e-4, plain
+    limited = splice_metrics(llama, hook, wreck_big, data, max_norm=limit)
+    assert limited.n_outliers == int((norms > limit).sum()) > 0
+    assert limited.n_tokens < plain.n_tokens
+    assert limited.ce_sae == pytest.approx(limited.ce_clean, abs=1e-5) and limited.kl_sae == pytest.approx(0, abs=1e-5)
+    with pytest.raises(InputError, match="no tokens to score"):
+        splice_reference(llama, hook, data, max_norm=0.0)
+    manifest = {"filter": {"outlier_factor": 10.0, "median_norm": {hook: 2.5}}}
+    assert outlier_limit(manifest, hook) == 25.0
+    assert outlier_limit({"filter": {"outlier_factor": None}}, hook) is None and outlier_limit({}, hook) is None

@@ -11,7 +11,8 @@ next-token cross-entropy in nats over the predicted positions:
   KL = mean over positions of KL(p_clean ‖ p_SAE) of the next-token distributions
 
 Positions where ``keep`` is false (special tokens, padding) keep their clean activation
-and are not scored, as they were left out of training.
+and are not scored, as they were left out of training; so do positions whose activation
+norm exceeds ``max_norm`` (the outlier limit of the SAE's training cache, when it had one).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def replaced(model: Any, point: HookPoint, fn: Replace) -> Iterator[None]:
 @dataclass
 class SpliceMetrics:
     n_tokens: int  # scored next-token predictions
+    n_outliers: int  # positions left clean and unscored: activation norm above the cache's outlier limit
     ce_clean: float
     ce_sae: float
     ce_zero: float
@@ -88,6 +90,7 @@ class SpliceReference:
     mean: torch.Tensor
     ce_zero: float
     ce_mean: float
+    n_outliers: int = 0   # positions kept clean because their norm exceeded the limit
 
 
 def _scored(keep: torch.Tensor) -> torch.Tensor:
@@ -125,12 +128,23 @@ def _batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lm: LoadedMod
 
 @torch.inference_mode()
 def splice_reference(lm: LoadedModel, hook: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     mean: torch.Tensor | None = None) -> SpliceReference:
+                     mean: torch.Tensor | None = None, max_norm: float | None = None) -> SpliceReference:
     """Zero- and mean-ablation CE at ``hook`` over ``batches`` (``mean`` [D] default: the mean
-    activation over the kept positions of these batches)."""
+    activation over the kept positions of these batches).
+
+    ``max_norm``: positions whose activation norm exceeds it are treated like special tokens
+    (kept clean, not scored). Pass the limit the SAE's training cache dropped outliers at
+    (:func:`outlier_limit`): an SAE never saw such activations (attention-sink positions with
+    100x the median norm), and a threshold SAE fires thousands of features on them."""
     point = resolve_hook(lm.model, hook)
     data = _batches(batches, lm)
-    mean = (_hook_mean(lm, point, data) if mean is None else mean).to(lm.device)
+    n_outliers = 0
+    if mean is None or max_norm is not None:
+        data, computed, n_outliers = _scan(lm, point, data, max_norm)
+        mean = computed if mean is None else mean
+    if not any(bool(_scored(k).any()) for _, k in data):
+        raise InputError(f"splice evaluation: no tokens to score (all above the norm limit {max_norm})")
+    mean = mean.to(lm.device)
     sums = {"zero": 0.0, "mean": 0.0}
     fns: dict[str, Replace] = {"zero": torch.zeros_like, "mean": lambda x: mean.expand_as(x)}
     n = 0
@@ -138,13 +152,21 @@ def splice_reference(lm: LoadedModel, hook: str, batches: Iterable[tuple[torch.T
         for name, fn in fns.items():
             sums[name] += _nll_sum(_logits(lm, point, ids, keep, fn), ids, keep)[0]
         n += int(_scored(keep).sum())
-    return SpliceReference(point.name, data, mean, sums["zero"] / n, sums["mean"] / n)
+    return SpliceReference(point.name, data, mean, sums["zero"] / n, sums["mean"] / n, n_outliers)
+
+
+def outlier_limit(manifest: dict[str, Any], hook: str) -> float | None:
+    """The norm above which a cache's harvest dropped activations at ``hook`` (None: no filter)."""
+    f = manifest.get("filter") or {}
+    factor, median = f.get("outlier_factor"), (f.get("median_norm") or {}).get(hook)
+    return float(factor) * float(median) if factor and median else None
 
 
 @torch.inference_mode()
 def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                   mean: torch.Tensor | None = None, reference: SpliceReference | None = None) -> SpliceMetrics:
+                   mean: torch.Tensor | None = None, reference: SpliceReference | None = None,
+                   max_norm: float | None = None) -> SpliceMetrics:
     """CE / KL with ``reconstruct`` (e.g. an SAE's forward on raw activations) spliced in at ``hook``.
 
     ``batches`` yields ``(input_ids [B, T], keep [B, T] bool)``; ``mean`` [D] is the
@@ -157,7 +179,7 @@ def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
     if reference is None:
         if batches is None:
             raise InputError("splice evaluation: give batches or a reference")
-        reference = splice_reference(lm, hook, batches, mean)
+        reference = splice_reference(lm, hook, batches, mean, max_norm)
     elif reference.hook != point.name:
         raise InputError(f"splice evaluation: the reference was computed at {reference.hook}, not {point.name}")
     sums = {"clean": 0.0, "sae": 0.0, "kl": 0.0}
@@ -173,23 +195,32 @@ def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
         n += int(scored.sum())
     ce = {k: v / n for k, v in sums.items()}
     z, m = reference.ce_zero, reference.ce_mean
-    return SpliceMetrics(n_tokens=n, ce_clean=ce["clean"], ce_sae=ce["sae"], ce_zero=z,
+    return SpliceMetrics(n_tokens=n, n_outliers=reference.n_outliers, ce_clean=ce["clean"], ce_sae=ce["sae"],
+                         ce_zero=z,
                          ce_mean=m, kl_sae=ce["kl"], delta_lm_loss=ce["sae"] - ce["clean"],
                          recovered_vs_zero=_recovered(z, ce["sae"], ce["clean"]),
                          recovered_vs_mean=_recovered(m, ce["sae"], ce["clean"]))
 
 
-def _hook_mean(lm: LoadedModel, point: HookPoint, data: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _scan(lm: LoadedModel, point: HookPoint, data: list[tuple[torch.Tensor, torch.Tensor]],
+          max_norm: float | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, int]:
+    """One clean pass: drop positions above ``max_norm`` from ``keep``; the mean over the rest."""
     from dictlens.data.tap import Tap
 
     tap = Tap(lm, [point.name])
-    total, count = None, 0
+    total, count, outliers, out = None, 0, 0, []
     for ids, keep in data:
-        acts = tap(ids)[point.name].double()[keep]
-        total = acts.sum(0) if total is None else total + acts.sum(0)
-        count += len(acts)
+        acts = tap(ids)[point.name].double()
+        if max_norm is not None:
+            big = keep & (acts.norm(dim=-1) > max_norm)
+            outliers += int(big.sum())
+            keep = keep & ~big
+        out.append((ids, keep))
+        kept = acts[keep]
+        total = kept.sum(0) if total is None else total + kept.sum(0)
+        count += len(kept)
     assert total is not None
-    return (total / max(1, count)).float()
+    return out, (total / max(1, count)).float(), outliers
 
 
 def text_batches(lm: LoadedModel, text: str, *, tokens: int, context: int = 128, batch_size: int = 8,

@@ -34,6 +34,9 @@ from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 K_ARCHS = ("topk", "batchtopk")
 PENALISED_ARCHS = ("relu", "gated", "jumprelu")
 ROW = "sweep_row.json"
+# Bumped when what a spliced figure means changes, so that a sweep recomputes old rows.
+# 2: positions above the cache's outlier limit stay clean and unscored.
+SPLICE_RULES = 2
 
 
 @dataclass
@@ -155,7 +158,7 @@ class Splice:
 COLUMNS = ["hook", "arch", "k", "coeff", "n_features", "seed", "l0", "fvu", "explained_variance",
            "mse_per_token", "dead_fraction", "dense_fraction", "cosine", "relative_reconstruction_bias",
            "ce_clean", "ce_sae", "ce_zero", "ce_mean", "delta_lm_loss", "recovered_vs_zero", "recovered_vs_mean",
-           "kl_sae", "train_tokens", "train_seconds", "tokens_per_second", "heldout_tokens", "run"]
+           "kl_sae", "n_outliers", "train_tokens", "train_seconds", "tokens_per_second", "heldout_tokens", "run"]
 
 
 def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out: str | Path, *,
@@ -190,7 +193,8 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         train_cfg = TrainConfig(**{**train_dict, "heldout_tokens": 0})
         run = out / point.name()
         key = {"sae": to_dict(sae_cfg), "train": to_dict(train_cfg), "acts": str(acts),
-               "heldout_tokens": heldout_tokens, "splice": dataclasses.asdict(splice) if splice else None}
+               "heldout_tokens": heldout_tokens, "splice": dataclasses.asdict(splice) if splice else None,
+               "splice_rules": SPLICE_RULES}
         done = run / ROW
         if done.is_file():
             saved = read_json(done)
@@ -220,7 +224,13 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         if splice is not None:
             from dictlens.data.models import load_model
             from dictlens.data.packing import check_tokenizer
-            from dictlens.eval.splice import sae_replacement, splice_metrics, splice_reference, text_batches
+            from dictlens.eval.splice import (
+                outlier_limit,
+                sae_replacement,
+                splice_metrics,
+                splice_reference,
+                text_batches,
+            )
 
             if lm is None:
                 lm = load_model(splice.model)
@@ -228,7 +238,8 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
             if point.hook not in references:
                 batches = text_batches(lm, splice.text, tokens=splice.tokens, context=splice.context,
                                        skip_tokens=splice.skip_tokens)
-                references[point.hook] = splice_reference(lm, store.hook, batches)
+                references[point.hook] = splice_reference(lm, store.hook, batches,
+                                                          max_norm=outlier_limit(store.manifest, store.hook))
             row.update(splice_metrics(lm, store.hook, sae_replacement(sae),
                                       reference=references[point.hook]).to_dict())
             row.pop("n_tokens", None)
@@ -405,7 +416,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     spliced = any(r.get("delta_lm_loss") is not None for r in rows)
     head = "| hook | arch | k / coeff | F | seed | L0 | FVU | dead |" + (" ΔLM | recovered (mean) |" if spliced else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in sorted(rows, key=lambda r: (r["hook"], r["arch"], r["n_features"], r["l0"], r["seed"])):
+    order = {h: i for i, h in enumerate(_unique([r["hook"] for r in rows]))}   # hooks in sweep order
+    for r in sorted(rows, key=lambda r: (order[r["hook"]], r["arch"], r["n_features"], r["l0"], r["seed"])):
         kc = r["k"] if r.get("k") is not None else (f"{r['coeff']:g}" if r.get("coeff") is not None else "")
         line = (f"| {r['hook']} | {r['arch']} | {kc} | {r['n_features']:,} | {r['seed']} | {r['l0']:.1f} | "
                 f"{r['fvu']:.4f} | {r['dead_fraction']:.2%} |")
