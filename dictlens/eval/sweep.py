@@ -196,8 +196,10 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
                "heldout_tokens": heldout_tokens, "splice": dataclasses.asdict(splice) if splice else None,
                "splice_rules": SPLICE_RULES}
         done = run / ROW
+        previous: dict[str, Any] | None = None
         if done.is_file():
             saved = read_json(done)
+            previous = saved.get("row")
             if saved.get("key") == key:
                 rows.append(saved["row"])
                 progress(f"[{i}/{len(points)}] {point.name()}: done before, "
@@ -207,8 +209,11 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         trainer = Trainer(sae_cfg, train_cfg, train_src, run, progress=bars,
                           metadata={"model": store.model, "hook": store.hook, "acts": str(acts),
                                     "context": store.manifest["context"], "sweep": str(out)})
-        trainer.fit(resume=(run / CHECKPOINT).is_file())
+        resumed = (run / CHECKPOINT).is_file()
+        trainer.fit(resume=resumed)
         seconds = time.perf_counter() - t0
+        if resumed and previous and previous.get("train_tokens") == trainer.state.tokens:
+            seconds = previous["train_seconds"]   # trained before, only re-evaluated now: keep its time
         sae = SAE.load(run)
         m = evaluate(sae, heldout.batches(4096, shuffle=False))
         row: dict[str, Any] = {
