@@ -236,3 +236,26 @@ def test_default_resampling_happens_in_the_first_half_only(data):
         if t._resample_due():
             due.append(step + 1)
     assert due == [10, 20, 30, 40]
+
+
+def test_a_trained_or_loaded_batchtopk_sae_codes_each_token_alone(tmp_path):
+    """After training (and after loading) BatchTopK uses its learned threshold: a token's codes
+    do not depend on its batch-mates, and evaluating does not move the threshold. In training
+    mode one huge-norm token in the batch would take the whole batch's budget."""
+    from dictlens import ArraySource, SAEConfig, TrainConfig
+    from dictlens.sae.model import SAE
+    from dictlens.train import train
+
+    x = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
+    sae = train(SAEConfig(activation="batchtopk", k=4, n_features=64), TrainConfig(tokens=40_000, batch_size=512,
+                plots=False), ArraySource(x), tmp_path / "run", progress=False)
+    loaded = SAE.load(tmp_path / "run")
+    for model in (sae, loaded):
+        assert not model.training
+        threshold = float(model.threshold)
+        batch = torch.cat([x[:8], 100 * x[8:9]])          # one attention-sink-sized token
+        with torch.no_grad():
+            alone, together = model.encode(x[:8]), model.encode(batch)[:8]
+        assert torch.equal(alone != 0, together != 0) and torch.allclose(alone, together, atol=1e-5)
+        assert float((alone != 0).sum(1).float().mean()) > 1
+        assert float(model.threshold) == threshold

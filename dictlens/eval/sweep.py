@@ -34,9 +34,10 @@ from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 K_ARCHS = ("topk", "batchtopk")
 PENALISED_ARCHS = ("relu", "gated", "jumprelu")
 ROW = "sweep_row.json"
-# Bumped when what a spliced figure means changes, so that a sweep recomputes old rows.
-# 2: positions above the cache's outlier limit stay clean and unscored.
-SPLICE_RULES = 2
+# Bumped when what an evaluated figure means changes, so that a sweep recomputes old rows
+# (without retraining). 2: positions above the cache's outlier limit stay clean and unscored.
+# 3: SAEs are evaluated in inference mode (BatchTopK by its threshold, not per batch).
+EVAL_RULES = 3
 
 
 @dataclass
@@ -194,7 +195,7 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         run = out / point.name()
         key = {"sae": to_dict(sae_cfg), "train": to_dict(train_cfg), "acts": str(acts),
                "heldout_tokens": heldout_tokens, "splice": dataclasses.asdict(splice) if splice else None,
-               "splice_rules": SPLICE_RULES}
+               "eval_rules": EVAL_RULES}
         done = run / ROW
         previous: dict[str, Any] | None = None
         if done.is_file():

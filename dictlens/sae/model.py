@@ -344,5 +344,5 @@ class SAE(nn.Module):
             raise CacheError(f"{weights} does not match its config ({cfg.activation}, F={cfg.width}, "
                              f"D={cfg.d_in}): differs in {diff[:4]}")
         sae.load_state_dict(state)
-        return sae.to(device=device)
+        return sae.to(device=device).eval()   # inference mode (BatchTopK: the threshold, not the batch)
 

@@ -314,6 +314,7 @@ class Trainer:
         if not resume and self.out is not None and (self.out / CHECKPOINT).is_file():
             raise CacheError(f"{self.out} already holds a training checkpoint; resume it (--resume) "
                              "or choose another --out")
+        self.sae.train()
         if not (resume and self.resume()):
             self._initialise()
         if self.out is not None:
@@ -360,7 +361,9 @@ class Trainer:
                 self.external = None
         self.save_checkpoint()
         self._finish()
-        return self.sae
+        # inference mode: BatchTopK switches from the batch's top k·B to its learned threshold,
+        # so a token's codes no longer depend on the other tokens it is batched with
+        return self.sae.eval()
 
     def _next_checkpoint(self) -> int:
         every = self.cfg.checkpoint_every
