@@ -259,3 +259,16 @@ def test_a_trained_or_loaded_batchtopk_sae_codes_each_token_alone(tmp_path):
         assert torch.equal(alone != 0, together != 0) and torch.allclose(alone, together, atol=1e-5)
         assert float((alone != 0).sum(1).float().mean()) > 1
         assert float(model.threshold) == threshold
+
+
+def test_batchtopk_inference_threshold_gives_k_on_average():
+    """The threshold is calibrated at the end of training: held-out L0 ≈ k, not the running
+    mean's leftover from the first steps."""
+    from dictlens.train import train
+
+    data = sparse_features(d=32, n_features=64, n=20_000, seed=0)
+    sae = train(SAEConfig(activation="batchtopk", k=6, n_features=128),
+                TrainConfig(tokens=60_000, batch_size=1024, plots=False), ArraySource(data.x[:16_000]),
+                progress=False)
+    m = evaluate(sae, [data.x[16_000:]])
+    assert 5.0 < m.l0 < 7.0, m.l0

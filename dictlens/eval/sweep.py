@@ -37,7 +37,8 @@ ROW = "sweep_row.json"
 # Bumped when what an evaluated figure means changes, so that a sweep recomputes old rows
 # (without retraining). 2: positions above the cache's outlier limit stay clean and unscored.
 # 3: SAEs are evaluated in inference mode (BatchTopK by its threshold, not per batch).
-EVAL_RULES = 3
+# 4: the BatchTopK threshold is calibrated at the end of training (fit on a finished run redoes it).
+EVAL_RULES = 4
 
 
 @dataclass

@@ -394,6 +394,11 @@ class Trainer:
         """Put schedule-free parameters at their average; save the SAE and the curves."""
         if hasattr(self.optimizer, "eval"):
             self.optimizer.eval()
+        if self.sae_cfg.activation == "batchtopk":
+            sample = self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000)
+            rows = (x.to(self.device, torch.float32) * self.sae.input_scale
+                    for x, _ in zip(sample, range(2), strict=False))
+            self.sae.calibrate_threshold(x[torch.isfinite(x).all(dim=1)] for x in rows)
         if self.out is None:
             return
         self.sae.save(self.out, extra={"train": {**to_dict(self.cfg), "lr_used": self.lr,
