@@ -180,6 +180,8 @@ def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
         if batches is None:
             raise InputError("splice evaluation: give batches or a reference")
         reference = splice_reference(lm, hook, batches, mean, max_norm)
+    elif max_norm is not None:
+        raise InputError("splice evaluation: max_norm belongs to the reference (splice_reference(..., max_norm))")
     elif reference.hook != point.name:
         raise InputError(f"splice evaluation: the reference was computed at {reference.hook}, not {point.name}")
     sums = {"clean": 0.0, "sae": 0.0, "kl": 0.0}

@@ -395,9 +395,10 @@ class Trainer:
         if hasattr(self.optimizer, "eval"):
             self.optimizer.eval()
         if self.sae_cfg.activation == "batchtopk":
-            sample = self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000)
-            rows = (x.to(self.device, torch.float32) * self.sae.input_scale
-                    for x, _ in zip(sample, range(2), strict=False))
+            from itertools import islice
+
+            sample = islice(self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000), 2)
+            rows = (x.to(self.device, torch.float32) * self.sae.input_scale for x in sample)
             self.sae.calibrate_threshold(x[torch.isfinite(x).all(dim=1)] for x in rows)
         if self.out is None:
             return
