@@ -208,6 +208,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    """One pass of a text through the model and the SAE: the feature database."""
+    from dictlens.analysis.collect import AnalysisConfig, analyze
+    from dictlens.data.models import load_model
+    from dictlens.errors import InputError
+    from dictlens.sae.model import SAE
+
+    cfg = from_namespace(AnalysisConfig, args)
+    sae = SAE.load(args.run)
+    hook = args.hook or sae.metadata.get("hook")
+    if not hook:
+        raise InputError(f"the SAE in {args.run} does not record its hook; pass --hook")
+    trained_on = sae.metadata.get("hook")
+    if trained_on and hook != trained_on:
+        raise InputError(f"the SAE in {args.run} was trained on {trained_on}, not {hook}")
+    model_name = args.model or sae.metadata.get("model")
+    if not model_name:
+        raise InputError(f"the SAE in {args.run} does not record its model; pass --model")
+    trained_model = sae.metadata.get("model")
+    if args.model and trained_model and args.model != trained_model:
+        print(f"note: the SAE was trained on activations of {trained_model}; analysing it on {args.model}")
+    lm = load_model(model_name, device=cfg.device)
+    out = Path(args.out) if args.out else Path(args.run) / "analysis"
+    print(f"analyze {args.run} at {hook} of {model_name} over {cfg.text} ({cfg.tokens:,} tokens)")
+    r = analyze(sae, lm, hook, cfg, out, run=str(args.run))
+    alive = int((r.stats.count > 0).sum())
+    print(f"{r.tokens:,} tokens in {r.contexts:,} contexts, {r.seconds:.1f} s ({r.tokens / r.seconds:,.0f} tok/s); "
+          f"{alive:,} of {sae.n_features:,} features fired"
+          + (f"; {r.outliers:,} outlier tokens skipped" if r.outliers else ""))
+    print(f"feature database: {out / 'features.db'} (codes in {out / 'codes'})")
+    return 0
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     """Every method on a synthetic setting with known features: one table."""
     import dataclasses
@@ -359,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     import dataclasses
 
     from dictlens import __version__
+    from dictlens.analysis.collect import AnalysisConfig
     from dictlens.data.cache import HarvestConfig
     from dictlens.eval.synthetic import SyntheticConfig
     from dictlens.eval.toy import ToyConfig
@@ -412,6 +446,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=128, help="context length for --splice-text")
     p.add_argument("--out", help="where eval.json and feature_density.png go (default: the run directory)")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("analyze", help="per-feature statistics, examples, logit lens: the feature database",
+                       allow_abbrev=False)
+    p.add_argument("run", help="run directory of a trained SAE")
+    p.add_argument("--model", help="model to run (default: the one the SAE was trained on)")
+    p.add_argument("--hook", help="hook (default: the one the SAE was trained on)")
+    p.add_argument("--out", help="analysis directory (default: RUN/analysis)")
+    add_arguments(p, AnalysisConfig)
+    p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("synth", help="recover known features: SAEs beside baselines on synthetic data",
                        allow_abbrev=False)
