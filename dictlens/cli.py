@@ -238,7 +238,141 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
           f"{alive:,} of {sae.n_features:,} features fired"
           + (f"; {r.outliers:,} outlier tokens skipped" if r.outliers else ""))
     print(f"feature database: {out / 'features.db'} (codes in {out / 'codes'})")
+    if args.report:
+        from dictlens.app.report import write_report
+
+        index = write_report(out)
+        print(f"report: {index.resolve()} (open it in a browser; `dictlens serve {args.run}` for the app)")
     return 0
+
+
+def _analysis_dir(target: str, analysis: str | None) -> Path:
+    """An analysis directory from ``--analysis``, or RUN itself, or RUN/analysis."""
+    from dictlens.analysis.db import DB_FILE
+    from dictlens.errors import CacheError
+
+    for cand in ([Path(analysis)] if analysis else [Path(target), Path(target) / "analysis"]):
+        if (cand / DB_FILE).is_file():
+            return cand
+    raise CacheError(f"no feature database in {analysis or target}: run `dictlens analyze {target}` first")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Write the static HTML report of an analysis."""
+    from dictlens.app.report import write_report
+
+    src = _analysis_dir(args.run, args.analysis)
+    features = None
+    if args.features:
+        features = _parse_ids(args.features)
+    index = write_report(src, args.out, features=features)
+    print(f"report: {index.resolve()}")
+    return 0
+
+
+def _parse_ids(spec: str) -> list[int]:
+    """'0-99,120,7' → ids."""
+    from dictlens.errors import ConfigError
+
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+        except ValueError:
+            raise ConfigError(f"features: expected numbers and ranges like 0-99,120, found {part!r}") from None
+    return out
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """The local web app over an analysis."""
+    from dictlens.app.server import serve
+
+    serve(_analysis_dir(args.run, args.analysis), host=args.host, port=args.port, model=args.model,
+          device=args.device, compare=args.compare)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """Match the features of SAEs pairwise (seeds, widths, layers); splitting with --acts."""
+    from dictlens.analysis.compare import match_features, splitting
+    from dictlens.io import atomic_write_json
+    from dictlens.sae.model import SAE
+
+    if len(args.runs) < 2:
+        from dictlens.errors import ConfigError
+        raise ConfigError("compare: give at least two SAE run directories")
+    saes = [SAE.load(r) for r in args.runs]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs: list[dict[str, Any]] = []
+    for (ra, a), (rb, b) in zip(zip(args.runs, saes, strict=True), list(zip(args.runs, saes, strict=True))[1:],
+                                strict=False):
+        m = match_features(a.W_dec, b.W_dec)
+        row: dict[str, Any] = {"a": ra, "b": rb, "hook_a": a.metadata.get("hook"), "hook_b": b.metadata.get("hook"),
+                               **m.summary()}
+        name = f"{Path(ra).name}__{Path(rb).name}"
+        _write_matches(out / f"matches_{name}.csv", m)
+        if args.acts and a.n_features != b.n_features and row["hook_a"] == row["hook_b"]:
+            from dictlens.data.store import ActivationStore
+
+            narrow, wide = (a, b) if a.n_features < b.n_features else (b, a)
+            store = ActivationStore(args.acts, row["hook_a"])
+            batches = (x for _, x in zip(range(max(1, args.tokens // 4096)), store.batches(4096, shuffle=False),
+                                         strict=False))
+            row["splitting"] = splitting(narrow, wide, batches).summary()
+        pairs.append(row)
+    atomic_write_json(out / "compare.json", {"runs": args.runs, "pairs": pairs})
+    png = _plot_matches(out / "compare.png", args.runs, saes)
+    for r in pairs:
+        print(f"{r['a']} ({r['hook_a']}, {r['features_a']:,}) ↔ {r['b']} ({r['hook_b']}, {r['features_b']:,}): "
+              f"MMCS {r['mmcs_a_to_b']:.3f} / {r['mmcs_b_to_a']:.3f}, Hungarian mean cos "
+              f"{r['hungarian_mean_cos']:.3f}, matched above 0.7: {r['matched_above_0.7']:.1%}")
+        if "splitting" in r:
+            sp = r["splitting"]
+            print(f"  splitting: {sp['wide_features']:,} wide features; their cosine and co-activation parents "
+                  f"agree for {sp['parents_agree']:.1%}; {sp['children_mean']:.2f} children per narrow feature "
+                  f"(max {sp['children_max']}), {sp['narrow_without_children']:.1%} with none")
+    print(f"written: {out / 'compare.json'}, {png}, matches_*.csv")
+    return 0
+
+
+def _write_matches(path: Path, m: Any) -> None:
+    import csv
+    import io
+
+    from dictlens.io import atomic_write_bytes
+
+    partner = dict(zip(m.pairs[:, 0].tolist(), zip(m.pairs[:, 1].tolist(), m.pair_cos.tolist(), strict=True),
+                       strict=True))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["feature_a", "best_b", "cos", "hungarian_b", "hungarian_cos"])
+    for f in range(len(m.best_ab)):
+        hb, hc = partner.get(f, (-1, float("nan")))
+        w.writerow([f, int(m.best_ab[f]), f"{m.cos_ab[f]:.4f}", hb, f"{hc:.4f}"])
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _plot_matches(path: Path, runs: list[str], saes: list[Any]) -> Path:
+    """Histogram of each feature's best cosine in the next SAE, one curve per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dictlens.analysis.compare import cosine_matrix
+    from dictlens.eval.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (ra, a), (rb, b) in zip(zip(runs, saes, strict=True), list(zip(runs, saes, strict=True))[1:], strict=False):
+        best = cosine_matrix(a.W_dec, b.W_dec).max(dim=1).values.numpy()
+        ax.hist(best, bins=50, range=(0, 1), histtype="step", linewidth=1.5,
+                label=f"{Path(ra).name} → {Path(rb).name} (MMCS {best.mean():.3f})")
+    ax.set_xlabel("cosine of each feature's best match in the other SAE")
+    ax.set_ylabel("features")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -341,7 +475,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Harvest the default model's activations, then train a TopK SAE on them."""
+    """Harvest the default model's activations, train a TopK SAE on them, analyse it: the report."""
     from dictlens.data.cache import HarvestConfig, harvest
     from dictlens.data.store import ActivationStore, split_heldout
     from dictlens.data.text import describe_default
@@ -352,14 +486,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dictlens.train.trainer import Trainer
 
     out = Path(args.out)
-    print(f"demo 1/2: harvest smollm2-135m over the default text ({describe_default()})")
+    print(f"demo 1/3: harvest smollm2-135m over the default text ({describe_default()})")
     cfg = HarvestConfig(hooks=["resid_post.15", "mlp_out.15"], out=str(out / "acts"), tokens=args.tokens,
                         context=128, outlier_factor=10.0, shard_tokens=8192)
     result = harvest(cfg)
     print_cache_summary(result.manifest, result.seconds, result.new_tokens)
     print(f"activation cache: {result.path}")
 
-    print("\ndemo 2/2: train a TopK SAE (k=32, 16x = 9,216 features) on resid_post.15")
+    print("\ndemo 2/3: train a TopK SAE (k=32, 16x = 9,216 features) on resid_post.15")
     store = ActivationStore(out / "acts", "resid_post.15", model="smollm2-135m")
     train_src, heldout = split_heldout(store, 8192)
     run = out / "sae"
@@ -385,6 +519,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     atomic_write_json(run / "metrics.json", m.to_dict())
     print_heldout(m)
     print(f"SAE: {run} (config.json, sae.safetensors); curves: {run / 'curves.png'}")
+
+    print(f"\ndemo 3/3: what the features fire on: {args.analyze_tokens:,} tokens the SAE never saw, the report")
+    from dictlens.analysis.collect import AnalysisConfig, analyze
+    from dictlens.app.report import write_report
+    from dictlens.data.models import load_model
+
+    lm = load_model("smollm2-135m")
+    an = analyze(sae, lm, "resid_post.15", AnalysisConfig(tokens=args.analyze_tokens, skip_tokens=args.tokens),
+                 run / "analysis", run=str(run))
+    print(f"{an.tokens:,} tokens at {an.tokens / an.seconds:,.0f} tok/s; "
+          f"{int((an.stats.count > 0).sum()):,} of {sae.n_features:,} features fired")
+    index = write_report(an.path)
+    print(f"report: {index.resolve()}\n(browse it with `dictlens serve {run}`: live text, search by token)")
     return 0
 
 
@@ -453,8 +600,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model to run (default: the one the SAE was trained on)")
     p.add_argument("--hook", help="hook (default: the one the SAE was trained on)")
     p.add_argument("--out", help="analysis directory (default: RUN/analysis)")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write the HTML report (OUT/report) after the database")
     add_arguments(p, AnalysisConfig)
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("report", help="write the static HTML report of an analysis", allow_abbrev=False)
+    p.add_argument("run", help="run directory (its analysis/ is read) or analysis directory")
+    p.add_argument("--analysis", help="analysis directory (default: RUN or RUN/analysis)")
+    p.add_argument("--out", help="report directory (default: ANALYSIS/report)")
+    p.add_argument("--features", help="only these features' pages, e.g. 0-99,120 (default: all)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("serve", help="browse features, run text, search: the local web app", allow_abbrev=False)
+    p.add_argument("run", help="run directory (its analysis/ is read) or analysis directory")
+    p.add_argument("--analysis", help="analysis directory (default: RUN or RUN/analysis)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model", help="model for live text (default: the analysis's)")
+    p.add_argument("--device", help="cpu or cuda for live text")
+    p.add_argument("--compare", help="another SAE run to match this one against (seeds, widths, layers)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("compare", help="match the features of SAEs (seeds, widths, layers): MMCS, Hungarian, "
+                                       "splitting", allow_abbrev=False)
+    p.add_argument("runs", nargs="+", help="SAE run directories, compared in order (A↔B, B↔C, ...)")
+    p.add_argument("--acts", help="activation cache of their hook: also find each wide feature's parent by "
+                                  "co-activation (SAEs of different widths)")
+    p.add_argument("--tokens", type=int, default=65536, help="tokens of --acts to read for co-activation")
+    p.add_argument("--out", required=True, help="directory for compare.json, compare.png, matches_*.csv")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("synth", help="recover known features: SAEs beside baselines on synthetic data",
                        allow_abbrev=False)
@@ -508,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--tokens", type=int, default=100_000, help="tokens to harvest (default: 100000)")
     p.add_argument("--train-tokens", type=int, default=1_000_000, help="SAE training tokens (default: 1M)")
+    p.add_argument("--analyze-tokens", type=int, default=40_000,
+                   help="tokens analysed for the report, after the harvested ones (default: 40000)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -268,3 +268,99 @@ def test_cli_analyze(llama, tiny_model_dirs, corpus, tmp_path, capsys):
     assert "features fired" in out and (tmp_path / "run" / "analysis" / "features.db").is_file()
     assert main(["analyze", str(tmp_path / "run"), "--hook", "resid_post.1", "--text", str(corpus)]) == 2
     assert "trained on resid_post.2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_analyze_on_the_real_default_model(smollm2, tmp_path):
+    """SmolLM2's final RMSNorm gain is found, and a decoder direction planted to raise one
+    token's logit (least squares through W_U, divided by the gain) reads back as that token."""
+    W_U, gain = unembedding(smollm2.model)
+    assert gain is not None and type(final_norm(smollm2.model)).__name__.endswith("RMSNorm")
+    paris = smollm2.tokenizer(" Paris", add_special_tokens=False).input_ids
+    assert len(paris) == 1
+    sae = SAE(SAEConfig(d_in=576, n_features=64, activation="topk", k=8), seed=0,
+              metadata={"model": "smollm2-135m", "hook": "resid_post.15"}).eval()
+    with torch.no_grad():
+        one_hot = torch.zeros(W_U.shape[0])
+        one_hot[paris[0]] = 1.0
+        planted = torch.linalg.lstsq(W_U.float(), one_hot[:, None]).solution[:, 0] / gain
+        sae.W_dec[0] = planted / planted.norm()
+    text = tmp_path / "t.txt"
+    text.write_text("The capital of France is Paris. The capital of Germany is Berlin. " * 20)
+    r = analyze(sae, smollm2, "resid_post.15", AnalysisConfig(text=str(text), tokens=200, context=64,
+                                                              batch_size=2), tmp_path / "an", progress=False)
+    db = FeatureDB(tmp_path / "an")
+    assert db.feature(0)["logit_top"][0]["token"] == " Paris"
+    assert r.tokens >= 200 and (r.stats.count > 0).any()
+    codes = db.codes
+    assert not codes.kept[:, 0].any() and (codes.tokens[:, 0] == smollm2.tokenizer.bos_token_id).all()
+
+
+def _sae_with(dec: torch.Tensor, k: int) -> SAE:
+    sae = SAE(SAEConfig(d_in=dec.shape[1], n_features=dec.shape[0], activation="topk", k=k, normalize="none"),
+              seed=0).eval()
+    with torch.no_grad():
+        sae.W_dec.copy_(dec)
+        sae.W_enc.copy_(dec)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_matching_recovers_a_permutation():
+    from dictlens.analysis.compare import match_features
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(40, 24, generator=g)
+    perm = torch.randperm(40, generator=g)
+    b = a[perm] + 0.05 * torch.randn(40, 24, generator=g)
+    m = match_features(a, b)
+    inverse = torch.argsort(perm).numpy()
+    assert (m.pairs[:, 1] == inverse[m.pairs[:, 0]]).all() and (m.best_ab == inverse).all()
+    assert m.mmcs_ab > 0.99 and m.mmcs_ba > 0.99 and m.summary()["matched_above_0.9"] == 1.0
+    same = match_features(a, a)
+    assert same.mmcs_ab == pytest.approx(1.0, abs=1e-6)
+    # a wider B: every A feature matched once, MMCS both ways
+    wide = match_features(a, torch.cat([b, torch.randn(20, 24, generator=g)]))
+    assert len(wide.pairs) == 40 and wide.mmcs_ab > 0.99 and wide.mmcs_ba < wide.mmcs_ab
+    with pytest.raises(InputError, match="different widths"):
+        match_features(a, torch.randn(5, 7))
+
+
+def test_splitting_finds_each_childs_parent():
+    from dictlens.analysis.compare import splitting
+
+    eye = torch.eye(16)
+    parents = eye[:8]
+    # each parent splits into two children, tilted apart along an unused direction
+    children = torch.cat([torch.nn.functional.normalize(parents + s * 0.3 * eye[8:], dim=1) for s in (1, -1)])
+    narrow, wide = _sae_with(parents, k=1), _sae_with(children, k=1)
+    g = torch.Generator().manual_seed(0)
+    which = torch.randint(0, 16, (2000,), generator=g)
+    x = children[which] * (1 + torch.rand(2000, 1, generator=g))
+    s = splitting(narrow, wide, [x[:1000], x[1000:]])
+    truth = np.arange(16) % 8
+    assert (s.parent_cos == truth).all() and (s.parent_coact == truth).all()
+    assert (s.coact == 1.0).all() and (s.children == 2).all()
+    summary = s.summary()
+    assert summary["parents_agree"] == 1.0 and summary["children_max"] == 2 and summary["wide_fired"] == 16
+
+
+def test_cli_compare(tmp_path, capsys):
+    from dictlens.cli import main
+
+    g = torch.Generator().manual_seed(1)
+    dec = torch.randn(32, 16, generator=g)
+    for name, d in (("a", dec), ("b", dec[torch.randperm(32, generator=g)] + 0.1 * torch.randn(32, 16, generator=g)),
+                    ("c", torch.randn(48, 16, generator=g))):
+        _sae_with(d, k=2).save(tmp_path / name)
+    rc = main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "c"), "--out",
+               str(tmp_path / "cmp")])
+    assert rc == 0
+    data = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert len(data["pairs"]) == 2 and data["pairs"][0]["mmcs_a_to_b"] > 0.95 > data["pairs"][1]["mmcs_a_to_b"]
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    lines = (tmp_path / "cmp" / "matches_a__b.csv").read_text().splitlines()
+    assert lines[0] == "feature_a,best_b,cos,hungarian_b,hungarian_cos" and len(lines) == 33
+    assert "MMCS" in capsys.readouterr().out
+    assert main(["compare", str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2

@@ -17,6 +17,7 @@ The file is written under a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -100,6 +101,11 @@ class FeatureDB:
         self.codes = CodeStore(self.path / CODES_DIR)
         self.vocab = [t for (t,) in self.con.execute("SELECT text FROM vocab ORDER BY id")]
         self.n_features = int(self.meta["n_features"])
+
+    @functools.cached_property
+    def densities(self) -> np.ndarray:
+        """[F] firing density of every feature."""
+        return np.array([d for (d,) in self.con.execute("SELECT density FROM features ORDER BY id")], np.float64)
 
     def close(self) -> None:
         self.con.close()

@@ -1,0 +1,132 @@
+"""Comparing dictionaries: universality across seeds, feature splitting across widths,
+features that persist across layers.
+
+- :func:`match_features`: decoder-cosine matching of two SAEs — for each feature its best
+  partner in the other SAE (MMCS both ways), and the one-to-one Hungarian matching.
+- :func:`splitting`: for a narrow and a wide SAE on the same hook, each wide feature's
+  parent in the narrow one by decoder cosine and by co-activation (the narrow feature that
+  fires most often when it fires), how often the two agree, and how many children each
+  narrow feature has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dictlens.errors import InputError
+
+
+@dataclass
+class Matching:
+    """Decoder-cosine matching of SAE A [Fa features] to SAE B [Fb]."""
+
+    best_ab: np.ndarray  # [Fa] B's most similar feature to each A feature
+    cos_ab: np.ndarray  # [Fa] its cosine
+    best_ba: np.ndarray  # [Fb]
+    cos_ba: np.ndarray  # [Fb]
+    pairs: np.ndarray  # [min(Fa, Fb), 2] the Hungarian one-to-one matching (A id, B id)
+    pair_cos: np.ndarray  # [min(Fa, Fb)]
+
+    @property
+    def mmcs_ab(self) -> float:
+        """Mean over A's features of the best cosine in B."""
+        return float(self.cos_ab.mean())
+
+    @property
+    def mmcs_ba(self) -> float:
+        return float(self.cos_ba.mean())
+
+    def summary(self, thresholds: Iterable[float] = (0.5, 0.7, 0.9)) -> dict[str, Any]:
+        out: dict[str, Any] = {"features_a": len(self.best_ab), "features_b": len(self.best_ba),
+                               "mmcs_a_to_b": self.mmcs_ab, "mmcs_b_to_a": self.mmcs_ba,
+                               "hungarian_mean_cos": float(self.pair_cos.mean()) if len(self.pair_cos) else 0.0}
+        for t in thresholds:
+            out[f"matched_above_{t:g}"] = float((self.pair_cos > t).mean()) if len(self.pair_cos) else 0.0
+        return out
+
+
+def _unit(d: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(d.detach().float(), dim=1)
+
+
+@torch.no_grad()
+def cosine_matrix(dec_a: torch.Tensor, dec_b: torch.Tensor) -> torch.Tensor:
+    """[Fa, Fb] cosines between the rows of two decoders (same width D)."""
+    if dec_a.shape[1] != dec_b.shape[1]:
+        raise InputError(f"the two SAEs read different widths ({dec_a.shape[1]} and {dec_b.shape[1]}): their "
+                         f"decoder directions live in different spaces")
+    return _unit(dec_a) @ _unit(dec_b).T
+
+
+def match_features(dec_a: torch.Tensor, dec_b: torch.Tensor) -> Matching:
+    """Best partners both ways and the Hungarian matching (maximum total cosine)."""
+    from scipy.optimize import linear_sum_assignment
+
+    cos = cosine_matrix(dec_a, dec_b)
+    ab, ba = cos.max(dim=1), cos.max(dim=0)
+    c = cos.numpy()
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    return Matching(ab.indices.numpy(), ab.values.numpy(), ba.indices.numpy(), ba.values.numpy(),
+                    np.stack([rows, cols], axis=1), c[rows, cols])
+
+
+@dataclass
+class Splitting:
+    """Parents of a wide SAE's features in a narrow one (same hook)."""
+
+    parent_cos: np.ndarray  # [F_wide] narrow feature with the largest decoder cosine
+    cos: np.ndarray  # [F_wide] that cosine
+    parent_coact: np.ndarray  # [F_wide] narrow feature that fires most often with it (-1: it never fired)
+    coact: np.ndarray  # [F_wide] P(parent fires | wide feature fires)
+    children: np.ndarray  # [F_narrow] wide features whose cosine parent it is
+
+    def summary(self) -> dict[str, Any]:
+        fired = self.parent_coact >= 0
+        agree = (self.parent_cos == self.parent_coact)[fired]
+        return {"wide_features": len(self.parent_cos), "narrow_features": len(self.children),
+                "wide_fired": int(fired.sum()),
+                "parents_agree": float(agree.mean()) if len(agree) else 0.0,
+                "mean_parent_cos": float(self.cos.mean()),
+                "mean_coactivation": float(self.coact[fired].mean()) if fired.any() else 0.0,
+                "children_mean": float(self.children.mean()), "children_max": int(self.children.max()),
+                "narrow_without_children": float((self.children == 0).mean())}
+
+
+@torch.no_grad()
+def splitting(narrow: Any, wide: Any, batches: Iterable[torch.Tensor]) -> Splitting:
+    """Each wide feature's parent in ``narrow`` by decoder cosine and by co-activation over
+    the activation ``batches`` ([N, D] raw activations of the hook both SAEs read)."""
+    from scipy import sparse
+
+    if narrow.d_in != wide.d_in:
+        raise InputError(f"splitting needs two SAEs on one hook: widths {narrow.d_in} and {wide.d_in} differ")
+    cos = cosine_matrix(wide.W_dec, narrow.W_dec)
+    best = cos.max(dim=1)
+    Fw, Fn = wide.n_features, narrow.n_features
+    joint = sparse.csr_matrix((Fw, Fn), dtype=np.float64)
+    fired = np.zeros(Fw)
+    for x in batches:
+        mats = []
+        for sae in (wide, narrow):
+            with sae.ranking("float32"):
+                p, _ = sae.encode_sparse(x.to(sae.device).float())
+            r, c = p.rows.cpu().numpy(), p.cols.cpu().numpy()
+            mats.append(sparse.csr_matrix((np.ones(len(r)), (r, c)), shape=(len(x), sae.n_features)))
+        joint = joint + mats[0].T @ mats[1]
+        fired += np.asarray(mats[0].sum(axis=0)).ravel()
+    joint = joint.tocsr()
+    parent_coact = np.full(Fw, -1, np.int64)
+    coact = np.zeros(Fw)
+    for w in np.flatnonzero(fired):
+        lo, hi = joint.indptr[w], joint.indptr[w + 1]
+        if hi > lo:
+            j = lo + int(np.argmax(joint.data[lo:hi]))
+            parent_coact[w] = joint.indices[j]
+            coact[w] = joint.data[j] / fired[w]
+    parent = best.indices.numpy()
+    return Splitting(parent, best.values.numpy(), parent_coact, coact, np.bincount(parent, minlength=Fn))

@@ -1,0 +1,174 @@
+"""`dictlens serve`: the local web app (Flask).
+
+Pages: the feature list (sortable, paged), a page per feature (the report's template),
+live text ("which features fire on which tokens"), search by token, and the comparison
+of two SAEs. JSON under ``/api/`` for scripts and for the panels later issues add
+(steering plugs in as another blueprint on the same app, reusing :class:`LiveEncoder`).
+
+The app serves only its own static files (Flask's static route, which refuses paths
+outside the package's ``static/``); nothing reads a path from a request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
+
+from dictlens.analysis.db import FeatureDB
+from dictlens.app.live import LiveEncoder
+from dictlens.app.render import environment, feature_page, index_page, show_token, svg_bars
+from dictlens.errors import DictlensError, InputError
+
+PAGE = 500  # features per index page
+
+
+class Comparison:
+    """This analysis's SAE matched to another SAE (``--compare RUN``), computed on first use."""
+
+    def __init__(self, live: LiveEncoder, other: str | Path | Any | None):
+        self.live, self.other = live, other
+        self._m: Any = None
+        self.name = str(other) if isinstance(other, (str, Path)) else "the other SAE"
+        self.lock = threading.Lock()
+
+    def matching(self) -> Any:
+        from dictlens.analysis.compare import match_features
+        from dictlens.sae.model import SAE
+
+        with self.lock:
+            if self._m is None:
+                other: Any = SAE.load(self.other) if isinstance(self.other, (str, Path)) else self.other
+                self._m = match_features(self.live.load_sae().W_dec, other.W_dec)
+            return self._m
+
+    def for_feature(self, f: int) -> dict[str, Any]:
+        m = self.matching()
+        hit = np.flatnonzero(m.pairs[:, 0] == f)
+        partner = (int(m.pairs[hit[0], 1]), float(m.pair_cos[hit[0]])) if len(hit) else None
+        return {"name": self.name, "best": int(m.best_ab[f]), "cos": float(m.cos_ab[f]), "partner": partner}
+
+
+def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: str | None = None,
+               device: str | None = None, compare: str | Path | Any | None = None) -> Flask:
+    """The app over an analysis directory. ``sae``/``lm`` (optional) are used for live
+    text instead of loading the run and model recorded in the analysis; ``compare`` (a run
+    directory or an SAE) is matched against this SAE on the compare page."""
+    db = FeatureDB(analysis)
+    live = LiveEncoder(db.meta, sae=sae, lm=lm, model=model, device=device)
+    comparison = Comparison(live, compare) if compare is not None else None
+    here = Path(__file__).parent
+    app = Flask("dictlens", template_folder=str(here / "templates"), static_folder=str(here / "static"))
+    app.jinja_options = {**app.jinja_options, "trim_blocks": True, "lstrip_blocks": True}  # as the report
+    app.jinja_env.filters.update(environment().filters)
+    app.config.update(dictlens_db=db, dictlens_live=live)
+
+    def common() -> dict[str, Any]:
+        return {"app": True, "meta": db.meta, "index_url": url_for("index"),
+                "feature_url": lambda f: url_for("feature", f=int(f)),
+                "static": lambda name: url_for("static", filename=name)}
+
+    @app.errorhandler(DictlensError)
+    def bad_input(e: DictlensError) -> Any:
+        if request.path.startswith("/api/"):
+            return jsonify(error=str(e)), 400
+        return render_template("error.html", message=str(e), **common()), 400
+
+    @app.get("/")
+    def index() -> Any:
+        order = request.args.get("order", "id")
+        offset = max(0, request.args.get("offset", 0, type=int))
+        data = index_page(db)
+        data["rows"] = [{**r, "logit_top": [show_token(t) for t in r["logit_top"]]}
+                        for r in db.features(order=order, limit=PAGE, offset=offset)]
+        more = offset + PAGE < db.n_features
+        data["more_url"] = url_for("index", order=order, offset=offset + PAGE) if more else None
+        return render_template("index.html", **common(), **data, order=order)
+
+    @app.get("/feature")
+    def goto() -> Any:
+        f = request.args.get("id", type=int)
+        if f is None:
+            raise InputError("give a feature number")
+        return redirect(url_for("feature", f=db.check_feature(f)))
+
+    @app.get("/feature/<int:f>")
+    def feature(f: int) -> Any:
+        other = comparison.for_feature(db.check_feature(f)) if comparison else None
+        return render_template("feature.html", **common(), **feature_page(db, db.check_feature(f)), other=other)
+
+    @app.get("/compare")
+    def compare_page() -> Any:
+        if comparison is None:
+            return render_template("compare.html", **common(), result=None)
+        m = comparison.matching()
+        order = request.args.get("order", "cos")
+        offset = max(0, request.args.get("offset", 0, type=int))
+        partner = dict(zip(m.pairs[:, 0].tolist(), zip(m.pairs[:, 1].tolist(), m.pair_cos.tolist(), strict=True),
+                           strict=True))
+        ids = np.argsort(-m.cos_ab, kind="stable") if order == "cos" else np.argsort(m.cos_ab, kind="stable")
+        rows = [{"id": int(f), "best": int(m.best_ab[f]), "cos": float(m.cos_ab[f]),
+                 "partner": partner.get(int(f))} for f in ids[offset:offset + PAGE]]
+        more = url_for("compare_page", order=order, offset=offset + PAGE) if offset + PAGE < len(ids) else None
+        return render_template("compare.html", **common(), result=m.summary(), name=comparison.name, rows=rows,
+                               more_url=more, hist=svg_bars(np.histogram(m.cos_ab, bins=40, range=(0, 1))[0].tolist(),
+                                                            labels=("0", "1"), title="best cosine"))
+
+    @app.route("/text", methods=["GET", "POST"])
+    def text() -> Any:
+        q = request.values.get("q", "")
+        tokens, summary = live.encode(q) if q else ([], [])
+        rows = db.features(order="id", limit=db.n_features) if summary else []
+        lens = {r["id"]: [show_token(t) for t in r["logit_top"]] for r in rows}
+        for s in summary:
+            s["logit_top"] = lens.get(s["id"], [])
+        shown = [{"text": show_token(t.text), "features": t.features} for t in tokens]
+        return render_template("text.html", **common(), q=q, tokens=shown, summary=summary[:100])
+
+    @app.get("/token")
+    def token() -> Any:
+        q = request.args.get("q", "")
+        hits = db.features_for_token(q) if q else []
+        return render_template("token.html", **common(), q=q, hits=hits)
+
+    @app.get("/api/feature/<int:f>")
+    def api_feature(f: int) -> Any:
+        data = db.feature(db.check_feature(f))
+        data["examples"] = [e.__dict__ for e in db.examples(f)]
+        return jsonify(data)
+
+    @app.post("/api/text")
+    def api_text() -> Any:
+        body = request.get_json(silent=True) or {}
+        if not isinstance(body.get("text"), str):
+            raise InputError('POST a JSON object {"text": "..."}')
+        tokens, summary = live.encode(body["text"])
+        return jsonify(tokens=[t.__dict__ for t in tokens], features=summary)
+
+    @app.get("/favicon.ico")
+    def favicon() -> Any:
+        abort(404)
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(analysis: str | Path, host: str = "127.0.0.1", port: int = 8000, **kwargs: Any) -> None:
+    """Run the app until interrupted (Werkzeug's threaded server: a local tool, not a public one)."""
+    app = create_app(analysis, **kwargs)
+    if not is_loopback(host):
+        print(f"warning: serving on {host}: anyone who can reach this machine can read the analysed text")
+    print(f"dictlens app on http://{host}:{port}/ (Ctrl-C stops it)")
+    app.run(host=host, port=port, threaded=True, use_reloader=False)
