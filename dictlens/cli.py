@@ -293,6 +293,45 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    """Which features fire on a text (live), or are most active on a token (analysed text)."""
+    from dictlens.analysis.db import FeatureDB
+    from dictlens.errors import ConfigError
+
+    if (args.text is None) == (args.token is None):
+        raise ConfigError("search: give exactly one of --text or --token")
+    if args.token is not None:
+        db = FeatureDB(_analysis_dir(args.run, args.analysis))
+        hits = db.features_for_token(args.token, n=args.n)
+        if not hits:
+            print(f"{args.token!r} does not occur among the {db.meta['tokens']:,} analysed tokens")
+            return 0
+        print(f"features most active on {args.token!r} over its {hits[0]['occurrences']:,} occurrences:")
+        print("| feature | mean activation | fires on | top logit-lens tokens |\n|---:|---:|---:|---|")
+        for h in hits:
+            lens = " ".join(repr(t["token"]) for t in db.feature(h["id"])["logit_top"][:5])
+            print(f"| {h['id']} | {h['mean']:.3g} | {h['fires']:.1%} | {lens} |")
+        return 0
+    from dictlens.analysis.search import features_on_text
+    from dictlens.data.models import load_model
+    from dictlens.sae.model import SAE
+
+    sae = SAE.load(args.run)
+    hook = sae.metadata.get("hook")
+    model = args.model or sae.metadata.get("model")
+    if not hook or not model:
+        raise ConfigError(f"the SAE in {args.run} does not record its hook and model; pass --model")
+    r = features_on_text(sae, load_model(model), hook, args.text)
+    print(f"{len(r.features):,} features fire on the text's {len(r.tokens)} tokens; strongest first:")
+    print("| feature | max | tokens |\n|---:|---:|---:|")
+    for f in r.features[:args.n]:
+        print(f"| {f['id']} | {f['max']:.3g} | {f['tokens']} |")
+    print("\ntoken by token:")
+    for t in r.tokens:
+        print(f"  {t.text!r:>16}  " + "  ".join(f"{i}:{v:.3g}" for i, v in t.features[:6]))
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Match the features of SAEs pairwise (seeds, widths, layers); splitting with --acts."""
     from dictlens.analysis.compare import match_features, splitting
@@ -621,6 +660,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda for live text")
     p.add_argument("--compare", help="another SAE run to match this one against (seeds, widths, layers)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("search", help="features that fire on a text (--text) or on a token (--token)",
+                       allow_abbrev=False)
+    p.add_argument("run", help="SAE run directory (for --token: its analysis)")
+    p.add_argument("--text", help="a text to run through the model and the SAE")
+    p.add_argument("--token", help="a token of the analysed text, e.g. the")
+    p.add_argument("--analysis", help="analysis directory for --token (default: RUN or RUN/analysis)")
+    p.add_argument("--model", help="model for --text (default: the SAE's)")
+    p.add_argument("-n", "--n", type=int, default=20, help="features listed (default 20)")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("compare", help="match the features of SAEs (seeds, widths, layers): MMCS, Hungarian, "
                                        "splitting", allow_abbrev=False)

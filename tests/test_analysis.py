@@ -364,3 +364,32 @@ def test_cli_compare(tmp_path, capsys):
     assert lines[0] == "feature_a,best_b,cos,hungarian_b,hungarian_cos" and len(lines) == 33
     assert "MMCS" in capsys.readouterr().out
     assert main(["compare", str(tmp_path / "a"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_features_on_text_and_cli_search(llama, tiny_model_dirs, corpus, tmp_path, capsys):
+    from dictlens.analysis.search import features_on_text
+    from dictlens.cli import main
+    from dictlens.data.tap import Tap
+
+    sae = SAE(SAEConfig(d_in=32, n_features=40, activation="topk", k=4), seed=1,
+              metadata={"model": str(tiny_model_dirs["llama"]), "hook": "resid_post.1"}).eval()
+    r = features_on_text(sae, llama, "resid_post.1", "The cat sat on the mat.")
+    ids = llama.tokenizer("The cat sat on the mat.", add_special_tokens=False).input_ids
+    assert len(r.tokens) == len(ids)  # BOS left out
+    codes = sae.encode(Tap(llama, ["resid_post.1"])(torch.tensor([[llama.tokenizer.bos_token_id, *ids]]))
+                       ["resid_post.1"][0])
+    assert r.features[0]["max"] == pytest.approx(float(codes[1:].max()), rel=1e-5)
+    assert [f for f, _ in r.tokens[0].features] == codes[1].nonzero()[:, 0][codes[1][codes[1] > 0]
+                                                                            .argsort(descending=True)].tolist()
+    with pytest.raises(InputError, match="at most 256"):
+        features_on_text(sae, llama, "resid_post.1", "word " * 400)
+    sae.save(tmp_path / "run")
+    assert main(["search", str(tmp_path / "run"), "--text", "The cat sat."]) == 0
+    assert "strongest first" in capsys.readouterr().out
+    assert main(["search", str(tmp_path / "run"), "--token", "the"]) == 2
+    assert "no feature database" in capsys.readouterr().err
+    analyze(sae, llama, "resid_post.1", AnalysisConfig(text=str(corpus), tokens=300, context=32),
+            tmp_path / "run" / "analysis", progress=False)
+    assert main(["search", str(tmp_path / "run"), "--token", "the"]) == 0
+    assert "features most active on 'the'" in capsys.readouterr().out
+    assert main(["search", str(tmp_path / "run")]) == 2

@@ -1,0 +1,78 @@
+"""Search features by text: run a text through the model and the SAE and say which
+features fire on which tokens, strongest first. (Search by token over the analysed text is
+:meth:`dictlens.analysis.db.FeatureDB.features_for_token`.)"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dictlens.errors import InputError
+
+
+@dataclass
+class TokenCodes:
+    """One token of the text: its text and its active features, strongest first."""
+
+    text: str
+    features: list[tuple[int, float]]
+
+
+@dataclass
+class TextFeatures:
+    """``tokens``: every analysed token with its strongest features; ``features``: every
+    feature that fired, by its largest activation on the text ({id, max, tokens})."""
+
+    tokens: list[TokenCodes]
+    features: list[dict[str, Any]]
+
+
+def tokenize(lm: Any, text: str, max_tokens: int = 1024) -> torch.Tensor:
+    """[1, T] ids of ``text`` as analysis sees text (BOS first when the tokenizer has one)."""
+    from dictlens.data.packing import resolve_prepend_bos
+
+    if not text.strip():
+        raise InputError("the text is empty")
+    tok = lm.tokenizer
+    ids = tok(text, add_special_tokens=False).input_ids
+    if resolve_prepend_bos(tok, "auto"):
+        ids = [tok.bos_token_id, *ids]
+    limit = min(max_tokens, int(getattr(lm.config, "max_position_embeddings", max_tokens)))
+    if len(ids) > limit:
+        raise InputError(f"the text is {len(ids):,} tokens long; at most {limit:,} fit in one context")
+    return torch.tensor([ids])
+
+
+@torch.no_grad()
+def features_on_text(sae: Any, lm: Any, hook: str, text: str, per_token: int = 8,
+                     max_tokens: int = 1024) -> TextFeatures:
+    """Which features of ``sae`` fire on ``text`` at ``hook`` of ``lm``: per token the
+    ``per_token`` strongest, and every feature ranked by its largest activation. BOS and
+    other special tokens are left out, as in the analysis."""
+    from dictlens.data.packing import special_token_ids
+    from dictlens.data.tap import Tap
+
+    ids = tokenize(lm, text, max_tokens)
+    acts = Tap(lm, [hook])(ids)[hook][0].float()
+    if acts.shape[-1] != sae.d_in:
+        raise InputError(f"hook {hook} of {lm.name} gives {acts.shape[-1]}-wide activations; the SAE reads {sae.d_in}")
+    with sae.ranking("float32"):
+        codes = sae.encode(acts.to(sae.device)).cpu()
+    special = special_token_ids(lm.tokenizer)
+    tokens, best = [], torch.zeros(codes.shape[1])
+    fired = torch.zeros(codes.shape[1], dtype=torch.long)
+    for t, i in enumerate(ids[0].tolist()):
+        if i in special:  # their activations are outliers (SmolLM2's BOS: ~150x the median norm)
+            continue
+        row = codes[t]
+        nz = row.nonzero()[:, 0]
+        order = nz[row[nz].argsort(descending=True)]
+        tokens.append(TokenCodes(lm.tokenizer.decode([i], clean_up_tokenization_spaces=False),
+                                 [(int(f), float(row[f])) for f in order[:per_token]]))
+        best = torch.maximum(best, row)
+        fired += (row > 0).long()
+    ranked = best.argsort(descending=True)
+    return TextFeatures(tokens, [{"id": int(f), "max": float(best[f]), "tokens": int(fired[f])}
+                                 for f in ranked if best[f] > 0])
