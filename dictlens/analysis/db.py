@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +93,10 @@ class FeatureDB:
         db = self.path / DB_FILE
         if not db.is_file():
             raise CacheError(f"{self.path}: no {DB_FILE}; run `dictlens analyze RUN --out {self.path}` first")
+        self._uri = f"file:{db}?mode=ro"
+        self._local = threading.local()  # one read-only connection per thread (the app's workers)
+        self._all: list[sqlite3.Connection] = []
         try:
-            # read-only, and usable from the web app's worker threads
-            self.con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
             self.meta = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
             raise CacheError(f"{db}: not a readable feature database ({e}); re-run `dictlens analyze`") from None
@@ -107,8 +109,21 @@ class FeatureDB:
         """[F] firing density of every feature."""
         return np.array([d for (d,) in self.con.execute("SELECT density FROM features ORDER BY id")], np.float64)
 
+    @property
+    def con(self) -> sqlite3.Connection:
+        """This thread's connection to the database (read-only)."""
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self._uri, uri=True, check_same_thread=False)
+            self._local.con = con
+            self._all.append(con)
+        return con
+
     def close(self) -> None:
-        self.con.close()
+        for con in self._all:
+            con.close()
+        self._all.clear()
+        self._local = threading.local()
 
     def token_text(self, token: int) -> str:
         return self.vocab[token] if 0 <= token < len(self.vocab) else f"<{token}>"
