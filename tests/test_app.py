@@ -204,6 +204,9 @@ def test_report_in_a_browser(browser, analysis, tmp_path):
     assert page.locator("#features tbody tr:visible").count() == 1
     page.fill("#filter", "")
     db = FeatureDB(analysis["dir"])
+    page.click("#features th:nth-child(2)")  # sort by density, densest first
+    first = int(page.locator("#features tbody tr").first.locator("td").first.inner_text())
+    assert db.densities[first] == db.densities.max()
     busy = db.features(order="-count", limit=1)[0]["id"]
     page.click(f'a[href="f{busy}.html"]')
     assert page.locator("#feature-title").inner_text() == f"Feature {busy}"

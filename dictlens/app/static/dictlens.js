@@ -18,3 +18,20 @@
   box.addEventListener("input", apply);
   apply();
 })();
+
+// Sort the feature table by a numeric column (click its header; again to reverse).
+(function () {
+  const table = document.getElementById("features");
+  if (!table) return;
+  table.querySelectorAll("th.sortable").forEach((th) => {
+    th.addEventListener("click", () => {
+      const col = th.cellIndex;
+      const down = th.dataset.dir !== "down";
+      th.dataset.dir = down ? "down" : "up";
+      const body = table.tBodies[0];
+      const rows = Array.from(body.rows);
+      rows.sort((a, b) => (parseFloat(b.cells[col].dataset.v) - parseFloat(a.cells[col].dataset.v)) * (down ? 1 : -1));
+      rows.forEach((r) => body.appendChild(r));
+    });
+  });
+})();
