@@ -393,3 +393,20 @@ def test_features_on_text_and_cli_search(llama, tiny_model_dirs, corpus, tmp_pat
     assert main(["search", str(tmp_path / "run"), "--token", "the"]) == 0
     assert "features most active on 'the'" in capsys.readouterr().out
     assert main(["search", str(tmp_path / "run")]) == 2
+
+
+def test_analyze_skips_norm_outliers(llama, tiny_sae, corpus, tmp_path):
+    from dictlens.data.tap import Tap
+
+    cfg = AnalysisConfig(text=str(corpus), tokens=300, context=32, batch_size=4, outlier_factor=1.1)
+    r = analyze(tiny_sae, llama, "resid_post.1", cfg, tmp_path / "an", progress=False)
+    store = CodeStore(tmp_path / "an" / "codes")
+    ids = torch.from_numpy(np.asarray(store.tokens[:4]).astype(np.int64))
+    norms = Tap(llama, ["resid_post.1"])(ids)["resid_post.1"].norm(dim=-1)
+    special = {llama.tokenizer.bos_token_id, llama.tokenizer.eos_token_id, llama.tokenizer.pad_token_id}
+    text = ~np.isin(np.asarray(store.tokens[:4]), list(special))
+    median = float(norms[:, 1:][torch.from_numpy(text[:, 1:])].median())
+    kept = store.kept[:4]
+    assert r.outliers > 0 and kept.sum() + r.outliers >= text.sum()
+    assert (norms[torch.from_numpy(kept)] <= 1.1 * median * 1.0001).all()  # the first batch fixes the limit
+    assert r.tokens == int(store.kept.sum())

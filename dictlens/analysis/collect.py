@@ -155,10 +155,10 @@ def analyze(sae: Any, lm: Any, hook: str, cfg: AnalysisConfig, out: str | Path, 
                 if acts.shape[-1] != sae.d_in:
                     raise InputError(f"hook {hook} of {lm.name} gives {acts.shape[-1]}-wide activations; "
                                      f"the SAE reads {sae.d_in}")
-                x = acts[keep]
+                x = acts[keep.to(acts.device)]  # keep stays on the CPU (it goes to disk)
                 bad = ~torch.isfinite(x).all(dim=1)
                 if bool(bad.any()):
-                    c, t = keep.nonzero()[bad.nonzero()[0, 0]].tolist()
+                    c, t = keep.nonzero()[int(bad.nonzero()[0, 0])].tolist()
                     raise ActivationError(f"hook {hook}: {int(bad.sum())} activation rows contain NaN or Inf "
                                           f"(first at context {n_ctx + c}, position {t})")
                 norms = x.norm(dim=1)
@@ -171,8 +171,8 @@ def analyze(sae: Any, lm: Any, hook: str, cfg: AnalysisConfig, out: str | Path, 
                 if limit is not None:
                     inlier = norms <= limit
                     outliers += int((~inlier).sum())
-                    flat_keep = keep.nonzero()
-                    keep[flat_keep[~inlier, 0], flat_keep[~inlier, 1]] = False
+                    drop = keep.nonzero()[~inlier.cpu()]
+                    keep[drop[:, 0], drop[:, 1]] = False
                     x = x[inlier]
                 with sae.ranking("float32"):
                     p, vals = sae.encode_sparse(x.to(device))
