@@ -16,6 +16,8 @@ Any module path also works: ``model.layers.3.mlp.down_proj`` is that module's ou
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +25,8 @@ import torch
 from torch import nn
 
 from dictlens.errors import HookError
+
+Replace = Callable[[torch.Tensor], torch.Tensor]
 
 NAMED_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -121,3 +125,29 @@ def input_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     if isinstance(kwargs.get("hidden_states"), torch.Tensor):
         return kwargs["hidden_states"]
     raise HookError("module was called without a tensor input to read")
+
+
+@contextmanager
+def replaced(model: Any, point: HookPoint, fn: Replace) -> Iterator[None]:
+    """Inside the block, the activation at ``point`` [B, T, D] is replaced by ``fn(it)``."""
+    module = dict(model.named_modules())[point.module]
+    if point.io == "input":
+        def pre_hook(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            x = input_tensor(args, kwargs)
+            if args and args[0] is x:
+                return (fn(x), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(x)}
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def post_hook(mod: Any, args: tuple, output: Any) -> Any:
+            x = first_tensor(output)
+            if isinstance(output, torch.Tensor):
+                return fn(x)
+            if isinstance(output, tuple):
+                return (fn(x), *output[1:])
+            raise HookError(f"cannot replace the output of {point.module} ({type(output).__name__})")
+        handle = module.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()

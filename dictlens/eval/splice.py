@@ -17,45 +17,16 @@ norm exceeds ``max_norm`` (the outlier limit of the SAE's training cache, when i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dictlens.data.hooks import HookPoint, first_tensor, input_tensor, resolve_hook
+from dictlens.data.hooks import HookPoint, Replace, replaced, resolve_hook
 from dictlens.data.models import LoadedModel
 from dictlens.errors import InputError
-
-Replace = Callable[[torch.Tensor], torch.Tensor]
-
-
-@contextmanager
-def replaced(model: Any, point: HookPoint, fn: Replace) -> Iterator[None]:
-    """Inside the block, the activation at ``point`` [B, T, D] is replaced by ``fn(it)``."""
-    module = dict(model.named_modules())[point.module]
-    if point.io == "input":
-        def pre_hook(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            x = input_tensor(args, kwargs)
-            if args and args[0] is x:
-                return (fn(x), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(x)}
-        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-        def post_hook(mod: Any, args: tuple, output: Any) -> Any:
-            x = first_tensor(output)
-            if isinstance(output, torch.Tensor):
-                return fn(x)
-            if isinstance(output, tuple):
-                return (fn(x), *output[1:])
-            raise InputError(f"cannot replace the output of {point.module} ({type(output).__name__})")
-        handle = module.register_forward_hook(post_hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @dataclass
