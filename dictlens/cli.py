@@ -722,6 +722,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, TrainConfig, skip=("sparsity_coeff", "heldout_tokens"))
     p.set_defaults(func=_cmd_sweep)
 
+    from dictlens.use.commands import add_parsers as add_use_parsers
+
+    add_use_parsers(sub)
+
     p = sub.add_parser("info", help="summarise (and --verify) an activation cache", allow_abbrev=False)
     p.add_argument("cache", help="cache directory")
     p.add_argument("--verify", action="store_true", help="check every shard's sha256")

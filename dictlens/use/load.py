@@ -1,0 +1,70 @@
+"""An SAE run and the model it belongs to, loaded together and checked against each other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dictlens.errors import InputError
+
+
+@dataclass
+class Loaded:
+    """A trained SAE, its hook, and the model it reads (``max_norm``: the outlier limit of
+    the SAE's training cache at that hook, when the cache is still there)."""
+
+    sae: Any
+    lm: Any
+    hook: str
+    max_norm: float | None
+
+
+def outlier_limit_of(sae: Any, hook: str) -> float | None:
+    """The norm above which the SAE's training cache dropped activations (None: no filter,
+    or the cache is not on this machine)."""
+    from dictlens.eval.splice import outlier_limit
+    from dictlens.io import read_json
+
+    acts = sae.metadata.get("acts")
+    manifest = Path(acts) / "manifest.json" if acts else None
+    if manifest is None or not manifest.is_file():
+        return None
+    return outlier_limit(read_json(manifest), hook)
+
+
+def check_model(sae: Any, run: str | Path, lm: Any, hook: str) -> None:
+    """Refuse a model or hook other than the SAE's: by name when the run records them, and
+    by the width of the activation at ``hook``."""
+    from dictlens.data.tap import Tap
+
+    trained_hook, trained_model = sae.metadata.get("hook"), sae.metadata.get("model")
+    if trained_hook and hook != trained_hook:
+        raise InputError(f"the SAE in {run} was trained on {trained_hook}, not {hook}")
+    if trained_model and lm.name != trained_model:
+        raise InputError(f"the SAE in {run} was trained on activations of {trained_model}, not {lm.name}: "
+                         f"its features mean nothing there")
+    probe = torch.tensor([[lm.tokenizer.eos_token_id or 0] * 2])
+    width = int(Tap(lm, [hook])(probe)[hook].shape[-1])
+    if width != sae.d_in:
+        raise InputError(f"{hook} of {lm.name} is {width} wide; the SAE in {run} reads {sae.d_in}")
+
+
+def load_run(run: str | Path, model: str | None = None, hook: str | None = None,
+             device: str | None = None) -> Loaded:
+    """Load the SAE in ``run`` and its model (``model`` defaults to the one it was trained on)."""
+    from dictlens.data.models import load_model
+    from dictlens.sae.model import SAE
+
+    sae = SAE.load(run, device=device)
+    hook = hook or sae.metadata.get("hook")
+    if not hook:
+        raise InputError(f"the SAE in {run} does not record its hook; pass --hook")
+    name = model or sae.metadata.get("model")
+    if not name:
+        raise InputError(f"the SAE in {run} does not record its model; pass --model")
+    lm = load_model(name, device=device)
+    check_model(sae, run, lm, hook)
+    return Loaded(sae, lm, hook, outlier_limit_of(sae, hook))

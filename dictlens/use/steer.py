@@ -1,0 +1,108 @@
+"""Steered generation: the same prompt, the same seed, with and without feature edits.
+
+``steered_generation(lm, sae, hook, prompt, edits)`` returns both continuations. Both are
+sampled with the same generator seed, so every difference between them comes from the
+edits (with ``temperature=0`` decoding is greedy and needs no seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dictlens.errors import ConfigError, InputError
+from dictlens.use.splice import Edit, Splice
+
+
+@dataclass
+class GenerateConfig:
+    """How to continue a prompt."""
+
+    max_new_tokens: int = 40
+    temperature: float = 0.7      # 0: greedy
+    top_p: float = 0.9
+    seed: int = 0
+    chat: bool = False            # wrap the prompt in the tokenizer's chat template (instruct models)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: expected at least 1, found {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: expected >= 0, found {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: expected a value in (0, 1], found {self.top_p}")
+
+
+@dataclass
+class Generation:
+    prompt: str
+    unsteered: str
+    steered: str
+    prompt_tokens: int
+    edits: list[dict[str, Any]]
+
+
+def prompt_ids(lm: Any, prompt: str, cfg: GenerateConfig) -> torch.Tensor:
+    """[1, T] token ids of the prompt (BOS first where the model has one; chat template if
+    asked); a prompt that leaves no room for ``max_new_tokens`` in the context is refused."""
+    from dictlens.data.packing import resolve_prepend_bos
+
+    if not prompt.strip():
+        raise InputError("the prompt is empty")
+    tok = lm.tokenizer
+    if cfg.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ConfigError(f"chat: the tokenizer of {lm.name} has no chat template")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        if not isinstance(ids, list):
+            ids = list(ids["input_ids"])
+    else:
+        ids = tok(prompt, add_special_tokens=False).input_ids
+        if resolve_prepend_bos(tok, "auto"):
+            ids = [tok.bos_token_id, *ids]
+    limit = lm.max_context
+    if limit is not None and len(ids) + cfg.max_new_tokens > limit:
+        raise InputError(f"the prompt is {len(ids):,} tokens long; with {cfg.max_new_tokens} new tokens it "
+                         f"exceeds {lm.name}'s context of {limit:,}")
+    return torch.tensor([ids], device=lm.device)
+
+
+@torch.inference_mode()
+def generate(lm: Any, ids: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
+    """The new token ids [n] after ``ids`` [1, T], sampled with ``cfg.seed``."""
+    pad = lm.tokenizer.pad_token_id
+    if pad is None:
+        pad = lm.tokenizer.eos_token_id
+    sample = cfg.temperature > 0
+    torch.manual_seed(cfg.seed)
+    if lm.device.type == "cuda":
+        torch.cuda.manual_seed_all(cfg.seed)
+    extra: dict[str, Any] = {"temperature": cfg.temperature, "top_p": cfg.top_p} if sample else {}
+    out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
+                            do_sample=sample, pad_token_id=pad, top_k=None, **extra)
+    return out[0, ids.shape[1]:]
+
+
+def steered_generation(lm: Any, saes: Mapping[str, Any], edits: Mapping[str, Sequence[Edit]], prompt: str,
+                       cfg: GenerateConfig | None = None, *, error_term: bool = True,
+                       max_norm: float | Mapping[str, float | None] | None = None) -> Generation:
+    """Continue ``prompt`` twice with the same seed: as the model is, and with ``edits``
+    applied in the SAEs spliced at their hooks (``saes`` {hook: SAE})."""
+    cfg = cfg or GenerateConfig()
+    if not any(edits.values()):
+        raise ConfigError("steer: give at least one edit (add, clamp, scale, zero or mean)")
+    ids = prompt_ids(lm, prompt, cfg)
+    splice = Splice(lm, saes, edits, error_term=error_term, max_norm=max_norm)
+    plain = generate(lm, ids, cfg)
+    with splice:
+        steered = generate(lm, ids, cfg)
+
+    def text(t: torch.Tensor) -> str:
+        return str(lm.tokenizer.decode(t.tolist(), skip_special_tokens=True))
+
+    return Generation(prompt, text(plain), text(steered), int(ids.shape[1]),
+                      [{"hook": h, "feature": e.feature, "kind": e.kind, "value": e.value, "start": e.start}
+                       for h, es in edits.items() for e in es])
