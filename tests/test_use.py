@@ -316,3 +316,81 @@ def test_metric_definitions(llama):
     assert float(Metric("loss")(logits, ids, keep)) == pytest.approx(float(loss), rel=1e-5)
     with pytest.raises(ConfigError, match="expected 2 token"):
         Metric("logit_diff", (a,))
+
+
+# ---- the command line ------------------------------------------------------------------
+
+@pytest.fixture
+def runs(tiny_model_dirs, tmp_path):
+    model = str(tiny_model_dirs["llama"])
+    out = {}
+    for hook, seed in ((HOOK, 0), ("resid_post.2", 1)):
+        s = SAE(SAEConfig(d_in=32, n_features=48, activation="topk", k=4), seed=seed,
+                metadata={"model": model, "hook": hook}).eval()
+        out[hook] = str(s.save(tmp_path / hook))
+    return out
+
+
+def test_cli_generate_ablate_attribute(runs, tmp_path, capsys):
+    from dictlens.cli import main
+
+    run = runs[HOOK]
+    assert main(["generate", run, "--prompt", "Once upon a time", "--steer", "3:40", "--clamp", "5:2",
+                 "--temperature", "0", "--max-new-tokens", "8", "--json", str(tmp_path / "g.json")]) == 0
+    out = capsys.readouterr().out
+    assert "unsteered" in out and "steered" in out and "add 3 40, clamp 5 2" in out
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert g["steered"] != g["unsteered"] and len(g["edits"]) == 2
+    assert main(["ablate", run, "--feature", "3", "--feature", "7", "--prompt", "The cat sat on the",
+                 "--token", " the", "--json", str(tmp_path / "a.json")]) == 0
+    out = capsys.readouterr().out
+    assert "zero-ablating 3, 7" in out and "| ' the' |" in out
+    assert main(["ablate", run, "--feature", "3", "--mode", "mean", "--text", "default", "--tokens", "200"]) == 0
+    assert "set to their means" in capsys.readouterr().out
+    assert main(["attribute", runs[HOOK], runs["resid_post.2"], "--prompt", "The cat sat on the", "--metric", "loss",
+                 "--top", "5", "--check", "2", "--edges", "2", "--out", str(tmp_path / "attr")]) == 0
+    out = capsys.readouterr().out
+    assert "loss =" in out and "strongest edges" in out and "same sign" in out
+    saved = json.loads((tmp_path / "attr" / "attribution.json").read_text())
+    assert set(saved["nodes"]) == {HOOK, "resid_post.2"} and saved["edges"]
+    assert (tmp_path / "attr" / "graph.png").stat().st_size > 1000
+
+
+def test_cli_monitor_streams_json_events(runs, tmp_path, capsys, monkeypatch):
+    import io
+
+    from dictlens.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("The cat sat on the mat.\n\nA dog.\n"))
+    watch = [a for f in range(0, 48, 2) for a in ("--feature", f"{f}:0.0")]
+    assert main(["monitor", runs[HOOK], *watch]) == 0
+    captured = capsys.readouterr()
+    events = [json.loads(line) for line in captured.out.splitlines()]
+    assert events and all(e["feature"] % 2 == 0 for e in events) and {e["doc"] for e in events} == {1, 3}
+    assert "events from 2 documents" in captured.err
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"id": "p1", "prompt": "The cat"}\n'))
+    assert main(["monitor", runs[HOOK], *watch, "--jsonl", "--text-field", "prompt",
+                 "--out", str(tmp_path / "ev.jsonl")]) == 0
+    lines = (tmp_path / "ev.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(line)["doc"] == "p1" for line in lines)
+
+
+def test_cli_errors_are_one_line(runs, tiny_model_dirs, capsys):
+    from dictlens.cli import main
+
+    run = runs[HOOK]
+    for argv, message in [
+        (["generate", run, "--prompt", "Hi", "--steer", "3:abc"], "'abc' is not a number"),
+        (["generate", run, "--prompt", "Hi", "--steer", "99:1"], "feature 99 is out of range"),
+        (["generate", run, "--prompt", "Hi"], "give at least one --steer"),
+        (["generate", run, "--prompt", "word " * 300, "--steer", "1:1"], "exceeds"),
+        (["generate", run, "--prompt", "Hi", "--steer", "1:1", "--model", str(tiny_model_dirs["gpt2"])],
+         "trained on activations of"),
+        (["monitor", run, "--feature", "3:x"], "'x' is not a number"),
+        (["ablate", run, "--feature", "1"], "exactly one of --prompt or --text"),
+        (["attribute", run, "--prompt", "Hi", "--metric", "logit-diff", "--token", "a"], "expected 2 token"),
+        (["attribute", run, run, "--prompt", "Hi"], "two SAEs at resid_post.1"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err.strip().splitlines()[-1] and "Traceback" not in err, (argv, err)

@@ -21,12 +21,14 @@ an upstream feature u at a is the linear effect of u on s_d through the model,
 
 one backward pass per downstream feature. Edges are computed between consecutive hooks.
 Special tokens and activations above the SAE's training outlier limit carry no codes:
-their whole activation counts as untouched (``other``).
+their whole activation counts as ``untouched``. The features outside the listed top
+ones are summed as ``rest``, so that every hook's nodes add up to Σ_t x(t)·g_h(t).
 """
 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
@@ -81,15 +83,15 @@ def make_metric(lm: Any, kind: str, tokens: Sequence[str] = ()) -> Metric:
     from dictlens.use.ablate import token_ids
 
     kind = kind.replace("-", "_")
-    ids = tuple(token_ids(lm, tokens))
+    metric = Metric(kind, tuple(token_ids(lm, tokens)))  # type: ignore[arg-type]
     label = {"logit": "logit({})", "logprob": "log p({})", "logit_diff": "logit({}) − logit({})",
-             "loss": "loss"}.get(kind, kind).format(*(repr(t) for t in tokens))
-    return Metric(kind, ids, label=label)  # type: ignore[arg-type]
+             "loss": "loss"}[kind].format(*(repr(t) for t in tokens))
+    return Metric(metric.kind, metric.tokens, label=label)
 
 
 @dataclass
 class Node:
-    """A feature (or the ``error`` / ``bias`` / ``other`` remainder) at a hook."""
+    """A feature (or the ``rest`` of the features, ``error``, ``bias``, ``untouched``) at a hook."""
 
     hook: str
     feature: int | str
@@ -114,9 +116,9 @@ class Attribution:
     prompt: str
     metric: str
     value: float                       # m on the clean model
-    nodes: dict[str, list[Node]]       # per hook, features by |attribution|, then error, bias, other
+    nodes: dict[str, list[Node]]       # per hook, features by |attribution|, then rest, error, bias, untouched
     edges: list[Edge] = field(default_factory=list)
-    total: dict[str, float] = field(default_factory=dict)   # Σ x·g per hook (features + error + bias + other)
+    total: dict[str, float] = field(default_factory=dict)   # Σ x·g per hook (what the nodes add up to)
 
     def checked(self) -> list[Node]:
         return [n for ns in self.nodes.values() for n in ns if n.ablation is not None]
@@ -230,9 +232,12 @@ def _node_table(hook: str, sae: Any, c: _HookCodes, x: torch.Tensor, g: torch.Te
         nodes.append(Node(hook, int(f), float(by_feature[f]), float(c.vals[pairs].max()), t, tokens[t]))
     kept = c.kept
     err = float(((x - c.x_hat) * g)[kept].sum())
-    bias = float((g[kept] @ sae.b_dec.detach().float()).sum()) if bool(kept.any()) else 0.0
-    other = float((x * g)[~kept].sum())
-    nodes += [Node(hook, "error", err), Node(hook, "bias", bias), Node(hook, "other", other)]
+    b_dec = (sae.b_dec / sae.input_scale).detach().float()   # raw units (a model fresh from training is not folded)
+    bias = float((g[kept] @ b_dec).sum()) if bool(kept.any()) else 0.0
+    rest = float(by_feature.sum()) - sum(n.attribution for n in nodes)
+    untouched = float((x * g)[~kept].sum())
+    nodes += [Node(hook, "rest", rest), Node(hook, "error", err), Node(hook, "bias", bias),
+              Node(hook, "untouched", untouched)]
     return nodes, float((x * g).sum())
 
 
@@ -340,12 +345,15 @@ def plot_graph(result: Attribution, path: str | Path, labels: Mapping[tuple[str,
     for h in hooks:
         for nd in cols[h]:
             x, y = place[(h, nd.feature)]
-            ax.scatter([x], [y], s=60 + 900 * abs(nd.attribution) / biggest, zorder=2,
+            area = 60 + 900 * abs(nd.attribution) / biggest     # points²
+            ax.scatter([x], [y], s=area, zorder=2,
                        color="#ea580c" if nd.attribution > 0 else "#3b82f6", edgecolor="#111", linewidth=0.5)
             text = f"{nd.feature}  {nd.attribution:+.3g}"
             if labels and (h, nd.feature) in labels:
                 text += f"\n{labels[(h, nd.feature)]}"
-            ax.annotate(text, (x, y), xytext=(14, 0), textcoords="offset points", va="center", fontsize=7.5)
+            ax.annotate(text, (x, y), xytext=(area ** 0.5 / 2 + 4, 0), textcoords="offset points", va="center",
+                        fontsize=7.5, zorder=3, bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none",
+                                                      "alpha": 0.8})
     ax.set_xticks(range(len(hooks)), hooks)
     ax.set_yticks([])
     ax.set_xlim(-0.4, len(hooks) - 0.2)
@@ -353,9 +361,11 @@ def plot_graph(result: Attribution, path: str | Path, labels: Mapping[tuple[str,
     for side in ("left", "right", "top"):
         ax.spines[side].set_visible(False)
     ax.set_title(f"{result.metric} = {result.value:.3g} on {result.prompt[:60]!r}", fontsize=9)
-    fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130)
+    with warnings.catch_warnings():      # a token outside the font's glyphs is drawn as a box: fine
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=130)
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)

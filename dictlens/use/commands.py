@@ -44,10 +44,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("generate: give at least one --steer, --clamp, --scale or --ablate")
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed, chat=args.chat)
-    run = load_run(args.run, model=args.model, device=args.device)
     from dictlens.use.splice import check_edits
 
-    check_edits(run.sae, edits)
+    run = load_run(args.run, model=args.model, device=args.device, check=lambda sae: check_edits(sae, edits))
     ids = prompt_ids(run.lm, args.prompt, cfg)
     from dictlens.data.tap import Tap
 
@@ -140,9 +139,11 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
 
     from dictlens.use.load import load_run
     from dictlens.use.monitor import Monitor, parse_watch
+    from dictlens.use.splice import Edit, check_edits
 
     watches = [parse_watch(s) for s in args.feature]
-    run = load_run(args.run, model=args.model, device=args.device)
+    run = load_run(args.run, model=args.model, device=args.device,
+                   check=lambda sae: check_edits(sae, [Edit(w.feature, "zero") for w in watches]))
     monitor = Monitor(run.lm, run.sae, run.hook, watches, window=args.window, max_norm=run.max_norm)
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
     n_events, t0 = 0, time.perf_counter()
@@ -204,6 +205,8 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
             at = f"{n.token!r} (pos {n.position})" if n.position >= 0 else ""
             code = f"{n.activation:.3g}" if isinstance(n.feature, int) else ""
             print(f"| {n.feature} | {n.attribution:+.4f} | {abl} | {code} | {at} |")
+    print("\nrest: the features not listed; error: x − x̂; bias: b_dec; untouched: special tokens and outlier "
+          "positions (no codes). Each hook's rows add up to Σ x·∂m/∂x.")
     agree = r.agreement()
     if agree:
         print(f"\nattribution vs real ablation over {agree['checked']} features: same sign "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +54,15 @@ def check_model(sae: Any, run: str | Path, lm: Any, hook: str) -> None:
 
 
 def load_run(run: str | Path, model: str | None = None, hook: str | None = None,
-             device: str | None = None) -> Loaded:
-    """Load the SAE in ``run`` and its model (``model`` defaults to the one it was trained on)."""
+             device: str | None = None, check: Callable[[Any], None] | None = None) -> Loaded:
+    """Load the SAE in ``run`` and its model (``model`` defaults to the one it was trained on).
+    ``check(sae)`` runs before the model loads (e.g. that edited features exist)."""
     from dictlens.data.models import load_model
     from dictlens.sae.model import SAE
 
     sae = SAE.load(run, device=device)
+    if check is not None:
+        check(sae)
     hook = hook or sae.metadata.get("hook")
     if not hook:
         raise InputError(f"the SAE in {run} does not record its hook; pass --hook")
