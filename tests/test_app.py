@@ -279,3 +279,47 @@ def test_app_compare_page(analysis):
     assert b"closest feature 20 (cosine 1)" in r.data and b"one-to-one partner 20" in r.data
     plain = create_app(analysis["dir"], sae=sae, lm=analysis["lm"]).test_client()
     assert b"dictlens serve RUN --compare OTHER_RUN" in plain.get("/compare").data
+
+
+def test_app_steering_panel_and_api(client, analysis):
+    r = client.get("/feature/3")
+    assert b'id="steer-this"' in r.data
+    r = client.get("/steer", query_string={"feature": 3})
+    assert r.status_code == 200 and b'value="3:' in r.data and b'id="steer-result"' not in r.data
+    hostile = "The cat " + HOSTILE[0]
+    r = client.post("/steer", data={"prompt": hostile, "edits": "3:30, 5:10", "kind": "add",
+                                    "max_new_tokens": "6", "temperature": "0"})
+    assert r.status_code == 200 and b'id="steer-result"' in r.data and b"<script>window" not in r.data
+    audit = _audit(r.data.decode())
+    assert not audit.handlers and all(s.get("src") for s in audit.scripts)
+    steered = re.search(r'id="steered"><span class="frac">.*?</span>(.*?)</p>', r.data.decode(), re.S).group(1)
+    unsteered = re.search(r'id="unsteered"><span class="frac">.*?</span>(.*?)</p>', r.data.decode(), re.S).group(1)
+    assert steered != unsteered
+    r = client.post("/api/steer", json={"prompt": "The cat", "edits": [{"feature": 3, "kind": "add", "value": 30}],
+                                        "max_new_tokens": 6, "temperature": 0})
+    body = r.get_json()
+    assert r.status_code == 200 and body["steered"] != body["unsteered"] and body["edits"][0]["feature"] == 3
+    for data, message in [({"prompt": "x", "edits": "3:abc"}, b"is not a number"),
+                          ({"prompt": "x", "edits": "99:1"}, b"out of range"),
+                          ({"prompt": "x", "edits": ""}, b"at least one edit"),
+                          ({"prompt": "x", "edits": "3:1", "max_new_tokens": "many"}, b"is not a number")]:
+        r = client.post("/steer", data=data)
+        assert r.status_code == 400 and message in r.data, data
+    r = client.post("/api/steer", json={"prompt": "x", "edits": [{"kind": "add"}]})
+    assert r.status_code == 400 and "feature" in r.get_json()["error"]
+
+
+def test_app_steering_in_a_browser(browser, server):
+    page, dialogs = _page(browser)
+    page.goto(server + "/feature/3")
+    page.click("#steer-this")
+    page.wait_for_url("**/steer?feature=3")
+    page.fill("#prompt", "Once upon a time " + HOSTILE[1])
+    page.fill("#edits", "3:30")
+    page.click("#steer-run")
+    page.wait_for_selector("#steer-result")
+    assert page.locator("#steered").inner_text() != page.locator("#unsteered").inner_text()
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "app_steer.png"), full_page=True)
+    assert page.evaluate("window.__pwned") is None and not dialogs
+    page.close()

@@ -48,6 +48,17 @@ class LiveEncoder:
         if self.sae.n_features != int(self.meta["n_features"]):
             raise InputError(f"the SAE has {self.sae.n_features} features, the analysis {self.meta['n_features']}")
 
+    def steer(self, prompt: str, edits: list[Any], cfg: Any) -> Any:
+        """The prompt continued with and without ``edits`` (:class:`dictlens.use.Edit`) in the
+        SAE spliced at its hook (:func:`dictlens.use.steer.steered_generation`)."""
+        from dictlens.use.load import outlier_limit_of
+        from dictlens.use.steer import steered_generation
+
+        with self.lock:
+            self._load()
+            return steered_generation(self.lm, {self.hook: self.sae}, {self.hook: edits}, prompt, cfg,
+                                      max_norm=outlier_limit_of(self.sae, self.hook))
+
     def encode(self, text: str, per_token: int = 8) -> tuple[list[TokenCodes], list[dict[str, Any]]]:
         """Per token its strongest features, and every feature ranked by its largest
         activation on the text (:func:`dictlens.analysis.search.features_on_text`)."""

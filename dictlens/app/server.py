@@ -2,8 +2,8 @@
 
 Pages: the feature list (sortable, paged), a page per feature (the report's template),
 live text ("which features fire on which tokens"), search by token, and the comparison
-of two SAEs. JSON under ``/api/`` for scripts and for the panels later issues add
-(steering plugs in as another blueprint on the same app, reusing :class:`LiveEncoder`).
+of two SAEs, and steering (a prompt continued with and without feature edits, side by
+side). JSON under ``/api/`` for scripts.
 
 The app serves only its own static files (Flask's static route, which refuses paths
 outside the package's ``static/``); nothing reads a path from a request.
@@ -129,6 +129,32 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
         shown = [{"text": show_token(t.text), "features": t.features} for t in tokens]
         return render_template("text.html", **common(), q=q, tokens=shown, summary=summary[:100])
 
+    @app.route("/steer", methods=["GET", "POST"])
+    def steer() -> Any:
+        form = steer_form(request.values, db)
+        result = None
+        if request.method == "POST" or request.values.get("prompt"):
+            result = live.steer(form["prompt"], parse_steer_edits(form, db), steer_config(form))
+        return render_template("steer.html", **common(), form=form, result=result)
+
+    @app.post("/api/steer")
+    def api_steer() -> Any:
+        from dictlens.use.splice import Edit
+
+        body = request.get_json(silent=True) or {}
+        if not isinstance(body.get("prompt"), str) or not isinstance(body.get("edits"), list):
+            raise InputError('POST a JSON object {"prompt": "...", "edits": [{"feature": F, "kind": "add", '
+                             '"value": C}], "max_new_tokens": N, "temperature": T, "seed": S}')
+        try:
+            edits = [Edit(int(e["feature"]), e.get("kind", "add"), float(e.get("value", 0.0)), int(e.get("start", 0)))
+                     for e in body["edits"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"edits: each needs a feature and a numeric value ({e})") from None
+        for e in edits:
+            db.check_feature(e.feature)
+        g = live.steer(body["prompt"], edits, steer_config(body))
+        return jsonify(prompt=g.prompt, unsteered=g.unsteered, steered=g.steered, edits=g.edits)
+
     @app.get("/token")
     def token() -> Any:
         q = request.args.get("q", "")
@@ -154,6 +180,56 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
         abort(404)
 
     return app
+
+
+def steer_form(values: Any, db: FeatureDB) -> dict[str, Any]:
+    """The steering form's fields (from a request), defaulted: one feature at twice its
+    largest analysed activation."""
+    feature = values.get("feature", type=int)
+    default = ""
+    if feature is not None:
+        f = db.feature(db.check_feature(feature))
+        default = f"{feature}:{2 * (f['max'] or 1.0):.3g}"
+    return {"prompt": values.get("prompt", "I went to the market and"), "edits": values.get("edits", default),
+            "kind": values.get("kind", "add"), "start": values.get("start", "0"),
+            "max_new_tokens": values.get("max_new_tokens", "30"), "temperature": values.get("temperature", "0.7"),
+            "seed": values.get("seed", "0")}
+
+
+def parse_steer_edits(form: dict[str, Any], db: FeatureDB) -> list[Any]:
+    """``F:VALUE, F:VALUE`` in the form's kind (add or clamp; ``zero`` takes ``F`` alone)."""
+    from dictlens.use.splice import parse_edit
+
+    kind = form["kind"]
+    if kind not in ("add", "clamp", "scale", "zero"):
+        raise InputError(f"kind {kind!r}: expected add, clamp, scale or zero")
+    try:
+        start = int(form["start"])
+    except ValueError:
+        raise InputError(f"from position {form['start']!r} is not an integer") from None
+    specs = [s.strip() for s in str(form["edits"]).replace(";", ",").split(",") if s.strip()]
+    if not specs:
+        raise InputError("give at least one edit, e.g. 123:40")
+    edits = [parse_edit(s, kind, start) for s in specs]
+    for e in edits:
+        db.check_feature(e.feature)
+    return edits
+
+
+def steer_config(values: Any) -> Any:
+    from dictlens.use.steer import GenerateConfig
+
+    def number(key: str, kind: type, default: Any) -> Any:
+        raw = values.get(key, default)
+        try:
+            return kind(raw)
+        except (TypeError, ValueError):
+            raise InputError(f"{key}: {raw!r} is not a number") from None
+    cfg = GenerateConfig(max_new_tokens=number("max_new_tokens", int, 30),
+                         temperature=number("temperature", float, 0.7), seed=number("seed", int, 0))
+    if cfg.max_new_tokens > 200:
+        raise InputError("max_new_tokens: at most 200 in the app")
+    return cfg
 
 
 def is_loopback(host: str) -> bool:
