@@ -148,8 +148,8 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
         try:
             edits = [Edit(int(e["feature"]), e.get("kind", "add"), float(e.get("value", 0.0)), int(e.get("start", 0)))
                      for e in body["edits"]]
-        except (KeyError, TypeError, ValueError) as e:
-            raise InputError(f"edits: each needs a feature and a numeric value ({e})") from None
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"edits: each needs a feature and a numeric value ({err})") from None
         for e in edits:
             db.check_feature(e.feature)
         g = live.steer(body["prompt"], edits, steer_config(body))
