@@ -525,14 +525,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dictlens.train.trainer import Trainer
 
     out = Path(args.out)
-    print(f"demo 1/3: harvest smollm2-135m over the default text ({describe_default()})")
+    print(f"demo 1/4: harvest smollm2-135m over the default text ({describe_default()})")
     cfg = HarvestConfig(hooks=["resid_post.15", "mlp_out.15"], out=str(out / "acts"), tokens=args.tokens,
                         context=128, outlier_factor=10.0, shard_tokens=8192)
     result = harvest(cfg)
     print_cache_summary(result.manifest, result.seconds, result.new_tokens)
     print(f"activation cache: {result.path}")
 
-    print("\ndemo 2/3: train a TopK SAE (k=32, 16x = 9,216 features) on resid_post.15")
+    print("\ndemo 2/4: train a TopK SAE (k=32, 16x = 9,216 features) on resid_post.15")
     store = ActivationStore(out / "acts", "resid_post.15", model="smollm2-135m")
     train_src, heldout = split_heldout(store, 8192)
     run = out / "sae"
@@ -559,7 +559,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print_heldout(m)
     print(f"SAE: {run} (config.json, sae.safetensors); curves: {run / 'curves.png'}")
 
-    print(f"\ndemo 3/3: what the features fire on: {args.analyze_tokens:,} tokens the SAE never saw, the report")
+    print(f"\ndemo 3/4: what the features fire on: {args.analyze_tokens:,} tokens the SAE never saw, the report")
     from dictlens.analysis.collect import AnalysisConfig, analyze
     from dictlens.app.report import write_report
     from dictlens.data.models import load_model
@@ -570,8 +570,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"{an.tokens:,} tokens at {an.tokens / an.seconds:,.0f} tok/s; "
           f"{int((an.stats.count > 0).sum()):,} of {sae.n_features:,} features fired")
     index = write_report(an.path)
-    print(f"report: {index.resolve()}\n(browse it with `dictlens serve {run}`: live text, search by token)")
+    print(f"report: {index.resolve()}\n(browse it with `dictlens serve {run}`: live text, search by token, "
+          "steering)")
+    _demo_steer(sae, lm, an.path, run)
     return 0
+
+
+def _demo_steer(sae: Any, lm: Any, analysis: Path, run: Path) -> None:
+    """Step 4: the feature most active on a topical word, added to the residual stream while
+    the model continues a neutral prompt."""
+    from dictlens.analysis.db import FeatureDB
+    from dictlens.use.commands import side_by_side
+    from dictlens.use.load import outlier_limit_of
+    from dictlens.use.splice import Edit
+    from dictlens.use.steer import GenerateConfig, steered_generation
+
+    db = FeatureDB(analysis)
+    for word in (" money", " love", " war", " water"):
+        hits = db.features_for_token(word, n=1)
+        if hits:
+            break
+    else:
+        print("\ndemo 4/4: skipped (none of the topical words occurs in the analysed text)")
+        return
+    f = db.feature(hits[0]["id"])
+    coeff = float(f"{f['max']:.3g}")
+    prompt = "I went to the market and"
+    print(f"\ndemo 4/4: steer with feature {f['id']}, the one most active on {word!r}: add {coeff:g} × its "
+          f"direction (its largest activation) at every position")
+    g = steered_generation(lm, {"resid_post.15": sae}, {"resid_post.15": [Edit(int(f["id"]), "add", coeff)]}, prompt,
+                           GenerateConfig(max_new_tokens=30), max_norm=outlier_limit_of(sae, "resid_post.15"))
+    print(f"prompt: {prompt!r}\n")
+    print(side_by_side(g.unsteered, g.steered, ("unsteered", "steered"), width=100))
+    print(f"\n(`dictlens generate {run} --prompt \"...\" --steer {f['id']}:{coeff:g}` does this for any prompt)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -149,7 +149,8 @@ def _cmd_monitor(args: argparse.Namespace) -> int:
     n_events, t0 = 0, time.perf_counter()
     counter = _Counter(_monitor_docs(args))
     try:
-        for event in monitor.scan(counter, context=args.context, batch_size=args.batch_size):
+        for event in monitor.scan(counter, context=args.context, batch_size=args.batch_size,
+                                  sort_windows=1 if args.batch_size == 1 else 8 * args.batch_size):
             out.write(json.dumps(event.to_dict(), ensure_ascii=False) + "\n")
             if args.flush:
                 out.flush()

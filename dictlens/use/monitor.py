@@ -118,29 +118,48 @@ class Monitor:
 
     @torch.inference_mode()
     def scan(self, docs: Iterable[str | tuple[Any, str]], *, context: int = 256, batch_size: int = 8,
-             callback: Callable[[Event], None] | None = None) -> Iterator[Event]:
-        """Events of ``docs`` (texts, or (id, text) pairs), in document order."""
+             sort_windows: int = 64, callback: Callable[[Event], None] | None = None) -> Iterator[Event]:
+        """Events of ``docs`` (texts, or (id, text) pairs), in document order.
+
+        ``sort_windows`` windows are read ahead and batched by length, so that a batch of
+        short documents is not padded to the longest window (1: no read-ahead, for
+        interactive input)."""
         from dictlens.data.tap import Tap
 
         limit = self.lm.max_context
         if limit is not None and context > limit:
             raise ConfigError(f"monitor: context {context} exceeds {self.lm.name}'s {limit}")
         tap = Tap(self.lm, [self.hook])
-        bos = self.lm.tokenizer.bos_token_id
-        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
-        batch: list[tuple[Any, list[int], int]] = []
+        pending: list[tuple[Any, list[int], int]] = []
         for item in self._windows(docs, context):
-            batch.append(item)
-            if len(batch) == batch_size:
-                yield from self._run(tap, batch, bos, pad, callback)
-                batch = []
-        if batch:
-            yield from self._run(tap, batch, bos, pad, callback)
+            pending.append(item)
+            if len(pending) >= max(sort_windows, batch_size):
+                yield from self._run_sorted(tap, pending, batch_size, callback)
+                pending = []
+        if pending:
+            yield from self._run_sorted(tap, pending, batch_size, callback)
 
-    def _run(self, tap: Any, batch: list[tuple[Any, list[int], int]], bos: int | None, pad: int,
-             callback: Callable[[Event], None] | None) -> Iterator[Event]:
+    def _run_sorted(self, tap: Any, windows: list[tuple[Any, list[int], int]], batch_size: int,
+                    callback: Callable[[Event], None] | None) -> Iterator[Event]:
+        """The windows' events in window order, from batches of windows of similar length."""
+        by_length = sorted(range(len(windows)), key=lambda i: len(windows[i][1]))
+        found: dict[int, list[Event]] = {}
+        for s in range(0, len(by_length), batch_size):
+            part = by_length[s:s + batch_size]
+            for i, events in zip(part, self._run(tap, [windows[i] for i in part]), strict=True):
+                found[i] = events
+        for i in range(len(windows)):
+            for event in found[i]:
+                if callback is not None:
+                    callback(event)
+                yield event
+
+    def _run(self, tap: Any, batch: list[tuple[Any, list[int], int]]) -> list[list[Event]]:
+        """Each window's events (by position, then watch order)."""
         from dictlens.data.packing import resolve_prepend_bos
 
+        bos = self.lm.tokenizer.bos_token_id
+        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
         lead = 1 if bos is not None and resolve_prepend_bos(self.lm.tokenizer, "auto") else 0
         T = lead + max(len(ids) for _, ids, _ in batch)
         ids_BT = torch.full((len(batch), T), pad, dtype=torch.long)
@@ -154,13 +173,12 @@ class Monitor:
         x = tap(ids_BT)[self.hook]
         rows, which, vals = self.firings(x.reshape(-1, x.shape[-1]), keep.reshape(-1))
         order = torch.argsort(rows * len(self.features) + which, stable=True)
+        out: list[list[Event]] = [[] for _ in batch]
         for r, w, v in zip(rows[order].tolist(), which[order].tolist(), vals[order].tolist(), strict=True):
             b, t = divmod(r, T)
             doc, ids, base = batch[b]
-            event = self._event(doc, ids, base + t - lead, w, v, base)
-            if callback is not None:
-                callback(event)
-            yield event
+            out[b].append(self._event(doc, ids, base + t - lead, w, v, base))
+        return out
 
     # ---- inside a serving stack -------------------------------------------------------
     @contextmanager
