@@ -85,9 +85,11 @@ def _train_source(args: argparse.Namespace) -> tuple[object, dict[str, object]]:
     from dictlens.errors import ConfigError
 
     if args.acts:
+        from dictlens.eval.splice import outlier_limit
+
         store = ActivationStore(args.acts, args.hook, model=args.model)
         return store, {"model": store.model, "hook": store.hook, "acts": str(args.acts),
-                       "context": store.manifest["context"]}
+                       "context": store.manifest["context"], "outlier_limit": outlier_limit(store.manifest, store.hook)}
     if not (args.model and args.hook and args.text):
         raise ConfigError("train: give --acts DIR (a harvested cache), or --model, --hook and --text to stream")
     from dictlens.data.models import load_model
@@ -519,6 +521,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dictlens.data.store import ActivationStore, split_heldout
     from dictlens.data.text import describe_default
     from dictlens.eval.metrics import evaluate
+    from dictlens.eval.splice import outlier_limit
     from dictlens.io import atomic_write_json
     from dictlens.sae.config import SAEConfig
     from dictlens.train.config import TrainConfig
@@ -540,7 +543,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     def trainer() -> Trainer:
         return Trainer(SAEConfig(activation="topk", k=32, expansion=16), train_cfg, train_src, run,
-                       metadata={"model": "smollm2-135m", "hook": "resid_post.15", "acts": str(out / "acts")})
+                       metadata={"model": "smollm2-135m", "hook": "resid_post.15", "acts": str(out / "acts"),
+                                 "outlier_limit": outlier_limit(store.manifest, "resid_post.15")})
 
     try:
         sae = trainer().fit(resume=(run / "checkpoint.safetensors").is_file())

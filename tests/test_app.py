@@ -286,6 +286,8 @@ def test_app_steering_panel_and_api(client, analysis):
     assert b'id="steer-this"' in r.data
     r = client.get("/steer", query_string={"feature": 3})
     assert r.status_code == 200 and b'value="3:' in r.data and b'id="steer-result"' not in r.data
+    r = client.get("/steer", query_string={"prompt": "The cat", "edits": "3:30"})   # a GET never generates
+    assert r.status_code == 200 and b'id="steer-result"' not in r.data
     hostile = "The cat " + HOSTILE[0]
     r = client.post("/steer", data={"prompt": hostile, "edits": "3:30, 5:10", "kind": "add",
                                     "max_new_tokens": "6", "temperature": "0"})
@@ -305,8 +307,11 @@ def test_app_steering_panel_and_api(client, analysis):
                           ({"prompt": "x", "edits": "3:1", "max_new_tokens": "many"}, b"is not a number")]:
         r = client.post("/steer", data=data)
         assert r.status_code == 400 and message in r.data, data
-    r = client.post("/api/steer", json={"prompt": "x", "edits": [{"kind": "add"}]})
-    assert r.status_code == 400 and "feature" in r.get_json()["error"]
+    for body in ({"prompt": "x", "edits": [{"kind": "add"}]}, [1, 2], {"prompt": "x", "edits": [5]},
+                 {"prompt": "x", "edits": [{"feature": 1e400, "value": 1}]},
+                 {"prompt": "x" * 5000, "edits": [{"feature": 1, "value": 1}]}):
+        r = client.post("/api/steer", json=body)
+        assert r.status_code == 400 and r.get_json()["error"], body
 
 
 def test_app_steering_in_a_browser(browser, server):

@@ -72,6 +72,7 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     assert metrics["fvu"] < 1.0 and metrics["n_tokens"] >= 400
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
     assert meta["metadata"]["hook"] == "resid_post.2" and meta["sae"]["d_in"] == 32
+    assert "outlier_limit" in meta["metadata"] and meta["metadata"]["outlier_limit"] is None  # harvested unfiltered
     # eval on the same held-out tail reproduces the training command's figure, and writes JSON + PNG
     assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--heldout", "400",
                  "--out", str(tmp_path / "ev"), "--model", model, "--splice-text", str(corpus),

@@ -110,6 +110,30 @@ def test_edits_change_exactly_what_they_touch(llama, sae):
     torch.testing.assert_close(y[1:], sae.decode(f0)[1:].detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_edits_of_one_feature_apply_in_order_and_hooks_do_not_share_limits(llama, sae):
+    ids = _ids(llama)
+    x = Tap(llama, [HOOK])(ids)[HOOK][0]
+    f = _codes(sae, x)
+    active = int(f[1:].sum(0).argmax())
+    W = sae.W_dec.detach()
+    with Splice(llama, {HOOK: sae}, {HOOK: [Edit(active, "clamp", 3.0), Edit(active, "scale", 2.0)]}):
+        y = Tap(llama, [HOOK])(ids)[HOOK][0]
+    torch.testing.assert_close(y[1:], (x + (6.0 - f[:, active])[:, None] * W[active])[1:], rtol=1e-5, atol=1e-5)
+    with Splice(llama, {HOOK: sae}, {HOOK: [Edit(active, "zero")] * 2}):
+        twice = Tap(llama, [HOOK])(ids)[HOOK][0]
+    with Splice(llama, {HOOK: sae}, {HOOK: [Edit(active, "zero")]}):
+        once = Tap(llama, [HOOK])(ids)[HOOK][0]
+    assert torch.equal(twice, once)
+    # a limit at the first hook that leaves every position alone there changes nothing at the second
+    other = SAE(SAEConfig(d_in=32, n_features=40, activation="relu"), seed=3).eval()
+    edits = {HOOK: [Edit(active, "zero")], "resid_post.2": [Edit(0, "clamp", 5.0)]}
+    with Splice(llama, {HOOK: sae, "resid_post.2": other}, edits, max_norm={HOOK: 0.0}):
+        both = Tap(llama, [HOOK, "resid_post.2"], stop_early=False)(ids)
+    with Splice(llama, {"resid_post.2": other}, {"resid_post.2": edits["resid_post.2"]}):
+        alone = Tap(llama, ["resid_post.2"])(ids)["resid_post.2"]
+    assert torch.equal(both[HOOK][0], x) and torch.equal(both["resid_post.2"], alone)
+
+
 def test_several_saes_at_several_hooks(llama, sae):
     other = SAE(SAEConfig(d_in=32, n_features=40, activation="relu"), seed=3,
                 metadata={"model": llama.name, "hook": "resid_post.2"}).eval()
@@ -182,6 +206,12 @@ def test_bad_input_is_named(llama, sae):
     narrow = SAE(SAEConfig(d_in=16, n_features=8, activation="relu"), metadata={"hook": HOOK})
     with pytest.raises(InputError, match="is 32 wide; the SAE in run reads 16"):
         check_model(narrow, "run", llama, HOOK)
+    with pytest.raises(ConfigError, match="temperature: expected a finite number"):
+        GenerateConfig(temperature=float("nan"))
+    with pytest.raises(ConfigError, match="seed"):
+        GenerateConfig(seed=2**80)
+    with pytest.raises(ConfigError, match="batch_size and sort_windows must be at least 1"):
+        list(Monitor(llama, sae, HOOK, [Watch(1)]).scan(["text"], batch_size=0))
     with pytest.raises(InputError, match="1 tokens|is 2 tokens|tokens for"):
         ablate(llama, sae, HOOK, [1], prompt_batches(llama, ["a b c"]), tokens=["the cat"])
 
@@ -205,6 +235,8 @@ def test_ablation_reports_loss_and_token_logits(llama, sae):
     assert r.tokens[0].logit_ablated == pytest.approx(float(logits[0, 1:, r.tokens[0].id].mean()), abs=1e-4)
     m = ablate(llama, sae, HOOK, [active], batches, mode="mean")
     assert m.means[active] == pytest.approx(float(f[1:, active].mean()), rel=1e-4)
+    twice = ablate(llama, sae, HOOK, [active, active], batches)
+    assert twice.features == [active] and twice.ce_ablated == pytest.approx(r.ce_ablated)
 
 
 # ---- monitor -------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class LiveEncoder:
             if not self.model_name:
                 raise InputError("the analysis does not record its model; pass --model")
             self.lm = load_model(str(self.model_name), device=self.device)
+            self.sae = self.sae.to(self.lm.device)
         if self.sae.n_features != int(self.meta["n_features"]):
             raise InputError(f"the SAE has {self.sae.n_features} features, the analysis {self.meta['n_features']}")
 

@@ -133,7 +133,7 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
     def steer() -> Any:
         form = steer_form(request.values, db)
         result = None
-        if request.method == "POST" or request.values.get("prompt"):
+        if request.method == "POST":   # never on GET: a link or an <img> elsewhere must not start generating
             result = live.steer(form["prompt"], parse_steer_edits(form, db), steer_config(form))
         return render_template("steer.html", **common(), form=form, result=result)
 
@@ -141,15 +141,17 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
     def api_steer() -> Any:
         from dictlens.use.splice import Edit
 
-        body = request.get_json(silent=True) or {}
-        if not isinstance(body.get("prompt"), str) or not isinstance(body.get("edits"), list):
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str) \
+                or not isinstance(body.get("edits"), list) or not all(isinstance(e, dict) for e in body["edits"]):
             raise InputError('POST a JSON object {"prompt": "...", "edits": [{"feature": F, "kind": "add", '
                              '"value": C}], "max_new_tokens": N, "temperature": T, "seed": S}')
         try:
             edits = [Edit(int(e["feature"]), e.get("kind", "add"), float(e.get("value", 0.0)), int(e.get("start", 0)))
                      for e in body["edits"]]
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise InputError(f"edits: each needs a feature and a numeric value ({err})") from None
+        check_steer_size(body["prompt"], edits)
         for e in edits:
             db.check_feature(e.feature)
         g = live.steer(body["prompt"], edits, steer_config(body))
@@ -211,9 +213,21 @@ def parse_steer_edits(form: dict[str, Any], db: FeatureDB) -> list[Any]:
     if not specs:
         raise InputError("give at least one edit, e.g. 123:40")
     edits = [parse_edit(s, kind, start) for s in specs]
+    check_steer_size(form["prompt"], edits)
     for e in edits:
         db.check_feature(e.feature)
     return edits
+
+
+MAX_PROMPT_CHARS, MAX_EDITS = 4000, 16   # the app steers one local prompt at a time
+
+
+def check_steer_size(prompt: str, edits: list[Any]) -> None:
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InputError(f"the prompt is {len(prompt):,} characters; the app takes at most {MAX_PROMPT_CHARS:,} "
+                         "(`dictlens generate` takes any that fits the model's context)")
+    if len(edits) > MAX_EDITS:
+        raise InputError(f"{len(edits)} edits; the app takes at most {MAX_EDITS}")
 
 
 def steer_config(values: Any) -> Any:

@@ -208,9 +208,12 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
                          f"FVU {saved['row']['fvu']:.4f} L0 {saved['row']['l0']:.1f}")
                 continue
         t0 = time.perf_counter()
+        from dictlens.eval.splice import outlier_limit
+
         trainer = Trainer(sae_cfg, train_cfg, train_src, run, progress=bars,
                           metadata={"model": store.model, "hook": store.hook, "acts": str(acts),
-                                    "context": store.manifest["context"], "sweep": str(out)})
+                                    "context": store.manifest["context"], "sweep": str(out),
+                                    "outlier_limit": outlier_limit(store.manifest, store.hook)})
         resumed = (run / CHECKPOINT).is_file()
         trainer.fit(resume=resumed)
         seconds = time.perf_counter() - t0
@@ -232,7 +235,6 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
             from dictlens.data.models import load_model
             from dictlens.data.packing import check_tokenizer
             from dictlens.eval.splice import (
-                outlier_limit,
                 sae_replacement,
                 splice_metrics,
                 splice_reference,

@@ -90,9 +90,11 @@ def _feature_stats(lm: Any, sae: Any, hook: str, batches: Sequence[tuple[torch.T
         if max_norm is not None:
             x = x[x.norm(dim=1) <= max_norm]
         with sae.ranking("float32"):
-            f = sae.encode(x)[:, cols.to(sae.device)].cpu()
-        sums += f.double().sum(0)
-        fired += (f > 0).sum(0)
+            p, vals = sae.encode_sparse(x)     # sparse: a dense [N, F] would not fit for wide SAEs
+        match = p.cols[:, None] == cols.to(p.cols.device)[None, :]      # [nnz, n features]
+        pair, which = match.nonzero(as_tuple=True)
+        sums.index_add_(0, which.cpu(), vals[pair].double().cpu())
+        fired.index_add_(0, which.cpu(), (vals[pair] > 0).long().cpu())
         n += len(x)
     if n == 0:
         raise InputError("ablation: no kept positions to average the features over")
@@ -112,6 +114,7 @@ def ablate(lm: Any, sae: Any, hook: str, features: Sequence[int],
     last position of each row only (a prompt and its next token)."""
     if mode not in ("zero", "mean"):
         raise ConfigError(f"ablation mode {mode!r}: expected zero or mean")
+    features = list(dict.fromkeys(int(f) for f in features))   # ablating a feature twice is once
     if not features:
         raise ConfigError("ablation: give at least one feature")
     check_edits(sae, [Edit(f, "zero") for f in features])

@@ -252,7 +252,7 @@ def _edges(lm: Any, up: str, down: str, saes: Mapping[str, Any], acts: dict[str,
     downs = [n for n in nodes[down] if isinstance(n.feature, int)][:n_down]
     where = cb.kept.nonzero()[:, 0]
     with sb.ranking("float32"):   # the downstream codes again, now as functions of x_a
-        codes_b = sb.encode_codes(xb[0][where].float().to(sb.device) * sb.input_scale)
+        codes_b = sb.encode_codes(xb[0][where.to(xb.device)].float().to(sb.device) * sb.input_scale)
     rows_b = where.to(sb.device)[codes_b.pattern.rows]
     x_a = xa[0].detach().float().to(sa.device)
     edges: list[Edge] = []

@@ -48,9 +48,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     run = load_run(args.run, model=args.model, device=args.device, check=lambda sae: check_edits(sae, edits))
     ids = prompt_ids(run.lm, args.prompt, cfg)
+    import torch
+
+    from dictlens.data.packing import special_token_ids
     from dictlens.data.tap import Tap
 
-    norms = Tap(run.lm, [run.hook])(ids)[run.hook][0, 1:].float().norm(dim=-1)
+    special = torch.tensor(sorted(special_token_ids(run.lm.tokenizer)), device=ids.device)
+    norms = Tap(run.lm, [run.hook])(ids)[run.hook][0][~torch.isin(ids[0], special)].float().norm(dim=-1)
     g = steered_generation(run.lm, {run.hook: run.sae}, {run.hook: edits}, args.prompt, cfg,
                            error_term=not args.no_error_term, max_norm=run.max_norm)
     what = ", ".join(f"{e['kind']} {e['feature']}" + (f" {e['value']:g}" if e["kind"] != "zero" else "")
@@ -251,7 +255,7 @@ def add_parsers(sub: Any) -> None:
     """The subcommands of this module, on the main parser's ``sub``."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", help="model (default: the one the SAE was trained on; another is refused)")
-    common.add_argument("--device", help="cpu or cuda (default: cpu)")
+    common.add_argument("--device", help="cpu or cuda (default: cuda when there is one, else cpu)")
 
     p = sub.add_parser("generate", parents=[common], allow_abbrev=False,
                        help="continue a prompt with and without steering, side by side")

@@ -24,14 +24,23 @@ class Loaded:
 
 
 def outlier_limit_of(sae: Any, hook: str) -> float | None:
-    """The norm above which the SAE's training cache dropped activations (None: no filter,
-    or the cache is not on this machine)."""
+    """The norm above which the SAE's training cache dropped activations: recorded in the
+    run by training, or else read from the cache's manifest if it is still there (None: no
+    filter, or it cannot be known)."""
     from dictlens.eval.splice import outlier_limit
     from dictlens.io import read_json
 
+    if "outlier_limit" in sae.metadata:
+        limit = sae.metadata["outlier_limit"]
+        return None if limit is None else float(limit)
     acts = sae.metadata.get("acts")
     manifest = Path(acts) / "manifest.json" if acts else None
     if manifest is None or not manifest.is_file():
+        if acts:
+            import warnings
+
+            warnings.warn(f"the SAE's training cache {acts} is not here: its outlier limit is unknown, so "
+                          "attention-sink positions will be encoded too", stacklevel=2)
         return None
     return outlier_limit(read_json(manifest), hook)
 
@@ -57,9 +66,10 @@ def load_run(run: str | Path, model: str | None = None, hook: str | None = None,
              device: str | None = None, check: Callable[[Any], None] | None = None) -> Loaded:
     """Load the SAE in ``run`` and its model (``model`` defaults to the one it was trained on).
     ``check(sae)`` runs before the model loads (e.g. that edited features exist)."""
-    from dictlens.data.models import load_model
+    from dictlens.data.models import default_device, load_model
     from dictlens.sae.model import SAE
 
+    device = device or str(default_device())      # the model and the SAE on one device
     sae = SAE.load(run, device=device)
     if check is not None:
         check(sae)

@@ -129,6 +129,9 @@ class Monitor:
         limit = self.lm.max_context
         if limit is not None and context > limit:
             raise ConfigError(f"monitor: context {context} exceeds {self.lm.name}'s {limit}")
+        if batch_size < 1 or sort_windows < 1:
+            raise ConfigError(f"monitor: batch_size and sort_windows must be at least 1 (found {batch_size}, "
+                              f"{sort_windows})")
         tap = Tap(self.lm, [self.hook])
         pending: list[tuple[Any, list[int], int]] = []
         for item in self._windows(docs, context):
@@ -187,8 +190,10 @@ class Monitor:
         ``callback`` (``doc`` is the batch row; ``position`` the token's position in the
         model's sequence, BOS or chat-template tokens included). Prompt tokens are reported
         when the prompt is read, each generated token when it is fed back (so not the very
-        last one ``generate`` samples). Nothing about the model's outputs changes."""
-        history: dict[int, list[int]] = {}
+        last one ``generate`` samples). A call that continues a cache filled before the
+        block shows text from where the block began. Beam search, which reorders the cache
+        rows, is not followed. Nothing about the model's outputs changes."""
+        history: dict[int, tuple[int, list[int]]] = {}   # row -> (position of its first token seen, tokens)
 
         def watch(x: torch.Tensor) -> torch.Tensor:
             B, T, D = x.shape
@@ -199,12 +204,13 @@ class Monitor:
             if offset == 0:
                 history.clear()
             for b in range(B):
-                history.setdefault(b, []).extend(ids[b].tolist())
+                history.setdefault(b, (offset, []))[1].extend(ids[b].tolist())
             with torch.no_grad():
                 rows, which, vals = self.firings(x.detach().reshape(-1, D), self._call.keep_rows(B, T, x.device))
             for r, w, v in zip(rows.tolist(), which.tolist(), vals.tolist(), strict=True):
                 b, t = divmod(r, T)
-                callback(self._event(b, history[b], offset + t, w, v))
+                base, seen = history[b]
+                callback(self._event(b, seen, offset + t, w, v, base))
             return x
 
         with ExitStack() as stack:

@@ -126,7 +126,7 @@ class CallContext:
     def keep_rows(self, B: int, T: int, device: torch.device) -> torch.Tensor:
         """[B·T] bool: the positions of this call that are not special tokens."""
         if self.keep is not None and self.keep.shape == (B, T):
-            return self.keep.reshape(-1).to(device)
+            return self.keep.reshape(-1).to(device).clone()   # callers narrow it; the next hook needs it whole
         return torch.ones(B * T, dtype=torch.bool, device=device)
 
     def positions(self, B: int, T: int, device: torch.device) -> torch.Tensor:
@@ -191,6 +191,7 @@ class Splice:
         steer = [e for e in edits if e.kind == "add"]
         codes = [e for e in edits if e.kind != "add"]
         limit = self._limit(hook)
+        dirs = {e.feature: (sae.W_dec[e.feature] / sae.W_dec[e.feature].norm()).detach().float() for e in steer}
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             if x.shape[-1] != sae.d_in:
@@ -200,15 +201,13 @@ class Splice:
             pos = self._call.positions(B, T, flat.device)
             touch = self._call.keep_rows(B, T, flat.device)
             if limit is not None:
-                touch &= flat.norm(dim=1) <= limit
+                touch = touch & (flat.norm(dim=1) <= limit)
             out = flat.clone()
             if codes or not self.error_term:
                 out[touch] = _edit_codes(sae, flat[touch], pos[touch], codes, self.error_term)
-            if steer:
-                dirs = sae.feature_directions().detach()
-                for e in steer:
-                    rows = touch & (pos >= e.start)
-                    out[rows] += e.value * dirs[e.feature]
+            for e in steer:
+                rows = touch & (pos >= e.start)
+                out[rows] += e.value * dirs[e.feature]
             return out.reshape(B, T, D).to(device=x.device, dtype=x.dtype)
         return fn
 
@@ -216,21 +215,24 @@ class Splice:
 def _edit_codes(sae: Any, x: torch.Tensor, pos: torch.Tensor, edits: Sequence[Edit], error_term: bool
                 ) -> torch.Tensor:
     """x [N, D] after the code edits: x + Σ (f'_i − f_i) W_dec[i] with the error term,
-    W_dec f' + b_dec without it."""
+    W_dec f' + b_dec without it. Several edits of one feature apply in order (clamp to 3,
+    then scale by 2: 6)."""
     if len(x) == 0:
         return x
     with sae.ranking("float32"):
         p, vals = sae.encode_sparse(x)
     out = x.clone() if error_term else sae.decode_sparse(p, vals)
     W = sae.W_dec.detach()
-    for e in edits:
-        hit = p.cols == e.feature
+    for feature in dict.fromkeys(e.feature for e in edits):
+        hit = p.cols == feature
         f = torch.zeros(len(x), device=x.device)
         f[p.rows[hit]] = vals[hit]
-        new = {"clamp": torch.full_like(f, e.value), "scale": f * e.value, "zero": torch.zeros_like(f),
-               "mean": torch.full_like(f, e.value)}[e.kind]
-        delta = torch.where(pos >= e.start, new - f, torch.zeros_like(f))
-        out += delta[:, None] * W[e.feature]
+        new = f
+        for e in (e for e in edits if e.feature == feature):
+            edited = {"clamp": torch.full_like(f, e.value), "scale": new * e.value, "zero": torch.zeros_like(f),
+                      "mean": torch.full_like(f, e.value)}[e.kind]
+            new = torch.where(pos >= e.start, edited, new)
+        out += (new - f)[:, None] * W[feature]
     return out
 
 

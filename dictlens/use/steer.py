@@ -7,6 +7,7 @@ edits (with ``temperature=0`` decoding is greedy and needs no seed).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +31,12 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens: expected at least 1, found {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature: expected >= 0, found {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature: expected a finite number >= 0, found {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: expected a value in (0, 1], found {self.top_p}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed: expected an integer in [0, 2^63), found {self.seed}")
 
 
 @dataclass
