@@ -373,6 +373,14 @@ def test_cli_generate_ablate_attribute(runs, tmp_path, capsys):
     assert "unsteered" in out and "steered" in out and "add 3 40, clamp 5 2" in out
     g = json.loads((tmp_path / "g.json").read_text())
     assert g["steered"] != g["unsteered"] and len(g["edits"]) == 2
+    # two runs: an edit prefixed with its hook goes there, one without to the first run
+    assert main(["generate", run, runs["resid_post.2"], "--prompt", "Once upon a time", "--steer",
+                 "resid_post.2/3:40", "--ablate", "5", "--temperature", "0", "--max-new-tokens", "8",
+                 "--json", str(tmp_path / "g2.json")]) == 0
+    out = capsys.readouterr().out
+    assert "at resid_post.2 of" in out and "add 3 40" in out and "at resid_post.1 of" in out and "zero 5" in out
+    g2 = json.loads((tmp_path / "g2.json").read_text())
+    assert {(e["hook"], e["kind"]) for e in g2["edits"]} == {("resid_post.2", "add"), (HOOK, "zero")}
     assert main(["ablate", run, "--feature", "3", "--feature", "7", "--prompt", "The cat sat on the",
                  "--token", " the", "--json", str(tmp_path / "a.json")]) == 0
     out = capsys.readouterr().out
@@ -413,7 +421,7 @@ def test_cli_errors_are_one_line(runs, tiny_model_dirs, capsys):
     run = runs[HOOK]
     for argv, message in [
         (["generate", run, "--prompt", "Hi", "--steer", "3:abc"], "'abc' is not a number"),
-        (["generate", run, "--prompt", "Hi", "--steer", "99:1"], "feature 99 is out of range"),
+        (["generate", run, "--prompt", "Hi", "--steer", "99:1"], "feature 99 (at resid_post.1) is out of range"),
         (["generate", run, "--prompt", "Hi"], "give at least one --steer"),
         (["generate", run, "--prompt", "word " * 300, "--steer", "1:1"], "exceeds"),
         (["generate", run, "--prompt", "Hi", "--steer", "1:1", "--model", str(tiny_model_dirs["gpt2"])],
@@ -422,6 +430,7 @@ def test_cli_errors_are_one_line(runs, tiny_model_dirs, capsys):
         (["ablate", run, "--feature", "1"], "exactly one of --prompt or --text"),
         (["attribute", run, "--prompt", "Hi", "--metric", "logit-diff", "--token", "a"], "expected 2 token"),
         (["attribute", run, run, "--prompt", "Hi"], "two SAEs at resid_post.1"),
+        (["generate", run, "--prompt", "Hi", "--steer", "resid_post.9/1:1"], "an edit at resid_post.9, where none"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

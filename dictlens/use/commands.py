@@ -14,14 +14,32 @@ from typing import Any
 from dictlens.errors import ConfigError, InputError
 
 
-def _edits(args: argparse.Namespace) -> list[Any]:
+def _edits(args: argparse.Namespace) -> list[tuple[str | None, Any]]:
+    """(hook or None for the first run's, Edit) of every edit flag: ``[HOOK/]F:VALUE``."""
     from dictlens.use.splice import parse_edit
 
-    edits = []
+    edits: list[tuple[str | None, Any]] = []
     for kind, specs in (("add", args.steer), ("clamp", args.clamp), ("scale", args.scale),
                         ("zero", args.ablate)):
-        edits += [parse_edit(s, kind, args.from_pos) for s in specs or ()]  # type: ignore[arg-type]
+        for spec in specs or ():
+            hook, sep, rest = spec.rpartition("/")
+            edits.append((hook if sep else None, parse_edit(rest, kind, args.from_pos)))  # type: ignore[arg-type]
     return edits
+
+
+def _by_hook(edits: list[tuple[str | None, Any]], saes: dict[str, Any]) -> dict[str, list[Any]]:
+    from dictlens.use.splice import check_edits
+
+    first = next(iter(saes))
+    out: dict[str, list[Any]] = {}
+    for hook, e in edits:
+        hook = hook or first
+        if hook not in saes:
+            raise ConfigError(f"an edit at {hook}, where none of the runs is ({', '.join(saes)})")
+        out.setdefault(hook, []).append(e)
+    for hook, es in out.items():
+        check_edits(saes[hook], es, f" (at {hook})")
+    return out
 
 
 def side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 100) -> str:
@@ -36,7 +54,11 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 10
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from dictlens.use.load import load_run
+    import torch
+
+    from dictlens.data.packing import special_token_ids
+    from dictlens.data.tap import Tap
+    from dictlens.use.load import load_runs
     from dictlens.use.steer import GenerateConfig, prompt_ids, steered_generation
 
     edits = _edits(args)
@@ -44,33 +66,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("generate: give at least one --steer, --clamp, --scale or --ablate")
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          seed=args.seed, chat=args.chat)
-    from dictlens.use.splice import check_edits
-
-    run = load_run(args.run, model=args.model, device=args.device, check=lambda sae: check_edits(sae, edits))
-    ids = prompt_ids(run.lm, args.prompt, cfg)
-    import torch
-
-    from dictlens.data.packing import special_token_ids
-    from dictlens.data.tap import Tap
-
-    special = torch.tensor(sorted(special_token_ids(run.lm.tokenizer)), device=ids.device)
-    norms = Tap(run.lm, [run.hook])(ids)[run.hook][0][~torch.isin(ids[0], special)].float().norm(dim=-1)
-    g = steered_generation(run.lm, {run.hook: run.sae}, {run.hook: edits}, args.prompt, cfg,
-                           error_term=not args.no_error_term, max_norm=run.max_norm)
-    what = ", ".join(f"{e['kind']} {e['feature']}" + (f" {e['value']:g}" if e["kind"] != "zero" else "")
-                     for e in g.edits)
-    print(f"{args.run} at {run.hook} of {run.lm.name}; {what}"
-          + (f" from position {args.from_pos}" if args.from_pos else "")
-          + f" (activation norm on the prompt: median {float(norms.median()):.3g});"
-          + (f" seed {cfg.seed}, temperature {cfg.temperature:g}" if cfg.temperature > 0 else " greedy"))
+    by_hook: dict[str, list[Any]] = {}
+    r = load_runs(args.runs, model=args.model, device=args.device,
+                  check=lambda saes: by_hook.update(_by_hook(edits, saes)))
+    ids = prompt_ids(r.lm, args.prompt, cfg)
+    special = torch.tensor(sorted(special_token_ids(r.lm.tokenizer)), device=ids.device)
+    acts = Tap(r.lm, list(r.saes))(ids)
+    g = steered_generation(r.lm, r.saes, by_hook, args.prompt, cfg, error_term=not args.no_error_term,
+                           max_norm=r.max_norm)
+    for hook, es in by_hook.items():
+        norms = acts[hook][0][~torch.isin(ids[0], special)].float().norm(dim=-1)
+        what = ", ".join(f"{e.kind} {e.feature}" + (f" {e.value:g}" if e.kind != "zero" else "") for e in es)
+        print(f"{r.runs[hook]} at {hook} of {r.lm.name}: {what}"
+              + (f" from position {args.from_pos}" if args.from_pos else "")
+              + f" (activation norm on the prompt: median {float(norms.median()):.3g})")
+    print(("sampled with seed " + f"{cfg.seed}, temperature {cfg.temperature:g}" if cfg.temperature > 0 else "greedy")
+          + (", error term kept" if not args.no_error_term else ", on the SAE reconstruction (no error term)"))
     print(f"prompt: {args.prompt!r}\n")
     print(side_by_side(g.unsteered, g.steered, ("unsteered", "steered"), width=args.width))
     if args.json:
         from dictlens.io import atomic_write_json
 
-        atomic_write_json(Path(args.json), {"run": str(args.run), "hook": run.hook, "prompt": g.prompt,
-                                            "unsteered": g.unsteered, "steered": g.steered, "edits": g.edits,
-                                            "config": vars(cfg)})
+        atomic_write_json(Path(args.json), {"runs": r.runs, "prompt": g.prompt, "unsteered": g.unsteered,
+                                            "steered": g.steered, "edits": g.edits, "config": vars(cfg)})
     return 0
 
 
@@ -181,22 +199,10 @@ class _Counter:
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
     from dictlens.use.attribute import attribute, make_metric, plot_graph
-    from dictlens.use.load import check_model, load_run, outlier_limit_of
+    from dictlens.use.load import load_runs
 
-    first = load_run(args.runs[0], model=args.model, device=args.device)
-    saes, limits = {first.hook: first.sae}, {first.hook: first.max_norm}
-    from dictlens.sae.model import SAE
-
-    for run in args.runs[1:]:
-        sae = SAE.load(run, device=args.device)
-        hook = sae.metadata.get("hook")
-        if not hook:
-            raise InputError(f"the SAE in {run} does not record its hook")
-        if hook in saes:
-            raise ConfigError(f"attribute: two SAEs at {hook} ({run}); give one per hook")
-        check_model(sae, run, first.lm, hook)
-        saes[hook], limits[hook] = sae, outlier_limit_of(sae, hook)
-    lm = first.lm
+    loaded = load_runs(args.runs, model=args.model, device=args.device)
+    lm, saes, limits = loaded.lm, loaded.saes, loaded.max_norm
     metric = make_metric(lm, args.metric, args.token or ())
     r = attribute(lm, saes, args.prompt, metric, top=args.top, check=args.check, edges=args.edges,
                   max_norm=limits)
@@ -259,13 +265,15 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("generate", parents=[common], allow_abbrev=False,
                        help="continue a prompt with and without steering, side by side")
-    p.add_argument("run", help="SAE run directory")
+    p.add_argument("runs", nargs="+", help="SAE run directories, one per hook (edits go to the first unless "
+                                           "prefixed HOOK/)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--steer", action="append", metavar="F:COEFF",
+    p.add_argument("--steer", action="append", metavar="[HOOK/]F:COEFF",
                    help="add COEFF × feature F's unit decoder direction (raw activation units; repeat)")
-    p.add_argument("--clamp", action="append", metavar="F:VALUE", help="clamp feature F's code to VALUE (repeat)")
-    p.add_argument("--scale", action="append", metavar="F:FACTOR", help="multiply feature F's code (repeat)")
-    p.add_argument("--ablate", action="append", metavar="F", help="zero feature F (repeat)")
+    p.add_argument("--clamp", action="append", metavar="[HOOK/]F:VALUE",
+                   help="clamp feature F's code to VALUE (repeat)")
+    p.add_argument("--scale", action="append", metavar="[HOOK/]F:FACTOR", help="multiply feature F's code (repeat)")
+    p.add_argument("--ablate", action="append", metavar="[HOOK/]F", help="zero feature F (repeat)")
     p.add_argument("--from-pos", type=int, default=0,
                    help="edit only from this token position on (0: every position, the prompt included)")
     p.add_argument("--no-error-term", action="store_true",

@@ -62,23 +62,53 @@ def check_model(sae: Any, run: str | Path, lm: Any, hook: str) -> None:
         raise InputError(f"{hook} of {lm.name} is {width} wide; the SAE in {run} reads {sae.d_in}")
 
 
-def load_run(run: str | Path, model: str | None = None, hook: str | None = None,
-             device: str | None = None, check: Callable[[Any], None] | None = None) -> Loaded:
-    """Load the SAE in ``run`` and its model (``model`` defaults to the one it was trained on).
-    ``check(sae)`` runs before the model loads (e.g. that edited features exist)."""
+@dataclass
+class LoadedRuns:
+    """SAE runs at distinct hooks of one model: ``saes`` and ``max_norm`` by hook."""
+
+    lm: Any
+    saes: dict[str, Any]
+    max_norm: dict[str, float | None]
+    runs: dict[str, str]
+
+
+def load_runs(runs: list[str | Path], model: str | None = None, device: str | None = None,
+              check: Callable[[dict[str, Any]], None] | None = None) -> LoadedRuns:
+    """Load the SAEs in ``runs`` (one per hook) and the model they were trained on, on one
+    device. ``check(saes)`` runs before the model loads (e.g. that edited features exist)."""
     from dictlens.data.models import default_device, load_model
+    from dictlens.errors import ConfigError
     from dictlens.sae.model import SAE
 
-    device = device or str(default_device())      # the model and the SAE on one device
-    sae = SAE.load(run, device=device)
+    if not runs:
+        raise ConfigError("give at least one SAE run")
+    device = device or str(default_device())
+    saes: dict[str, Any] = {}
+    paths: dict[str, str] = {}
+    for run in runs:
+        sae = SAE.load(run, device=device)
+        hook = sae.metadata.get("hook")
+        if not hook:
+            raise InputError(f"the SAE in {run} does not record its hook")
+        if hook in saes:
+            raise ConfigError(f"two SAEs at {hook} ({paths[hook]} and {run}); give one per hook")
+        saes[hook], paths[hook] = sae, str(run)
     if check is not None:
-        check(sae)
-    hook = hook or sae.metadata.get("hook")
-    if not hook:
-        raise InputError(f"the SAE in {run} does not record its hook; pass --hook")
-    name = model or sae.metadata.get("model")
+        check(saes)
+    first = next(iter(saes.values()))
+    name = model or first.metadata.get("model")
     if not name:
-        raise InputError(f"the SAE in {run} does not record its model; pass --model")
+        raise InputError(f"the SAE in {runs[0]} does not record its model; pass --model")
     lm = load_model(name, device=device)
-    check_model(sae, run, lm, hook)
-    return Loaded(sae, lm, hook, outlier_limit_of(sae, hook))
+    for hook, sae in saes.items():
+        check_model(sae, paths[hook], lm, hook)
+    return LoadedRuns(lm, saes, {h: outlier_limit_of(s, h) for h, s in saes.items()}, paths)
+
+
+def load_run(run: str | Path, model: str | None = None, device: str | None = None,
+             check: Callable[[Any], None] | None = None) -> Loaded:
+    """Load the SAE in ``run`` and its model (``model`` defaults to the one it was trained on).
+    ``check(sae)`` runs before the model loads."""
+    r = load_runs([run], model, device, None if check is None else lambda saes: check(next(iter(saes.values()))))
+    hook, sae = next(iter(r.saes.items()))
+    return Loaded(sae, r.lm, hook, r.max_norm[hook])
