@@ -435,3 +435,20 @@ def test_cli_errors_are_one_line(runs, tiny_model_dirs, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err.strip().splitlines()[-1] and "Traceback" not in err, (argv, err)
+
+
+def test_monitor_attached_to_a_cache_filled_before(llama, sae):
+    """A serving stack that continues a prefix cache: the first call it makes inside the
+    block starts past position 0; tokens and positions still match the sequence's."""
+    watches = [Watch(f, 0.0) for f in range(48)]
+    ids = _ids(llama, "Once upon a time there was")
+    with torch.no_grad():
+        prefix = llama.model(input_ids=ids[:, :-2], use_cache=True).past_key_values
+    seen = []
+    with Monitor(llama, sae, HOOK, watches).attached(seen.append), torch.no_grad():
+        llama.model(input_ids=ids[:, -2:], past_key_values=prefix, use_cache=True)
+    want = {(t + 1, f) for t, f in _brute_force_ids(llama, sae, ids[0, 1:].tolist(), watches)
+            if t + 1 >= ids.shape[1] - 2}
+    assert seen and {(e.position, e.feature) for e in seen} == want
+    tokens = {e.position: e.token for e in seen}
+    assert all(tokens[p] == llama.tokenizer.decode([int(ids[0, p])]) for p in tokens)
