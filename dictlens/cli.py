@@ -323,7 +323,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     model = args.model or sae.metadata.get("model")
     if not hook or not model:
         raise ConfigError(f"the SAE in {args.run} does not record its hook and model; pass --model")
-    r = features_on_text(sae, load_model(model), hook, args.text)
+    from dictlens.use.load import outlier_limit_of
+
+    r = features_on_text(sae, load_model(model), hook, args.text, max_norm=outlier_limit_of(sae, hook))
     print(f"{len(r.features):,} features fire on the text's {len(r.tokens)} tokens; strongest first:")
     print("| feature | max | tokens |\n|---:|---:|---:|")
     for f in r.features[:args.n]:

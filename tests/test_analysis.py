@@ -383,6 +383,10 @@ def test_features_on_text_and_cli_search(llama, tiny_model_dirs, corpus, tmp_pat
                                                                             .argsort(descending=True)].tolist()
     with pytest.raises(InputError, match="at most 256"):
         features_on_text(sae, llama, "resid_post.1", "word " * 400)
+    acts = Tap(llama, ["resid_post.1"])(torch.tensor([[llama.tokenizer.bos_token_id, *ids]]))["resid_post.1"][0, 1:]
+    limit = float(acts.norm(dim=1).median())       # about half the tokens are above it: left out
+    capped = features_on_text(sae, llama, "resid_post.1", "The cat sat on the mat.", max_norm=limit)
+    assert len(capped.tokens) == int((acts.norm(dim=1) <= limit).sum()) < len(ids)
     sae.save(tmp_path / "run")
     assert main(["search", str(tmp_path / "run"), "--text", "The cat sat."]) == 0
     assert "strongest first" in capsys.readouterr().out

@@ -47,10 +47,11 @@ def tokenize(lm: Any, text: str, max_tokens: int = 1024) -> torch.Tensor:
 
 @torch.no_grad()
 def features_on_text(sae: Any, lm: Any, hook: str, text: str, per_token: int = 8,
-                     max_tokens: int = 1024) -> TextFeatures:
+                     max_tokens: int = 1024, max_norm: float | None = None) -> TextFeatures:
     """Which features of ``sae`` fire on ``text`` at ``hook`` of ``lm``: per token the
     ``per_token`` strongest, and every feature ranked by its largest activation. BOS and
-    other special tokens are left out, as in the analysis."""
+    other special tokens are left out, as in the analysis, and so are positions whose
+    activation norm exceeds ``max_norm`` (the SAE's training outlier limit)."""
     from dictlens.data.packing import special_token_ids
     from dictlens.data.tap import Tap
 
@@ -63,8 +64,9 @@ def features_on_text(sae: Any, lm: Any, hook: str, text: str, per_token: int = 8
     special = special_token_ids(lm.tokenizer)
     tokens, best = [], torch.zeros(codes.shape[1])
     fired = torch.zeros(codes.shape[1], dtype=torch.long)
+    too_big = (acts.norm(dim=-1) > max_norm).tolist() if max_norm is not None else [False] * len(acts)
     for t, i in enumerate(ids[0].tolist()):
-        if i in special:  # their activations are outliers (SmolLM2's BOS: ~150x the median norm)
+        if i in special or too_big[t]:  # outliers (SmolLM2's BOS: ~150x the median norm; attention sinks)
             continue
         row = codes[t]
         nz = row.nonzero()[:, 0]

@@ -65,5 +65,8 @@ class LiveEncoder:
         activation on the text (:func:`dictlens.analysis.search.features_on_text`)."""
         with self.lock:
             self._load()
-            r = features_on_text(self.sae, self.lm, self.hook, text, per_token, self.max_tokens)
+            from dictlens.use.load import outlier_limit_of
+
+            r = features_on_text(self.sae, self.lm, self.hook, text, per_token, self.max_tokens,
+                                 max_norm=outlier_limit_of(self.sae, self.hook))
         return r.tokens, r.features
