@@ -95,6 +95,11 @@ class Pattern:
             self._t = (perm, crow_t, self.rows[perm])
         return self._t
 
+    def select(self, vals: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The active pairs of ``features`` [W]: (row, index into ``features``, value) each [n]."""
+        pair, which = (self.cols[:, None] == features.to(self.cols.device)[None, :]).nonzero(as_tuple=True)
+        return self.rows[pair], which, vals[pair]
+
     def scatter_features(self, vals: torch.Tensor) -> torch.Tensor:
         """Σ over rows of ``vals`` per feature [F]."""
         return torch.zeros(self.n_features, dtype=vals.dtype, device=vals.device).index_add_(0, self.cols, vals)

@@ -91,10 +91,9 @@ def _feature_stats(lm: Any, sae: Any, hook: str, batches: Sequence[tuple[torch.T
             x = x[x.norm(dim=1) <= max_norm]
         with sae.ranking("float32"):
             p, vals = sae.encode_sparse(x)     # sparse: a dense [N, F] would not fit for wide SAEs
-        match = p.cols[:, None] == cols.to(p.cols.device)[None, :]      # [nnz, n features]
-        pair, which = match.nonzero(as_tuple=True)
-        sums.index_add_(0, which.cpu(), vals[pair].double().cpu())
-        fired.index_add_(0, which.cpu(), (vals[pair] > 0).long().cpu())
+        _, which, v = p.select(vals, cols)
+        sums.index_add_(0, which.cpu(), v.double().cpu())
+        fired.index_add_(0, which.cpu(), (v > 0).long().cpu())
         n += len(x)
     if n == 0:
         raise InputError("ablation: no kept positions to average the features over")
@@ -163,11 +162,10 @@ def prompt_batches(lm: Any, prompts: Sequence[str]) -> list[tuple[torch.Tensor, 
     """One (ids [1, T], keep [1, T]) batch per prompt (BOS first where the model has one;
     special tokens not kept)."""
     from dictlens.analysis.search import tokenize
-    from dictlens.data.packing import special_token_ids
+    from dictlens.data.packing import not_special
 
-    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
     out = []
     for p in prompts:
         ids = tokenize(lm, p, max_tokens=lm.max_context or 1024)
-        out.append((ids, ~torch.isin(ids, special)))
+        out.append((ids, not_special(lm.tokenizer, ids)))
     return out

@@ -282,14 +282,13 @@ def attribute(lm: Any, saes: Mapping[str, Any], prompt: str, metric: Metric, *, 
     more hooks, edges from the ``top`` features of each hook to the ``edges`` strongest of
     the next."""
     from dictlens.analysis.search import tokenize
-    from dictlens.data.packing import special_token_ids
+    from dictlens.data.packing import not_special
 
     if not saes:
         raise ConfigError("attribution: give at least one SAE")
     hooks = forward_order(lm.model, list(saes))
     ids = tokenize(lm, prompt, max_tokens=lm.max_context or 1024).to(lm.device)
-    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
-    keep = ~torch.isin(ids, special.to(ids.device))
+    keep = not_special(lm.tokenizer, ids)
     tokens = [lm.tokenizer.decode([i]) for i in ids[0].tolist()]
     limits = dict(max_norm or {})
     with _frozen(lm.model), torch.enable_grad():

@@ -54,9 +54,8 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 10
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
 
-    from dictlens.data.packing import special_token_ids
+    from dictlens.data.packing import not_special
     from dictlens.data.tap import Tap
     from dictlens.use.load import load_runs
     from dictlens.use.steer import GenerateConfig, prompt_ids, steered_generation
@@ -70,12 +69,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     r = load_runs(args.runs, model=args.model, device=args.device,
                   check=lambda saes: by_hook.update(_by_hook(edits, saes)))
     ids = prompt_ids(r.lm, args.prompt, cfg)
-    special = torch.tensor(sorted(special_token_ids(r.lm.tokenizer)), device=ids.device)
     acts = Tap(r.lm, list(r.saes))(ids)
     g = steered_generation(r.lm, r.saes, by_hook, args.prompt, cfg, error_term=not args.no_error_term,
                            max_norm=r.max_norm)
     for hook, es in by_hook.items():
-        norms = acts[hook][0][~torch.isin(ids[0], special)].float().norm(dim=-1)
+        norms = acts[hook][0][not_special(r.lm.tokenizer, ids[0])].float().norm(dim=-1)
         what = ", ".join(f"{e.kind} {e.feature}" + (f" {e.value:g}" if e.kind != "zero" else "") for e in es)
         print(f"{r.runs[hook]} at {hook} of {r.lm.name}: {what}"
               + (f" from position {args.from_pos}" if args.from_pos else "")

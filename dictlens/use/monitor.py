@@ -86,11 +86,9 @@ class Monitor:
             return rows, rows, x.new_zeros(0)
         with self.sae.ranking("float32"):
             p, vals = self.sae.encode_sparse(x[rows])
-        match = p.cols[:, None] == self.features[None, :]        # [nnz, W]
-        pair, which = match.nonzero(as_tuple=True)
-        v = vals[pair]
+        at, which, v = p.select(vals, self.features)
         above = v > self.thresholds[which]
-        return rows[p.rows[pair][above]], which[above], v[above]
+        return rows[at[above]], which[above], v[above]
 
     def _event(self, doc: Any, ids: Sequence[int], pos: int, watch: int, value: float, base: int = 0) -> Event:
         """``ids``: the document's tokens (no BOS); ``pos`` indexes them; ``base``: the
