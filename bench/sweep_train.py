@@ -31,21 +31,18 @@ TOKENS = 132 * bench.B
 
 def run(name: str, train_kw: dict, sae_kw: dict) -> dict:
     train_f, held_f = bench.prepare(bench.ROOT / "runs" / "bench" / "acts", TOKENS, 16384)
-    cfg = TrainConfig(tokens=TOKENS, batch_size=bench.B, plots=False, log_every=10**9, **train_kw)
+    cfg = TrainConfig(tokens=TOKENS, batch_size=bench.B, plots=False, log_every=10, **train_kw)
     sae_args = {"activation": "topk", "k": bench.K, "n_features": bench.F, **sae_kw}
     data = torch.cat(list(bench.batches(train_f, TOKENS)))
     trainer = Trainer(SAEConfig(**sae_args), cfg, ArraySource(data), progress=False)
-    trainer._initialise()
+    trainer.start()  # initialise from the data, outside the timed loop
     dead_curve = []
     t = time.perf_counter()
     for x in bench.batches(train_f, TOKENS):
         dead_curve.append(int(trainer.dead.dead.sum()))
-        trainer._step(x * trainer.sae.input_scale, measure=trainer.state.step % 10 == 0)
-        trainer.state.step += 1
-    if hasattr(trainer.optimizer, "eval"):
-        trainer.optimizer.eval()
+        trainer.step(x)  # what fit() runs: metrics measured and logged every 10 steps
+    sae = trainer.finish()
     seconds = time.perf_counter() - t
-    sae = trainer.sae.eval()
     m = bench.metrics(sae.encode, sae.decode, held_f)
     return {"name": name, "tokens_per_s": round(TOKENS / seconds), "fvu": round(m["fvu"], 4),
             "l0": round(m["l0"], 1), "dead": round(m["dead"], 4),

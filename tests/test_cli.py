@@ -96,4 +96,4 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
                  "--batch-size", "256", "--arch", "relu", "--expansion", "2", "--out", str(tmp_path / "s")]) == 0
     assert main(["train", "--acts", str(tmp_path / "acts"), "--arch", "relu", "--k", "4",
                  "--out", str(tmp_path / "bad")]) == 2
-    assert "k: applies to topk and batchtopk only" in capsys.readouterr().err
+    assert "k: applies to topk, batchtopk, groupmax only" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from dictlens.sae.kernels import (
     reference_encode,
     sparse_decode,
     sparse_encode,
+    topk_select,
 )
 
 
@@ -67,12 +68,53 @@ def test_no_active_feature_at_all():
 
 
 def test_backward_saves_no_dense_activations():
-    """Only the inputs and weights are saved: nothing of size B×F or B×K×D."""
-    B, D, F, K = 64, 16, 512, 8
+    """Only the inputs and weights are saved: nothing of size B×F or B×K×D.
+
+    The sizes are chosen so that B·K·D (8,192) exceeds both F·D (6,144) and B·D: a saved
+    gather of the active decoder rows would break the bound."""
+    B, D, F, K = 64, 16, 384, 8
+    assert max(F * D, B * D) < B * K * D
     x, W = torch.randn(B, D), torch.randn(F, D, requires_grad=True)
     p = Pattern.from_indices((x @ W.T).topk(K, dim=1).indices, F)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         vals = sparse_encode(x, W, torch.zeros(F, requires_grad=True), p)
         sparse_decode(vals, W, p)
-    assert max(saved) <= max(F * D, B * D) and B * F not in saved
+    assert max(saved) <= max(F * D, B * D) and B * F not in saved and B * K * D not in saved
+
+
+@pytest.mark.parametrize(("n", "chunk"), [(50, 7), (2500, 1024)])
+def test_topk_select_matches_a_full_sort(n, chunk):
+    """Chunked selection (more rows than one chunk, a ragged last chunk) = the k largest of the
+    whole dense product, and AuxK's picks = the k_aux largest among the dead columns, on the
+    first aux_rows rows only."""
+    g = torch.Generator().manual_seed(n)
+    D, F, K, K_AUX = 24, 200, 6, 5
+    x, W, b = torch.randn(n, D, generator=g), torch.randn(F, D, generator=g), torch.randn(F, generator=g)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[torch.randperm(F, generator=g)[:40]] = True
+    aux_rows = n - 3
+    idx, aux = topk_select(x, W, b, K, dtype=torch.float32, dead=dead, k_aux=K_AUX, aux_rows=aux_rows,
+                           chunk=chunk)
+    pre = x @ W.T + b
+    assert torch.equal(idx.sort(1).values, pre.topk(K, dim=1).indices.sort(1).values)
+    assert aux is not None and aux.shape == (aux_rows, K_AUX)
+    dead_cols = dead.nonzero()[:, 0]
+    expected = dead_cols[pre[:aux_rows, dead_cols].topk(K_AUX, dim=1).indices]
+    assert torch.equal(aux.sort(1).values, expected.sort(1).values)
+    assert bool(dead[aux].all())
+
+
+def test_dense_path_matches_reference():
+    """The production dense path (used for dense patterns) agrees with the reference too."""
+    from dictlens.sae.kernels import dense_decode, dense_encode
+
+    g = torch.Generator().manual_seed(1)
+    B, D, F = 20, 9, 30
+    x, W_enc, W_dec = torch.randn(B, D, generator=g), torch.randn(F, D, generator=g), torch.randn(F, D, generator=g)
+    b_enc, grad = torch.randn(F, generator=g), torch.randn(B, D, generator=g)
+    p = Pattern.from_mask((x @ W_enc.T + b_enc) > -0.5)  # most pairs active
+    dense = _run(dense_encode, dense_decode, x, W_enc, b_enc, W_dec, p, grad)
+    ref = _run(reference_encode, reference_decode, x, W_enc, b_enc, W_dec, p, grad)
+    for a, b in zip([dense[0], dense[1], *dense[2]], [ref[0], ref[1], *ref[2]], strict=True):
+        assert rel_err(a, b) <= 1e-5

@@ -77,7 +77,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatc
     src = ArraySource(data.x[:3000])  # several epochs
     whole = train(sae_cfg, cfg, src, tmp_path / "whole", progress=False)
 
-    real_step = trainer_mod.Trainer._step
+    real_step = trainer_mod.Trainer.step
     calls = {"n": 0}
 
     def interrupting(self, x, **kw):
@@ -86,10 +86,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatc
             raise KeyboardInterrupt
         return real_step(self, x, **kw)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_step", interrupting)
+    monkeypatch.setattr(trainer_mod.Trainer, "step", interrupting)
     with pytest.raises(KeyboardInterrupt):
         train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
-    monkeypatch.setattr(trainer_mod.Trainer, "_step", real_step)
+    monkeypatch.setattr(trainer_mod.Trainer, "step", real_step)
     with pytest.raises(CacheError, match="already holds a training checkpoint"):
         train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
     resumed = train(sae_cfg, cfg, src, tmp_path / "part", progress=False, resume=True)
@@ -183,18 +183,18 @@ def test_tensorboard_receives_the_logged_metrics(data, tmp_path):
 def test_boost_revives_dead_features_and_none_does_not(data):
     def dead_after(dead_method):
         cfg = TrainConfig(tokens=40 * 512, batch_size=512, lr=3e-3, plots=False, dead=dead_method,
-                          dead_tokens=512, boost=1.0)
+                          dead_tokens=512, boost=1.0, log_every=1)
         t = trainer_mod.Trainer(SAEConfig(activation="topk", k=4, n_features=128), cfg,
                                 ArraySource(data.x[:20_000]), progress=False)
-        t._initialise()
+        t.start()
         with torch.no_grad():
             t.sae.b_enc[:16] = -20.0  # far below any top-4 pre-activation: these never fire
         logs = []
         for x in ArraySource(data.x[:20_000]).batches(512, shuffle=True, seed=0):
             if t.state.step >= cfg.steps:
                 break
-            logs.append(t._step(x * t.sae.input_scale))
-            t.state.step += 1
+            logs.append(t.step(x))
+        assert t.state.step == cfg.steps and all(r is not None for r in logs)
         return int(t.dead.dead[:16].sum()), logs
 
     still_dead, logs = dead_after("boost")

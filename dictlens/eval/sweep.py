@@ -30,9 +30,8 @@ from dictlens.config import to_dict
 from dictlens.errors import ConfigError
 from dictlens.eval.plots import save_figure
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+from dictlens.sae import activations
 
-K_ARCHS = ("topk", "batchtopk")
-PENALISED_ARCHS = ("relu", "gated", "jumprelu")
 ROW = "sweep_row.json"
 # Bumped when what an evaluated figure means changes, so that a sweep recomputes old rows
 # (without retraining). 2: positions above the cache's outlier limit stay clean and unscored.
@@ -55,19 +54,18 @@ class Grid:
     def __post_init__(self) -> None:
         if not self.hooks:
             raise ConfigError("sweep: name at least one --hook")
-        unknown = [a for a in self.archs if a not in K_ARCHS + PENALISED_ARCHS]
+        unknown = [a for a in self.archs if a not in activations.NAMES]
         if unknown:
-            raise ConfigError(f"arch: expected {', '.join(K_ARCHS + PENALISED_ARCHS)}, found {unknown[0]!r}")
-        has_k = any(a in K_ARCHS for a in self.archs)
-        has_pen = any(a in PENALISED_ARCHS for a in self.archs)
-        if self.ks and not has_k:
-            raise ConfigError("sweep: --k is given but no --arch uses it (topk, batchtopk)")
-        if self.coeffs and not has_pen:
-            raise ConfigError("sweep: --coeff is given but no --arch uses it (relu, gated, jumprelu)")
+            raise ConfigError(f"arch: expected {', '.join(activations.NAMES)}, found {unknown[0]!r}")
+        penalised = [a for a in self.archs if not _uses_k(a)]
+        if self.ks and len(penalised) == len(self.archs):
+            raise ConfigError(f"sweep: --k is given but no --arch uses it ({', '.join(activations.with_k())})")
+        if self.coeffs and not penalised:
+            raise ConfigError(f"sweep: --coeff is given but no --arch uses it ({', '.join(activations.penalised())})")
         for arch in self.arch_coeffs:
-            if arch not in self.archs or arch not in PENALISED_ARCHS:
+            if arch not in penalised:
                 raise ConfigError(f"sweep: --coeff {arch}:... names an architecture that is not a swept penalised "
-                                  f"one ({', '.join(a for a in self.archs if a in PENALISED_ARCHS) or 'none'})")
+                                  f"one ({', '.join(penalised) or 'none'})")
         all_coeffs = self.coeffs + [c for cs in self.arch_coeffs.values() for c in cs]
         if any(k < 1 for k in self.ks) or any(c < 0 for c in all_coeffs):
             raise ConfigError(f"sweep: k must be ≥ 1 and coefficients ≥ 0, found {self.ks} / {self.coeffs}")
@@ -82,7 +80,7 @@ class Grid:
         out = []
         for hook in _unique(self.hooks):
             for arch in _unique(self.archs):
-                values: list[float | None] = (list(_unique(self.ks)) or [None]) if arch in K_ARCHS \
+                values: list[float | None] = (list(_unique(self.ks)) or [None]) if _uses_k(arch) \
                     else (list(_unique(self.arch_coeffs.get(arch, self.coeffs))) or [None])
                 for size_name, size in sizes:
                     for value in values:
@@ -108,6 +106,10 @@ def parse_coeffs(specs: list[str]) -> tuple[list[float], dict[str, list[float]]]
     return common, per
 
 
+def _uses_k(arch: str) -> bool:
+    return activations.get(arch).uses_k
+
+
 def _unique(xs: list[Any]) -> list[Any]:
     return list(dict.fromkeys(xs))
 
@@ -122,7 +124,7 @@ class Point:
     seed: int
 
     def name(self) -> str:
-        tag = "" if self.value is None else (f"-k{int(self.value)}" if self.arch in K_ARCHS else f"-c{self.value:g}")
+        tag = "" if self.value is None else (f"-k{int(self.value)}" if _uses_k(self.arch) else f"-c{self.value:g}")
         size = {"n_features": f"-F{int(self.size)}", "expansion": f"-x{self.size:g}"}.get(self.size_name, "")
         return f"{_safe(self.hook)}/{self.arch}{tag}{size}-s{self.seed}"
 
@@ -130,7 +132,7 @@ class Point:
         sae = {**to_dict(sae_base), "activation": self.arch}
         train = {**to_dict(train_base), "seed": train_base.seed + self.seed}
         if self.value is not None:
-            if self.arch in K_ARCHS:
+            if _uses_k(self.arch):
                 sae["k"] = int(self.value)
             else:
                 train["sparsity_coeff"] = float(self.value)
@@ -138,7 +140,7 @@ class Point:
             sae["n_features"] = int(self.size)
         elif self.size_name == "expansion":
             sae["expansion"], sae["n_features"] = float(self.size), 0
-        if self.arch in PENALISED_ARCHS:
+        if not _uses_k(self.arch):
             sae.pop("k", None)
         return sae, train
 
@@ -222,8 +224,8 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         sae = SAE.load(run)
         m = evaluate(sae, heldout.batches(4096, shuffle=False))
         row: dict[str, Any] = {
-            "hook": store.hook, "arch": point.arch, "k": sae_cfg.k if point.arch in K_ARCHS else None,
-            "coeff": train_cfg.penalty_coeff(sae_cfg) if point.arch in PENALISED_ARCHS else None,
+            "hook": store.hook, "arch": point.arch, "k": sae_cfg.k if sae_cfg.uses_k else None,
+            "coeff": None if sae_cfg.uses_k else train_cfg.penalty_coeff(sae_cfg),
             "n_features": sae.n_features, "seed": train_cfg.seed, "l0": m.l0, "fvu": m.fvu,
             "explained_variance": m.explained_variance, "mse_per_token": m.mse_per_token,
             "dead_fraction": m.dead_fraction, "dense_fraction": m.dense_fraction, "cosine": m.cosine,

@@ -12,6 +12,7 @@ from dictlens.eval import baselines
 from dictlens.eval.metrics import ReconstructionStats
 from dictlens.eval.recovery import recovery
 from dictlens.eval.synthetic import SyntheticData, sparse_features
+from dictlens.sae import activations
 
 
 @dataclass
@@ -83,7 +84,7 @@ def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000
                 seconds + time.perf_counter() - t)
         for name in archs:
             arch, _, variant = name.partition(",")
-            arch_k = k if arch in ("topk", "batchtopk") else None
+            arch_k = k if activations.get(arch).uses_k else None
             dead = "none" if "no dead" in variant else "auto"
             t = time.perf_counter()
             sae = train(SAEConfig(activation=arch, n_features=width, k=arch_k),

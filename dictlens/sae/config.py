@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from dictlens.config import check, field
 from dictlens.errors import ConfigError
+from dictlens.sae import activations
+from dictlens.sae.activations import Activation
 
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
 SPARSITY_PENALTIES = ("none", "l1", "tanh", "smooth_l0", "hoyer", "l0")
 
 
@@ -22,8 +23,10 @@ class SAEConfig:
     d_in: int = field(0, help="input width D (filled in from the activations when 0)", cli=False)
     expansion: float = field(16.0, help="features per input dimension (F = expansion × D)")
     n_features: int = field(0, help="number of features F (overrides --expansion when > 0)")
-    activation: str = field("topk", help="topk, batchtopk, relu, jumprelu or gated", flag="--arch")
-    k: int | None = field(None, help="active features per token (topk, batchtopk; default 32)")
+    activation: str = field("topk", help="the kind of SAE: " + ", ".join(activations.NAMES),
+                            flag="--arch")
+    k: int | None = field(None, help="active features per token (" + ", ".join(activations.with_k())
+                                   + "; default 32)")
     pre_bias: bool = field(True, help="subtract b_dec from the input before encoding")
     tied: bool = field(False, help="tie the encoder to the decoder (W_enc = W_dec)")
     decoder_norm: str = field("unit", help="unit (constrained to norm 1) or free (penalty × column norm)")
@@ -38,7 +41,7 @@ class SAEConfig:
                                            "auto, float32 or bfloat16 (active values are always exact float32)")
 
     def __post_init__(self) -> None:
-        check(self.activation in ACTIVATIONS, "activation", " / ".join(ACTIVATIONS), self.activation)
+        kind = self.kind  # an unknown name is an error naming the registered ones
         check(self.decoder_norm in ("unit", "free"), "decoder_norm", "unit or free", self.decoder_norm)
         check(self.normalize in ("sqrt_d", "unit", "none"), "normalize", "sqrt_d, unit or none", self.normalize)
         check(self.select_dtype in ("auto", "float32", "bfloat16"), "select_dtype",
@@ -49,11 +52,11 @@ class SAEConfig:
         if self.uses_k and self.k is None:
             self.k = 32
         if not self.uses_k and self.k is not None:
-            raise ConfigError(f"k: applies to topk and batchtopk only, not {self.activation} "
+            raise ConfigError(f"k: applies to {', '.join(activations.with_k())} only, not {self.activation} "
                               "(its sparsity comes from the penalty coefficient)")
         if self.uses_k:
             assert self.k is not None
-            check(self.k >= 1, "k", "at least 1 for topk/batchtopk", self.k)
+            check(self.k >= 1, "k", f"at least 1 for {self.activation}", self.k)
             if self.d_in:
                 check(self.k <= self.width, "k", f"at most n_features = {self.width}", self.k)
         check(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth", "a positive number", self.jumprelu_bandwidth)
@@ -62,6 +65,7 @@ class SAEConfig:
             sizes = list(self.matryoshka)
             check(all(0 < a < b for a, b in zip(sizes, sizes[1:], strict=False)) and sizes[0] > 0
                   and sizes[-1] <= self.width, "matryoshka", f"increasing sizes up to {self.width}", sizes)
+        kind.check_config(self)
 
     @property
     def width(self) -> int:
@@ -69,6 +73,11 @@ class SAEConfig:
         return self.n_features if self.n_features > 0 else max(1, round(self.expansion * self.d_in))
 
     @property
+    def kind(self) -> type[Activation]:
+        """The registered activation class named by ``activation``."""
+        return activations.get(self.activation)
+
+    @property
     def uses_k(self) -> bool:
-        return self.activation in ("topk", "batchtopk")
+        return self.kind.uses_k
 

@@ -215,14 +215,32 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     return idx, aux
 
 
-# ---- the obviously-correct dense reference -------------------------------------------
+# ---- the dense path: what the SAE uses where most pairs are active ---------------------
+# (early ReLU training, before the penalty has bitten): plain matmuls beat the sparse
+# kernels there. Autograd differentiates them; they keep the dense B×F product.
+
+def dense_encode(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, p: Pattern) -> torch.Tensor:
+    """Same result as :func:`sparse_encode`, from the dense product (one fused addmm)."""
+    return torch.addmm(b_F, x_BD, W_FD.T)[p.rows, p.cols]
+
+
+def dense_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.Tensor:
+    """Same result as :func:`sparse_decode`, through a dense B×F code matrix."""
+    return vals.new_zeros(p.n_rows, p.n_features).index_put((p.rows, p.cols), vals) @ W_FD
+
+
+# ---- the obviously-correct reference, for tests only ---------------------------------
+# Written for reading, not speed; tests check both paths above against these.
 
 def reference_encode(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, p: Pattern) -> torch.Tensor:
-    pre_BF = x_BD @ W_FD.T + b_F
-    return pre_BF[p.rows, p.cols]
+    """One dot product per active pair."""
+    pairs = zip(p.rows.tolist(), p.cols.tolist(), strict=True)
+    return torch.stack([x_BD[b] @ W_FD[f] + b_F[f] for b, f in pairs]) if p.nnz else x_BD.new_zeros(0)
 
 
 def reference_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.Tensor:
-    dense_BF = torch.zeros(p.n_rows, p.n_features, dtype=vals.dtype, device=vals.device)
-    dense_BF = dense_BF.index_put((p.rows, p.cols), vals)
-    return dense_BF @ W_FD
+    """Each row: the sum of its pairs' values times their decoder rows."""
+    zero = W_FD.new_zeros(W_FD.shape[1])
+    crow = p.crow.tolist()
+    return torch.stack([sum((vals[n] * W_FD[p.cols[n]] for n in range(crow[b], crow[b + 1])), zero)
+                        for b in range(p.n_rows)])

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from dictlens.config import check, field
+from dictlens.sae import activations
 from dictlens.sae.config import SPARSITY_PENALTIES, SAEConfig
 
 OPTIMIZERS = ("adam", "adamw", "signsgd")
@@ -37,7 +38,7 @@ class TrainConfig:
     sparsity_coeff: float = field(0.0, help="penalty coefficient (0: the penalty's default)")
     sparsity_warmup_steps: int = field(0, help="ramp the penalty coefficient linearly over these steps")
     weight_by_decoder_norm: bool = field(True, help="weight L1/tanh penalties by ‖W_dec[f]‖")
-    dead: str = field("auto", help="dead features: auto (boost for topk/batchtopk, else resample), "
+    dead: str = field("auto", help="dead features: auto (boost for activations with k, else resample), "
                                    "boost, auxk, resample or none")
     dead_tokens: int = field(0, help="tokens without firing before a feature counts as dead "
                                      "(0: tokens/64, at least 2 batches, at most 10M)")
@@ -111,21 +112,21 @@ class TrainConfig:
     def penalty(self, sae: SAEConfig) -> str:
         if self.sparsity != "auto":
             return self.sparsity
-        return {"relu": "l1", "gated": "l1", "jumprelu": "l0"}.get(sae.activation, "none")
+        return sae.kind.default_penalty
 
     def penalty_coeff(self, sae: SAEConfig) -> float:
         if self.sparsity_coeff > 0:
             return self.sparsity_coeff
         penalty = self.penalty(sae)
-        if penalty == "l1" and sae.activation == "relu":
-            # bench/sweep_train.py (540k tokens): 5 left L0 4.4 and FVU 0.76; 2 gives L0 21.5, FVU 0.63.
-            return 2.0
+        own = sae.kind.default_penalty_coeff
+        if own is not None and penalty == sae.kind.default_penalty:
+            return own
         return {"l1": 5.0, "tanh": 5.0, "smooth_l0": 0.5, "hoyer": 1.0, "l0": 0.5, "none": 0.0}[penalty]
 
     def dead_method(self, sae: SAEConfig) -> str:
         if self.dead != "auto":
             return self.dead
-        return "boost" if sae.uses_k else "resample"
+        return sae.kind.default_dead
 
     def dead_after(self) -> int:
         # Short runs need a short window: most features that die do so early, and AuxK or a
@@ -139,7 +140,10 @@ class TrainConfig:
 def check_compatible(sae: SAEConfig, train: TrainConfig) -> None:
     """Contradictions between the two configs, named."""
     penalty = train.penalty(sae)
-    check(penalty != "l0" or sae.activation == "jumprelu", "sparsity",
-          "l0 only with the jumprelu activation (it needs the threshold's straight-through gradient)", penalty)
-    check(train.pre_act_coeff == 0 or sae.activation == "jumprelu", "pre_act_coeff",
-          "0 unless the activation is jumprelu", train.pre_act_coeff)
+    kind = sae.kind
+    with_l0 = " / ".join(n for n, a in activations.REGISTRY.items() if a.supports_l0)
+    check(penalty != "l0" or kind.supports_l0, "sparsity",
+          f"l0 only with the {with_l0} activation (it needs the threshold's straight-through gradient)", penalty)
+    with_pre = " / ".join(n for n, a in activations.REGISTRY.items() if a.supports_pre_act)
+    check(train.pre_act_coeff == 0 or kind.supports_pre_act, "pre_act_coeff",
+          f"0 unless the activation is {with_pre}", train.pre_act_coeff)

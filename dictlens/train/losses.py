@@ -8,8 +8,9 @@ sums over features. ``w_f = ‖W_dec[f]‖`` when penalties are weighted by deco
   smooth_l0 Σ_f σ(α f w_f + β) − σ(β)          (α = 10, β = −3; the sigmoid L0 proxy)
   hoyer     ‖f‖₁ / ‖f‖₂                         (per token)
   l0        Σ_f H(z_f − θ_f)                     (JumpReLU, straight-through θ gradient)
-Auxiliary: AuxK (Gao et al.), the Gated SAE's frozen-decoder gate loss, a dead-feature
-decoder penalty, a decoder-diversity penalty, the JumpReLU pre-activation loss.
+Auxiliary: AuxK (Gao et al.), a dead-feature decoder penalty, a decoder-diversity
+penalty, and the terms an activation owns (its ``extra_losses``: the Gated SAE's
+frozen-decoder gate loss, the JumpReLU pre-activation loss).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dictlens.sae.activations import Codes
 from dictlens.sae.kernels import Pattern, sparse_decode, sparse_encode
-from dictlens.sae.model import SAE, Codes
+from dictlens.sae.model import SAE
 from dictlens.train.config import TrainConfig
 
 SMOOTH_L0_ALPHA, SMOOTH_L0_BETA = 10.0, -3.0
@@ -36,7 +38,7 @@ def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
             continue
         keep = codes.pattern.cols < m
         sub = codes.pattern.subset(keep)
-        x_hat = sae._decode_values(codes.vals[keep], sub) + sae.b_dec
+        x_hat = sae.decode_values(codes.vals[keep], sub) + sae.b_dec
         losses.append(F.mse_loss(x_hat, x, reduction="sum") / len(x))
     return torch.stack(losses).mean()
 
@@ -46,9 +48,8 @@ def sparsity(sae: SAE, codes: Codes, penalty: str, weighted: bool) -> torch.Tens
     if penalty == "none":
         return codes.vals.new_zeros(())
     if penalty == "l0":
-        assert codes.l0_surrogate is not None
-        return codes.l0_surrogate / b
-    vals = codes.gate if codes.gate is not None else codes.vals
+        return sae.activation.l0_surrogate(codes) / b
+    vals = sae.activation.sparsity_values(codes)
     if weighted and penalty in ("l1", "tanh", "smooth_l0"):
         vals = vals * sae.decoder_norms()[codes.pattern.cols]
     if penalty == "l1":
@@ -103,13 +104,6 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
     return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
-def gated_aux(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
-    """‖x − (W_dec_frozen·ReLU(π_gate) + b_dec_frozen)‖²: trains the gate path."""
-    assert codes.gate is not None
-    x_hat = sae._decode_values(codes.gate, codes.pattern, sae.W_dec.detach()) + sae.b_dec.detach()
-    return (x - x_hat).pow(2).sum(1).mean()
-
-
 def dead_penalty(sae: SAE, dead: torch.Tensor) -> torch.Tensor:
     return sae.W_dec[dead].pow(2).sum()
 
@@ -123,32 +117,23 @@ def diversity(sae: SAE, generator: torch.Generator, sample: int = 1024) -> torch
     return (cos.abs().sum() - cos.diagonal().abs().sum()) / max(1, n * (n - 1))
 
 
-def pre_activation(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """JumpReLU pre-activation loss Σ_f ReLU(θ_f − z_f)·‖W_dec[f]‖ (dense: costs a matmul)."""
-    x_c = x - sae.b_dec if sae.cfg.pre_bias else x
-    z = x_c @ sae.W_enc.T + sae.b_enc
-    theta = sae.log_threshold.exp()
-    return ((theta - z).relu() * sae.decoder_norms()).sum(1).mean()
-
-
 def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: int, dead: torch.Tensor,
-               generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Every active loss term, already multiplied by its coefficient; ``total`` is their sum."""
+               generator: torch.Generator, dead_method: str) -> dict[str, torch.Tensor]:
+    """Every active loss term, already multiplied by its coefficient; ``total`` is their sum.
+
+    ``dead_method``: the trainer's resolved ``cfg.dead_method`` (AuxK adds a term)."""
     terms = {"mse": reconstruction(sae, codes, x)}
     penalty = cfg.penalty(sae.cfg)
     if penalty != "none":
         ramp = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
         terms[f"sparsity_{penalty}"] = ramp * cfg.penalty_coeff(sae.cfg) * sparsity(
             sae, codes, penalty, cfg.weight_by_decoder_norm)
-    if sae.cfg.activation == "gated":
-        terms["gated_aux"] = gated_aux(sae, codes, x)
-    if cfg.dead_method(sae.cfg) == "auxk" and cfg.auxk_coeff > 0:
+    terms.update(sae.activation.extra_losses(sae, codes, x, cfg))
+    if dead_method == "auxk" and cfg.auxk_coeff > 0:
         terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.aux_k(sae.cfg), cfg.auxk_rows)
     if cfg.dead_penalty_coeff > 0:
         terms["dead_penalty"] = cfg.dead_penalty_coeff * dead_penalty(sae, dead)
     if cfg.diversity_coeff > 0:
         terms["diversity"] = cfg.diversity_coeff * diversity(sae, generator)
-    if cfg.pre_act_coeff > 0:
-        terms["pre_act"] = cfg.pre_act_coeff * pre_activation(sae, x)
     terms["total"] = torch.stack(list(terms.values())).sum()
     return terms

@@ -155,12 +155,31 @@ class Trainer:
         self.lr = cfg.learning_rate(self.sae_cfg)
         self.optimizer = build_optimizer(list(self.sae.parameters()), cfg, self.lr)
         self.dead = DeadTracker(self.sae.n_features, cfg.dead_after(), self.device)
+        self.dead_method = cfg.dead_method(self.sae_cfg)  # decided once: boost, auxk, resample or none
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.state = TrainState()
         self.log_file: Any = None
         self.external: ExternalLoggers | None = None
+        self.started = False
+        self._clock = (0.0, 0)  # (perf_counter, tokens) when this process started stepping
 
     # ---- set-up ---------------------------------------------------------------------
+    def start(self, resume: bool = False) -> None:
+        """Ready the run: resume from ``out``'s checkpoint (with ``resume``, when one exists) or
+        initialise from the data; open the logs. :meth:`step` calls it when not called."""
+        if self.started:
+            return
+        self.sae.train()
+        if not (resume and self.resume()):
+            self._initialise()
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._truncate_log()
+            self.log_file = open(self.out / LOG, "a")  # noqa: SIM115 - closed by close_logs()
+        self.external = ExternalLoggers(self.cfg, {"sae": to_dict(self.sae_cfg), "train": to_dict(self.cfg)})
+        self._clock = (time.perf_counter(), self.state.tokens)
+        self.started = True
+
     def _initialise(self) -> None:
         """Input scale and decoder bias from the data (fresh runs only)."""
         stats = self.source.stats
@@ -193,7 +212,7 @@ class Trainer:
         if changed:
             raise CacheError(f"{self.out / CHECKPOINT} was trained with other settings (saved vs asked: {changed}); "
                              "resume with the same settings, or use another --out")
-        self.sae.load_state_dict(ck["sae"])
+        self.sae.load_state(ck["sae"], str(self.out / CHECKPOINT))
         self.optimizer.load_state_dict(ck["optimizer"])
         self.dead.since_fired.copy_(ck["since_fired"])
         self.generator.set_state(ck["rng"])
@@ -228,21 +247,44 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
-    def _step(self, x: torch.Tensor, measure: bool = True) -> dict[str, float]:
-        """One optimisation step on a normalised batch; with ``measure``, also the logged
+    def step(self, x: torch.Tensor) -> dict[str, Any] | None:
+        """One optimisation step on a raw batch [B, D] (in the activations' own units).
+
+        Counts the step, logs on logging steps (the record is returned) and checkpoints when
+        one is due. A batch holding NaN or Inf is skipped (``skip_nonfinite``) or stops the
+        run with the checkpoint saved. The first call starts the run (:meth:`start`)."""
+        self.start()
+        x = x.to(self.device, torch.float32)
+        if x.ndim != 2 or x.shape[1] != self.sae.d_in:
+            raise InputError(f"batch shape {list(x.shape)} does not match the SAE's d_in {self.sae.d_in}")
+        if not bool(torch.isfinite(x).all()):
+            self._nonfinite(x)
+            return None
+        log_now = (self.state.step + 1) % self.cfg.log_every == 0 or self.state.step + 1 == self.cfg.steps
+        metrics = self._optimise(x * self.sae.input_scale, measure=log_now)
+        self.state.step += 1
+        self.state.tokens += len(x)
+        self.state.batch_in_epoch += 1
+        record = self._log(metrics) if log_now else None
+        every = self.cfg.checkpoint_every
+        if every > 0 and self.state.tokens // every > (self.state.tokens - len(x)) // every:
+            self.save_checkpoint()
+        return record
+
+    def _optimise(self, x: torch.Tensor, measure: bool) -> dict[str, float]:
+        """The optimisation step on a normalised batch; with ``measure``, also the logged
         metrics (loss terms, FVU, L0), which cost a few passes over the batch."""
         cfg, sae = self.cfg, self.sae
         plateau = Plateau(**self.state.plateau)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * lr_factor(cfg, self.state.step, plateau)
         dead = self.dead.dead
-        auxk = cfg.dead_method(self.sae_cfg) == "auxk" and cfg.auxk_coeff > 0
         k_aux = cfg.aux_k(sae.cfg)
         # Many dead features: AuxK's pairs come out of the TopK selection (sparse);
         # few: the loss takes a dense product over the dead columns instead.
-        sparse_aux = auxk and auxk_is_sparse(int(dead.sum()), k_aux)
+        sparse_aux = self.dead_method == "auxk" and cfg.auxk_coeff > 0 and auxk_is_sparse(int(dead.sum()), k_aux)
         codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, cfg.auxk_rows)
-        terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator)
+        terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method)
         if not bool(torch.isfinite(terms["total"])):
             self.save_checkpoint()
             values = {k: round(float(v.detach()), 4) for k, v in terms.items()}
@@ -257,11 +299,10 @@ class Trainer:
         self.optimizer.step()
         sae.normalize_decoder()
         self.dead.update(codes.pattern, codes.vals.detach(), len(x))
-        if cfg.dead_method(self.sae_cfg) == "boost":
+        boosted = None
+        if self.dead_method == "boost":
             unit = float(x.norm(dim=1).mean()) / math.sqrt(x.shape[1])
             boosted = boost(sae, self.optimizer, self.dead.dead, cfg.boost * unit)
-        else:
-            boosted = None
         out: dict[str, float] = {}
         if measure:
             out = {k: float(v.detach()) for k, v in terms.items()}
@@ -271,7 +312,7 @@ class Trainer:
                 out["l0"] = float((codes.vals > 0).sum()) / len(x)
             if boosted is not None:
                 out["boosted"] = boosted
-        if cfg.dead_method(self.sae_cfg) == "resample" and self._resample_due():
+        if self.dead_method == "resample" and self._resample_due():
             self.state.resampled += resample(sae, self.optimizer, self.dead.dead, x, codes.x_hat.detach(),
                                              self.generator)
             self.dead.since_fired[self.dead.dead] = 0
@@ -287,7 +328,8 @@ class Trainer:
         step = self.state.step + 1
         return step % every == 0 and step < limit
 
-    def _log(self, metrics: dict[str, float], t0: float, tokens0: int) -> dict[str, Any]:
+    def _log(self, metrics: dict[str, float]) -> dict[str, Any]:
+        t0, tokens0 = self._clock
         record = {"step": self.state.step, "tokens": self.state.tokens, **metrics,
                   "dead_fraction": float(self.dead.dead.float().mean()), "turnover": self.dead.turnover(),
                   "lr": self.optimizer.param_groups[0]["lr"],
@@ -306,68 +348,69 @@ class Trainer:
     def fit(self, resume: bool = False) -> SAE:
         """Train to ``cfg.tokens``; with ``resume``, continue from ``out``'s checkpoint.
 
-        Without ``resume``, an ``out`` that already holds a checkpoint is an error, so a
-        finished or interrupted run is never overwritten by accident.
+        The loop over :meth:`step`, then :meth:`finish`. Without ``resume``, an ``out`` that
+        already holds a checkpoint is an error, so a finished or interrupted run is never
+        overwritten by accident. Ctrl-C saves a checkpoint before it stops the run.
         """
         from tqdm.auto import tqdm
 
         if not resume and self.out is not None and (self.out / CHECKPOINT).is_file():
             raise CacheError(f"{self.out} already holds a training checkpoint; resume it (--resume) "
                              "or choose another --out")
-        self.sae.train()
-        if not (resume and self.resume()):
-            self._initialise()
-        if self.out is not None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._truncate_log()
-            self.log_file = open(self.out / LOG, "a")  # noqa: SIM115 - closed in finally
-        self.external = ExternalLoggers(self.cfg, {"sae": to_dict(self.sae_cfg), "train": to_dict(self.cfg)})
-        t0, tokens0 = time.perf_counter(), self.state.tokens
-        next_ckpt = self._next_checkpoint()
+        self.start(resume=resume)
         bar = tqdm(total=self.cfg.steps * self.cfg.batch_size, initial=self.state.tokens, unit="tok",
                    unit_scale=True, disable=not self.progress, desc="train")
+        done = False
         try:
             for x in self._batches():
                 if self.state.step >= self.cfg.steps:
                     break
-                x = x.to(self.device, torch.float32)
-                if x.shape[1] != self.sae.d_in:
-                    raise InputError(f"batch width {x.shape[1]} does not match the SAE's d_in {self.sae.d_in}")
-                if not bool(torch.isfinite(x).all()):
-                    self._nonfinite(x)
-                    continue
-                log_now = (self.state.step + 1) % self.cfg.log_every == 0 or self.state.step + 1 == self.cfg.steps
-                metrics = self._step(x * self.sae.input_scale, measure=log_now)
-                self.state.step += 1
-                self.state.tokens += len(x)
-                self.state.batch_in_epoch += 1
+                rec = self.step(x)
                 bar.update(len(x))
-                if log_now:
-                    rec = self._log(metrics, t0, tokens0)
+                if rec is not None:
                     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.1%}")
-                if next_ckpt and self.state.tokens >= next_ckpt:
-                    self.save_checkpoint()
-                    next_ckpt = self._next_checkpoint()
+            done = True
         except KeyboardInterrupt:
             self.save_checkpoint()
             raise
         finally:
             bar.close()
-            if self.log_file is not None:
-                self.log_file.close()
-                self.log_file = None
-            if self.external is not None:
-                self.external.close()
-                self.external = None
+            if not done:
+                self.close_logs()
+        return self.finish()
+
+    def finish(self) -> SAE:
+        """End the run: checkpoint, put schedule-free parameters at their average, let the
+        activation finish (BatchTopK calibrates its threshold), save the SAE and its curves
+        into ``out``. Returns the SAE in inference mode (BatchTopK then codes each token by
+        its threshold, so a token's codes no longer depend on its batch-mates)."""
+        self.start()
+        self.close_logs()
         self.save_checkpoint()
-        self._finish()
-        # inference mode: BatchTopK switches from the batch's top k·B to its learned threshold,
-        # so a token's codes no longer depend on the other tokens it is batched with
+        if hasattr(self.optimizer, "eval"):
+            self.optimizer.eval()
+        from itertools import islice
+
+        # lazy: read (or, from a stream, computed) only by an activation that calibrates
+        sample = islice(self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000), 2)
+        rows = (x.to(self.device, torch.float32) * self.sae.input_scale for x in sample)
+        self.sae.activation.finish_training(self.sae, (x[torch.isfinite(x).all(dim=1)] for x in rows))
+        if self.out is not None:
+            self.sae.save(self.out, extra={"train": {**to_dict(self.cfg), "lr_used": self.lr,
+                                                     "state": asdict(self.state)}})
+            if self.cfg.plots:
+                from dictlens.train.plots import plot_log
+
+                plot_log(self.out / LOG, self.out / "curves.png")
         return self.sae.eval()
 
-    def _next_checkpoint(self) -> int:
-        every = self.cfg.checkpoint_every
-        return (self.state.tokens // every + 1) * every if every > 0 else 0
+    def close_logs(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+        if self.external is not None:
+            self.external.close()
+            self.external = None
 
     def _nonfinite(self, x: torch.Tensor) -> None:
         bad = int((~torch.isfinite(x).all(dim=1)).sum())
@@ -389,25 +432,6 @@ class Trainer:
         keep = [line for line in path.read_text().splitlines() if line.strip()
                 and json.loads(line)["step"] <= self.state.step]
         atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
-
-    def _finish(self) -> None:
-        """Put schedule-free parameters at their average; save the SAE and the curves."""
-        if hasattr(self.optimizer, "eval"):
-            self.optimizer.eval()
-        if self.sae_cfg.activation == "batchtopk":
-            from itertools import islice
-
-            sample = islice(self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000), 2)
-            rows = (x.to(self.device, torch.float32) * self.sae.input_scale for x in sample)
-            self.sae.calibrate_threshold(x[torch.isfinite(x).all(dim=1)] for x in rows)
-        if self.out is None:
-            return
-        self.sae.save(self.out, extra={"train": {**to_dict(self.cfg), "lr_used": self.lr,
-                                                 "state": asdict(self.state)}})
-        if self.cfg.plots:
-            from dictlens.train.plots import plot_log
-
-            plot_log(self.out / LOG, self.out / "curves.png")
 
 
 def train(sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None, *,

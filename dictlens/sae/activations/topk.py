@@ -1,0 +1,31 @@
+"""TopK (Makhzani & Frey; Gao et al. 2024): the k largest pre-activations of each row."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from dictlens.sae.activations.base import Activation, Selection
+from dictlens.sae.kernels import Pattern, topk_select
+
+if TYPE_CHECKING:
+    from dictlens.sae.model import SAE
+
+
+class TopK(Activation):
+    name = "topk"
+    help = "the k largest pre-activations of each token (ReLU'd)"
+    uses_k = True
+    default_dead = "boost"
+
+    def select(self, sae: SAE, x_c: torch.Tensor, *, dead: torch.Tensor | None = None, k_aux: int = 0,
+               aux_rows: int = 0) -> Selection:
+        assert sae.cfg.k is not None
+        n_dead = int(dead.sum()) if dead is not None else 0
+        # the selection runs in chunks and never holds the B×F product, so AuxK's dead
+        # features are ranked in the same pass
+        idx, aux_idx = topk_select(x_c, sae.W_enc, sae.b_enc, sae.cfg.k, dtype=sae.ranking_dtype(),
+                                   dead=dead if n_dead else None, k_aux=min(k_aux, n_dead),
+                                   aux_rows=aux_rows)
+        return Selection(Pattern.from_indices(idx, sae.n_features), aux_idx)
