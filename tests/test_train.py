@@ -42,10 +42,17 @@ def test_topk_sae_recovers_and_reconstructs(data, tmp_path):
     torch.testing.assert_close(loaded(x), sae(x).detach(), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("act", "extra"), [
+ACTIVATION_SETUPS = [
     ("batchtopk", {"k": 4}), ("relu", {}), ("jumprelu", {}), ("gated", {}), ("topk", {"k": 4, "matryoshka": [16, 64]}),
-])
+    ("groupmax", {"k": 8}),
+]
+
+
+@pytest.mark.parametrize(("act", "extra"), ACTIVATION_SETUPS)
 def test_every_activation_learns(data, act, extra):
+    from dictlens.sae import activations
+
+    assert {a for a, _ in ACTIVATION_SETUPS} == set(activations.NAMES)  # a new kind gets a row here
     tr, ho = _split(data.x)
     sae = train(SAEConfig(activation=act, n_features=128, **extra),
                 TrainConfig(tokens=60_000, batch_size=512, lr=3e-3, plots=False), tr, progress=False)
@@ -69,6 +76,7 @@ def test_optimisers_and_schedules_train(data, opt):
     (SAEConfig(activation="topk", k=4, n_features=128), {"dead": "auxk", "dead_tokens": 512, "schedule_free": False}),
     (SAEConfig(activation="relu", n_features=128), {"resample_every": 7, "dead_tokens": 1024}),
     (SAEConfig(activation="topk", k=4, n_features=128), {"schedule_free": True, "optimizer": "signsgd"}),
+    (SAEConfig(activation="groupmax", k=4, n_features=128), {}),
 ])
 def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatch, setup):
     sae_cfg, extra = setup
