@@ -46,7 +46,7 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     sae = SAE.load(args.run, device=args.device)
-    hook, model = sae.metadata["hook"], sae.metadata["model"]
+    hook, model = sae.provenance.hook_in, sae.provenance.model
     lm = dictlens.load_model(model, device=args.device)
     n_ctx = -(-args.tokens // (args.context - 1))
     contexts = pack_contexts(iter_documents("default"), lm.tokenizer, args.context, prepend_bos=True)

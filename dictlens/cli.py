@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from dictlens.config import add_arguments, from_namespace
-from dictlens.errors import CacheError, DictlensError
+from dictlens.errors import CacheError, CheckpointMismatch, DictlensError
 
 
 def _cmd_hooks(args: argparse.Namespace) -> int:
@@ -79,25 +79,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_source(args: argparse.Namespace) -> tuple[object, dict[str, object]]:
-    """The activation source named on the command line, and metadata for the SAE."""
+def _train_source(args: argparse.Namespace) -> Any:
+    """The activation source named on the command line (it describes itself for the SAE's record)."""
     from dictlens.data.store import ActivationStore, StreamingSource
     from dictlens.errors import ConfigError
 
     if args.acts:
-        from dictlens.eval.splice import outlier_limit
-
-        store = ActivationStore(args.acts, args.hook, model=args.model)
-        return store, {"model": store.model, "hook": store.hook, "acts": str(args.acts),
-                       "context": store.manifest["context"], "outlier_limit": outlier_limit(store.manifest, store.hook)}
+        return ActivationStore(args.acts, args.hook, model=args.model)
     if not (args.model and args.hook and args.text):
         raise ConfigError("train: give --acts DIR (a harvested cache), or --model, --hook and --text to stream")
     from dictlens.data.models import load_model
 
     lm = load_model(args.model)
-    source = StreamingSource(lm, args.hook, args.text, tokens=args.tokens, context=args.context,
-                             text_field=args.text_field)
-    return source, {"model": args.model, "hook": args.hook, "text": args.text, "context": args.context}
+    return StreamingSource(lm, args.hook, args.text, tokens=args.tokens, context=args.context,
+                           text_field=args.text_field)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -110,11 +105,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     sae_cfg = from_namespace(SAEConfig, args)
     train_cfg = from_namespace(TrainConfig, args)
-    source, metadata = _train_source(args)
+    source = _train_source(args)
     heldout = None
     if train_cfg.heldout_tokens > 0:
         source, heldout = split_heldout(source, train_cfg.heldout_tokens)
-    trainer = Trainer(sae_cfg, train_cfg, source, args.out, metadata=metadata)
+    trainer = Trainer(sae_cfg, train_cfg, source, args.out)
     sae = trainer.fit(resume=args.resume)
     print(f"trained {trainer.state.tokens:,} tokens in {trainer.state.step} steps; SAE saved to {args.out}")
     if heldout is not None:
@@ -146,23 +141,15 @@ def print_metrics(m: Any) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """Held-out metrics of a trained SAE: JSON, a terminal table, the density histogram."""
-    from dictlens.data.store import ActivationStore, split_heldout
-    from dictlens.errors import ConfigError, InputError
+    from dictlens.data.store import split_heldout
+    from dictlens.errors import ConfigError
     from dictlens.eval.metrics import evaluate
     from dictlens.eval.plots import density_histogram
     from dictlens.io import atomic_write_json
-    from dictlens.sae.model import SAE
+    from dictlens.load import load_sae, open_cache
 
-    sae = SAE.load(args.run)
-    hook = args.hook or sae.metadata.get("hook")
-    store = ActivationStore(args.acts, hook, model=args.model)
-    trained_on = sae.metadata.get("hook")
-    if trained_on and store.hook != trained_on:
-        raise InputError(f"the SAE in {args.run} was trained on {trained_on}, the cache {args.acts} holds "
-                         f"{store.hook}; pass the matching --hook or cache")
-    if store.d_model != sae.d_in:
-        raise InputError(f"the SAE in {args.run} reads width {sae.d_in}, the cache's {store.hook} has width "
-                         f"{store.d_model}")
+    sae = load_sae(args.run)
+    store = open_cache(sae, args.run, args.acts, args.hook)
     source = store
     if args.heldout:
         if args.heldout < 0:
@@ -176,20 +163,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     spliced = None
     if args.splice_text:
         from dictlens.data.models import load_model
-        from dictlens.data.packing import check_tokenizer
-        from dictlens.eval.splice import outlier_limit, sae_replacement, splice_metrics, text_batches
+        from dictlens.data.tokens import text_batches
+        from dictlens.eval.splice import sae_replacement, splice_metrics
+        from dictlens.load import check_model, model_of
 
-        trained_model = sae.metadata.get("model") or store.model
-        if args.model and trained_model and args.model != trained_model:
-            raise InputError(f"the SAE in {args.run} was trained on activations of {trained_model}; splicing it "
-                             f"into {args.model} would measure nothing meaningful")
-        model_name = args.model or trained_model
+        model_name = model_of(sae, args.run, args.model or store.model)
         lm = load_model(model_name)
-        check_tokenizer(store.manifest, lm.tokenizer, model_name, args.acts)
+        check_model(sae, args.run, lm, store.hook)
         batches = text_batches(lm, args.splice_text, tokens=args.splice_tokens, context=args.context,
                                skip_tokens=args.splice_skip)
         spliced = splice_metrics(lm, store.hook, sae_replacement(sae), batches,
-                                 max_norm=outlier_limit(store.manifest, store.hook))
+                                 max_norm=sae.provenance.outlier_limit)
         record["spliced"] = {"model": model_name, "text": args.splice_text, "skipped_tokens": args.splice_skip,
                              **spliced.to_dict()}
     atomic_write_json(out / "eval.json", record)
@@ -213,28 +197,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_analyze(args: argparse.Namespace) -> int:
     """One pass of a text through the model and the SAE: the feature database."""
     from dictlens.analysis.collect import AnalysisConfig, analyze
-    from dictlens.data.models import load_model
-    from dictlens.errors import InputError
-    from dictlens.sae.model import SAE
+    from dictlens.load import load_run
 
     cfg = from_namespace(AnalysisConfig, args)
-    sae = SAE.load(args.run)
-    hook = args.hook or sae.metadata.get("hook")
-    if not hook:
-        raise InputError(f"the SAE in {args.run} does not record its hook; pass --hook")
-    trained_on = sae.metadata.get("hook")
-    if trained_on and hook != trained_on:
-        raise InputError(f"the SAE in {args.run} was trained on {trained_on}, not {hook}")
-    model_name = args.model or sae.metadata.get("model")
-    if not model_name:
-        raise InputError(f"the SAE in {args.run} does not record its model; pass --model")
-    trained_model = sae.metadata.get("model")
-    if args.model and trained_model and args.model != trained_model:
-        print(f"note: the SAE was trained on activations of {trained_model}; analysing it on {args.model}")
-    lm = load_model(model_name, device=cfg.device)
+    loaded = load_run(args.run, model=args.model, device=cfg.device, hook=args.hook)
+    sae, hook = loaded.sae, loaded.hook
     out = Path(args.out) if args.out else Path(args.run) / "analysis"
-    print(f"analyze {args.run} at {hook} of {model_name} over {cfg.text} ({cfg.tokens:,} tokens)")
-    r = analyze(sae, lm, hook, cfg, out, run=str(args.run))
+    print(f"analyze {args.run} at {hook} of {loaded.lm.name} over {cfg.text} ({cfg.tokens:,} tokens)")
+    r = analyze(sae, loaded.lm, hook, cfg, out, run=str(args.run))
     alive = int((r.stats.count > 0).sum())
     print(f"{r.tokens:,} tokens in {r.contexts:,} contexts, {r.seconds:.1f} s ({r.tokens / r.seconds:,.0f} tok/s); "
           f"{alive:,} of {sae.n_features:,} features fired"
@@ -251,12 +221,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 def _analysis_dir(target: str, analysis: str | None) -> Path:
     """An analysis directory from ``--analysis``, or RUN itself, or RUN/analysis."""
     from dictlens.analysis.db import DB_FILE
-    from dictlens.errors import CacheError
+    from dictlens.errors import AnalysisError
 
     for cand in ([Path(analysis)] if analysis else [Path(target), Path(target) / "analysis"]):
         if (cand / DB_FILE).is_file():
             return cand
-    raise CacheError(f"no feature database in {analysis or target}: run `dictlens analyze {target}` first")
+    raise AnalysisError(f"no feature database in {analysis or target}: run `dictlens analyze {target}` first")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -315,17 +285,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
             print(f"| {h['id']} | {h['mean']:.3g} | {h['fires']:.1%} | {lens} |")
         return 0
     from dictlens.analysis.search import features_on_text
-    from dictlens.data.models import load_model
-    from dictlens.sae.model import SAE
+    from dictlens.load import load_run
 
-    sae = SAE.load(args.run)
-    hook = sae.metadata.get("hook")
-    model = args.model or sae.metadata.get("model")
-    if not hook or not model:
-        raise ConfigError(f"the SAE in {args.run} does not record its hook and model; pass --model")
-    from dictlens.use.load import outlier_limit_of
-
-    r = features_on_text(sae, load_model(model), hook, args.text, max_norm=outlier_limit_of(sae, hook))
+    run = load_run(args.run, model=args.model)
+    r = features_on_text(run.sae, run.lm, run.hook, args.text, max_norm=run.max_norm)
     print(f"{len(r.features):,} features fire on the text's {len(r.tokens)} tokens; strongest first:")
     print("| feature | max | tokens |\n|---:|---:|---:|")
     for f in r.features[:args.n]:
@@ -340,27 +303,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     """Match the features of SAEs pairwise (seeds, widths, layers); splitting with --acts."""
     from dictlens.analysis.compare import match_features, splitting
     from dictlens.io import atomic_write_json
-    from dictlens.sae.model import SAE
+    from dictlens.load import check_cache, load_sae, open_cache
 
     if len(args.runs) < 2:
         from dictlens.errors import ConfigError
         raise ConfigError("compare: give at least two SAE run directories")
-    saes = [SAE.load(r) for r in args.runs]
+    saes = [load_sae(r) for r in args.runs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pairs: list[dict[str, Any]] = []
     for (ra, a), (rb, b) in zip(zip(args.runs, saes, strict=True), list(zip(args.runs, saes, strict=True))[1:],
                                 strict=False):
         m = match_features(a.W_dec, b.W_dec)
-        row: dict[str, Any] = {"a": ra, "b": rb, "hook_a": a.metadata.get("hook"), "hook_b": b.metadata.get("hook"),
+        row: dict[str, Any] = {"a": ra, "b": rb, "hook_a": a.provenance.hook_in, "hook_b": b.provenance.hook_in,
                                **m.summary()}
         name = f"{Path(ra).name}__{Path(rb).name}"
         _write_matches(out / f"matches_{name}.csv", m)
         if args.acts and a.n_features != b.n_features and row["hook_a"] == row["hook_b"]:
-            from dictlens.data.store import ActivationStore
-
             narrow, wide = (a, b) if a.n_features < b.n_features else (b, a)
-            store = ActivationStore(args.acts, row["hook_a"])
+            store = open_cache(a, ra, args.acts)
+            check_cache(b, rb, store)
             batches = (x for _, x in zip(range(max(1, args.tokens // 4096)), store.batches(4096, shuffle=False),
                                          strict=False))
             row["splitting"] = splitting(narrow, wide, batches).summary()
@@ -523,7 +485,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dictlens.data.store import ActivationStore, split_heldout
     from dictlens.data.text import describe_default
     from dictlens.eval.metrics import evaluate
-    from dictlens.eval.splice import outlier_limit
     from dictlens.io import atomic_write_json
     from dictlens.sae.config import SAEConfig
     from dictlens.train.config import TrainConfig
@@ -544,16 +505,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     train_cfg = TrainConfig(tokens=args.train_tokens, batch_size=4096, log_every=5, heldout_tokens=8192)
 
     def trainer() -> Trainer:
-        return Trainer(SAEConfig(activation="topk", k=32, expansion=16), train_cfg, train_src, run,
-                       metadata={"model": "smollm2-135m", "hook": "resid_post.15", "acts": str(out / "acts"),
-                                 "outlier_limit": outlier_limit(store.manifest, "resid_post.15")})
+        return Trainer(SAEConfig(activation="topk", k=32, expansion=16), train_cfg, train_src, run)
 
     try:
         sae = trainer().fit(resume=(run / "checkpoint.safetensors").is_file())
-    except CacheError as e:
+    except CheckpointMismatch:
         # A demo run from an older dictlens (other defaults): keep it aside, train afresh.
-        if "other settings" not in str(e) and "different SAE" not in str(e):
-            raise
         previous = run.with_name(run.name + ".previous")
         if previous.exists():
             shutil.rmtree(previous)
@@ -587,7 +544,6 @@ def _demo_steer(sae: Any, lm: Any, analysis: Path, run: Path) -> None:
     the model continues a neutral prompt."""
     from dictlens.analysis.db import FeatureDB
     from dictlens.use.commands import side_by_side
-    from dictlens.use.load import outlier_limit_of
     from dictlens.use.splice import Edit
     from dictlens.use.steer import GenerateConfig, steered_generation
 
@@ -605,7 +561,7 @@ def _demo_steer(sae: Any, lm: Any, analysis: Path, run: Path) -> None:
     print(f"\ndemo 4/4: steer with feature {f['id']}, the one most active on {word!r}: add {coeff:g} × its "
           f"direction (its largest activation) at every position")
     g = steered_generation(lm, {"resid_post.15": sae}, {"resid_post.15": [Edit(int(f["id"]), "add", coeff)]}, prompt,
-                           GenerateConfig(max_new_tokens=30), max_norm=outlier_limit_of(sae, "resid_post.15"))
+                           GenerateConfig(max_new_tokens=30), max_norm=sae.provenance.outlier_limit)
     print(f"prompt: {prompt!r}\n")
     print(side_by_side(g.unsteered, g.steered, ("unsteered", "steered"), width=100))
     print(f"\n(`dictlens generate {run} --prompt \"...\" --steer {f['id']}:{coeff:g}` does this for any prompt)")

@@ -28,5 +28,17 @@ class CacheError(DictlensError):
     """An activation cache is corrupt, incomplete, or does not match the request."""
 
 
+class CheckpointError(DictlensError):
+    """A saved dictionary or training checkpoint is missing, damaged, or not what its config says."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A training checkpoint holds another run (other SAE or settings): resuming it is refused."""
+
+
+class AnalysisError(DictlensError):
+    """A feature database or code store is missing or damaged."""
+
+
 class ActivationError(DictlensError):
     """Activations contain NaN or Inf values."""

@@ -14,7 +14,8 @@ from dictlens.analysis import AnalysisConfig, FeatureDB, analyze
 from dictlens.analysis.codes import CodeStore, CodeWriter
 from dictlens.analysis.lens import coactivation, final_norm, logit_lens, nearest, unembedding
 from dictlens.analysis.stats import FeatureCollector
-from dictlens.errors import CacheError, ConfigError, InputError
+from dictlens.errors import AnalysisError, ConfigError, InputError
+from dictlens.provenance import Provenance
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.model import SAE
 
@@ -125,7 +126,7 @@ def test_code_store_round_trip_and_truncation(tmp_path):
                                                                             minlength=10))
     with open(tmp_path / "codes" / "value.bin", "r+b") as f:
         f.truncate(12)
-    with pytest.raises(CacheError, match="value.bin: expected 28 bytes .* found 12 bytes"):
+    with pytest.raises(AnalysisError, match="value.bin: expected 28 bytes .* found 12 bytes"):
         CodeStore(tmp_path / "codes")
 
 
@@ -157,7 +158,7 @@ def test_final_norm_found(tiny_models, arch):
 @pytest.fixture
 def tiny_sae(llama):
     sae = SAE(SAEConfig(d_in=32, n_features=48, activation="topk", k=4), seed=0,
-              metadata={"model": "tiny", "hook": "resid_post.1"})
+              provenance=Provenance.of_sae(llama.name, "resid_post.1"))
     return sae.eval()
 
 
@@ -224,7 +225,7 @@ def test_analyze_on_a_tiny_model_reads_back_what_the_model_and_sae_give(llama, t
 
 def test_analyze_bad_input(llama, tiny_sae, corpus, tmp_path):
     wide = SAE(SAEConfig(d_in=16, n_features=32, activation="topk", k=4), seed=0)
-    with pytest.raises(InputError, match="16-wide .* 32 wide"):
+    with pytest.raises(InputError, match="is 32 wide; the SAE in memory reads 16"):
         analyze(wide, llama, "resid_post.1", AnalysisConfig(text=str(corpus), tokens=64), tmp_path / "a",
                 progress=False)
     empty = tmp_path / "empty.txt"
@@ -243,14 +244,14 @@ def test_analyze_bad_input(llama, tiny_sae, corpus, tmp_path):
                 progress=False)
     with pytest.raises(ConfigError, match="top_k"):
         AnalysisConfig(top_k=0)
-    with pytest.raises(CacheError, match="no features.db"):
+    with pytest.raises(AnalysisError, match="no features.db"):
         FeatureDB(tmp_path / "b")
     # a damaged database is named
     good = tmp_path / "an"
     analyze(tiny_sae, llama, "resid_post.1", AnalysisConfig(text=str(corpus), tokens=100, context=16), good,
             progress=False)
     (good / "features.db").write_bytes(b"not sqlite" * 100)
-    with pytest.raises(CacheError, match="not a readable feature database"):
+    with pytest.raises(AnalysisError, match="not a readable feature database"):
         FeatureDB(good)
     assert sqlite3  # the database is plain SQLite
 
@@ -259,7 +260,7 @@ def test_cli_analyze(llama, tiny_model_dirs, corpus, tmp_path, capsys):
     from dictlens.cli import main
 
     sae = SAE(SAEConfig(d_in=32, n_features=40, activation="topk", k=4), seed=1,
-              metadata={"model": str(tiny_model_dirs["llama"]), "hook": "resid_post.2"})
+              provenance=Provenance.of_sae(str(tiny_model_dirs["llama"]), "resid_post.2"))
     sae.save(tmp_path / "run")
     rc = main(["analyze", str(tmp_path / "run"), "--text", str(corpus), "--tokens", "300", "--context", "32",
                "--top-k", "3"])
@@ -279,7 +280,7 @@ def test_analyze_on_the_real_default_model(smollm2, tmp_path):
     paris = smollm2.tokenizer(" Paris", add_special_tokens=False).input_ids
     assert len(paris) == 1
     sae = SAE(SAEConfig(d_in=576, n_features=64, activation="topk", k=8), seed=0,
-              metadata={"model": "smollm2-135m", "hook": "resid_post.15"}).eval()
+              provenance=Provenance.of_sae("smollm2-135m", "resid_post.15")).eval()
     with torch.no_grad():
         one_hot = torch.zeros(W_U.shape[0])
         one_hot[paris[0]] = 1.0
@@ -372,7 +373,7 @@ def test_features_on_text_and_cli_search(llama, tiny_model_dirs, corpus, tmp_pat
     from dictlens.data.tap import Tap
 
     sae = SAE(SAEConfig(d_in=32, n_features=40, activation="topk", k=4), seed=1,
-              metadata={"model": str(tiny_model_dirs["llama"]), "hook": "resid_post.1"}).eval()
+              provenance=Provenance.of_sae(str(tiny_model_dirs["llama"]), "resid_post.1")).eval()
     r = features_on_text(sae, llama, "resid_post.1", "The cat sat on the mat.")
     ids = llama.tokenizer("The cat sat on the mat.", add_special_tokens=False).input_ids
     assert len(r.tokens) == len(ids)  # BOS left out

@@ -14,6 +14,7 @@ import pytest
 from dictlens.analysis import AnalysisConfig, FeatureDB, analyze
 from dictlens.app.report import write_report
 from dictlens.app.server import create_app, is_loopback
+from dictlens.provenance import Provenance
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.model import SAE
 
@@ -65,7 +66,7 @@ def analysis(tiny_models, tmp_path_factory):
         return vocab
 
     sae = SAE(SAEConfig(d_in=32, n_features=24, activation="topk", k=3), seed=0,
-              metadata={"model": "tiny", "hook": "resid_post.1"}).eval()
+              provenance=Provenance.of_sae(lm.name, "resid_post.1")).eval()
     collect.decode_vocab = hostile_vocab
     try:
         analyze(sae, lm, "resid_post.1", AnalysisConfig(text=str(text), tokens=800, context=32, top_k=4,

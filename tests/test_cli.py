@@ -71,8 +71,11 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["fvu"] < 1.0 and metrics["n_tokens"] >= 400
     meta = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert meta["metadata"]["hook"] == "resid_post.2" and meta["sae"]["d_in"] == 32
-    assert "outlier_limit" in meta["metadata"] and meta["metadata"]["outlier_limit"] is None  # harvested unfiltered
+    prov = meta["provenance"]
+    assert prov["hook_in"] == prov["hook_out"] == "resid_post.2" and meta["sae"]["d_in"] == 32
+    assert prov["model"] == model and prov["acts"] == str(tmp_path / "acts") and prov["context"] == 64
+    assert prov["tokenizer"]["vocab_size"] > 0 and prov["normalization"] == "sqrt_d" and prov["input_scale"] > 0
+    assert "outlier_limit" in prov and prov["outlier_limit"] is None  # harvested unfiltered
     # eval on the same held-out tail reproduces the training command's figure, and writes JSON + PNG
     assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--heldout", "400",
                  "--out", str(tmp_path / "ev"), "--model", model, "--splice-text", str(corpus),
@@ -88,7 +91,7 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     assert main(["eval", str(tmp_path / "run"), "--acts", str(tmp_path / "acts"), "--splice-text", str(corpus),
                  "--model", other]) == 2
     err = capsys.readouterr().err
-    assert "resid_post" in err and "was harvested from model" in err  # the hook error, then the model
+    assert "resid_post" in err and "trained on activations of" in err  # the hook error, then the model
     assert main(argv) == 2  # the run exists: resume it or choose another --out
     assert "--resume" in capsys.readouterr().err
     assert main(argv[:-2] + ["--tokens", "9000", "--out", str(tmp_path / "run"), "--resume"]) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dictlens import SAE, SAEConfig
-from dictlens.errors import CacheError, ConfigError, InputError
+from dictlens.errors import CheckpointError, ConfigError, InputError
 from dictlens.sae import activations
 
 ACTS = activations.NAMES
@@ -55,11 +55,11 @@ def test_damaged_checkpoints_are_named(tmp_path):
     SAE(_cfg("topk")).save(tmp_path / "s")
     weights = tmp_path / "s" / "sae.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(CacheError, match="sae.safetensors is truncated or damaged"):
+    with pytest.raises(CheckpointError, match="sae.safetensors is truncated or damaged"):
         SAE.load(tmp_path / "s")
     SAE(_cfg("jumprelu")).save(tmp_path / "j")
     (tmp_path / "s" / "sae.safetensors").write_bytes((tmp_path / "j" / "sae.safetensors").read_bytes())
-    with pytest.raises(CacheError, match="does not match its config"):
+    with pytest.raises(CheckpointError, match="does not match its config"):
         SAE.load(tmp_path / "s")
     with pytest.raises(InputError, match="config.json is missing"):
         SAE.load(tmp_path / "nothing")

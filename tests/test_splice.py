@@ -63,7 +63,7 @@ def test_bad_input(llama):
 
 
 def test_text_batches_skip_the_trained_part_and_keep_no_special_tokens(llama, corpus):
-    from dictlens.eval.splice import text_batches
+    from dictlens.data.tokens import text_batches
 
     first = text_batches(llama, str(corpus), tokens=150, context=32, batch_size=2)
     later = text_batches(llama, str(corpus), tokens=50, context=32, batch_size=2, skip_tokens=64)
@@ -78,8 +78,9 @@ def test_text_batches_skip_the_trained_part_and_keep_no_special_tokens(llama, co
 def test_positions_above_the_outlier_limit_stay_clean_and_unscored(llama):
     """An SAE never trained on attention-sink-sized activations must not be judged on them:
     a replacement that wrecks only the large-norm positions costs nothing under the limit."""
+    from dictlens.data.activations import outlier_limit
     from dictlens.data.tap import Tap
-    from dictlens.eval.splice import outlier_limit, splice_reference
+    from dictlens.eval.splice import splice_reference
 
     hook = "resid_post.1"
     data = _batches(llama.model.config.vocab_size)

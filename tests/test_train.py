@@ -10,7 +10,7 @@ import torch
 
 import dictlens.train.trainer as trainer_mod
 from dictlens import SAE, ArraySource, SAEConfig, SAEEstimator, TrainConfig, evaluate
-from dictlens.errors import ActivationError, CacheError, ConfigError, InputError
+from dictlens.errors import ActivationError, CheckpointError, CheckpointMismatch, ConfigError, InputError
 from dictlens.eval.synthetic import sparse_features
 from dictlens.train import train
 
@@ -98,7 +98,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
     monkeypatch.setattr(trainer_mod.Trainer, "step", real_step)
-    with pytest.raises(CacheError, match="already holds a training checkpoint"):
+    with pytest.raises(CheckpointError, match="already holds a training checkpoint"):
         train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
     resumed = train(sae_cfg, cfg, src, tmp_path / "part", progress=False, resume=True)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
@@ -129,10 +129,11 @@ def test_bad_inputs_are_named(data, tmp_path):
         train(SAEConfig(activation="relu"), TrainConfig(sparsity="l0"), data.x[:1000], progress=False)
     train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=512, batch_size=256, plots=False), data.x[:1000],
           tmp_path / "r", progress=False)
-    with pytest.raises(CacheError, match=r"was trained with other settings .*'optimizer': \('adam', 'signsgd'\)"):
+    with pytest.raises(CheckpointMismatch,
+                       match=r"was trained with other settings .*'optimizer': \('adam', 'signsgd'\)"):
         train(SAEConfig(k=4, n_features=64), TrainConfig(tokens=1024, batch_size=256, optimizer="signsgd"),
               data.x[:1000], tmp_path / "r", progress=False, resume=True)
-    with pytest.raises(CacheError, match="is from a different SAE"):
+    with pytest.raises(CheckpointMismatch, match="is from a different SAE"):
         train(SAEConfig(activation="relu", n_features=64), TrainConfig(tokens=1024, batch_size=256), data.x[:1000],
               tmp_path / "r", progress=False, resume=True)
 

@@ -10,6 +10,8 @@ import torch
 
 from dictlens.data.tap import Tap
 from dictlens.errors import ConfigError, InputError
+from dictlens.load import check_model
+from dictlens.provenance import Provenance
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.model import SAE
 from dictlens.use import (
@@ -27,7 +29,6 @@ from dictlens.use import (
     steered_generation,
 )
 from dictlens.use.ablate import prompt_batches
-from dictlens.use.load import check_model
 from dictlens.use.steer import generate, prompt_ids
 
 HOOK = "resid_post.1"
@@ -36,7 +37,7 @@ HOOK = "resid_post.1"
 @pytest.fixture
 def sae(llama):
     s = SAE(SAEConfig(d_in=32, n_features=48, activation="topk", k=4, normalize="none"), seed=0,
-            metadata={"model": llama.name, "hook": HOOK}).eval()
+            provenance=Provenance.of_sae(llama.name, HOOK)).eval()
     with torch.no_grad():
         s.b_dec.copy_(0.1 * torch.randn(32))
     return s
@@ -63,7 +64,7 @@ def _codes(sae, x):
 def test_splice_with_the_error_term_leaves_the_outputs_unchanged(tiny_models, arch):
     lm = tiny_models[arch]
     sae = SAE(SAEConfig(d_in=32, n_features=48, activation="topk", k=4), seed=1,
-              metadata={"model": lm.name, "hook": "resid_post.2"}).eval()
+              provenance=Provenance.of_sae(lm.name, "resid_post.2")).eval()
     ids = _ids(lm)
     clean = _logits(lm, ids)
     with Splice(lm, {"resid_post.2": sae}):
@@ -136,7 +137,7 @@ def test_edits_of_one_feature_apply_in_order_and_hooks_do_not_share_limits(llama
 
 def test_several_saes_at_several_hooks(llama, sae):
     other = SAE(SAEConfig(d_in=32, n_features=40, activation="relu"), seed=3,
-                metadata={"model": llama.name, "hook": "resid_post.2"}).eval()
+                provenance=Provenance.of_sae(llama.name, "resid_post.2")).eval()
     ids = _ids(llama)
     clean = _logits(llama, ids)
     with Splice(llama, {HOOK: sae, "resid_post.2": other}):
@@ -199,11 +200,10 @@ def test_bad_input_is_named(llama, sae):
         Splice(llama, {"resid_post.9": sae})
     with pytest.raises(InputError, match="trained on resid_post.1, not resid_post.2"):
         check_model(sae, "run", llama, "resid_post.2")
-    stranger = SAE(SAEConfig(d_in=32, n_features=8, activation="relu"), metadata={"model": "gpt2-xl",
-                                                                               "hook": HOOK})
+    stranger = SAE(SAEConfig(d_in=32, n_features=8, activation="relu"), provenance=Provenance.of_sae("gpt2-xl", HOOK))
     with pytest.raises(InputError, match="trained on activations of gpt2-xl, not"):
         check_model(stranger, "run", llama, HOOK)
-    narrow = SAE(SAEConfig(d_in=16, n_features=8, activation="relu"), metadata={"hook": HOOK})
+    narrow = SAE(SAEConfig(d_in=16, n_features=8, activation="relu"), provenance=Provenance.of_sae(hook=HOOK))
     with pytest.raises(InputError, match="is 32 wide; the SAE in run reads 16"):
         check_model(narrow, "run", llama, HOOK)
     with pytest.raises(ConfigError, match="temperature: expected a finite number"):
@@ -295,7 +295,7 @@ def test_attribution_is_the_gradient_and_edges_are_linear_effects(llama, sae):
     edge is the first-order change of the downstream attribution under scaling f_u."""
     up = sae
     down = SAE(SAEConfig(d_in=32, n_features=40, activation="topk", k=4), seed=5,
-               metadata={"model": llama.name, "hook": "resid_post.2"}).eval()
+               provenance=Provenance.of_sae(llama.name, "resid_post.2")).eval()
     saes = {HOOK: up, "resid_post.2": down}
     prompt = "The cat sat on the mat"
     token = llama.tokenizer.decode([int(_ids(llama, " the")[0, -1])])
@@ -358,7 +358,7 @@ def runs(tiny_model_dirs, tmp_path):
     out = {}
     for hook, seed in ((HOOK, 0), ("resid_post.2", 1)):
         s = SAE(SAEConfig(d_in=32, n_features=48, activation="topk", k=4), seed=seed,
-                metadata={"model": model, "hook": hook}).eval()
+                provenance=Provenance.of_sae(model, hook)).eval()
         out[hook] = str(s.save(tmp_path / hook))
     return out
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dictlens.data.tap import Tap
+from dictlens.provenance import Provenance
 from dictlens.use import Edit, Monitor, Splice, Watch, ablate, attribute, make_metric
 from dictlens.use.ablate import prompt_batches
 
@@ -27,7 +28,7 @@ def real_sae(smollm2):
     x = torch.cat(list(src.batches(4096, shuffle=False)))
     sae = train(SAEConfig(activation="topk", k=16, n_features=1152), TrainConfig(tokens=120_000, batch_size=1024,
                                                                                   plots=False),
-                ArraySource(x), progress=False, metadata={"model": "smollm2-135m", "hook": HOOK})
+                ArraySource(x), progress=False, provenance=Provenance.of_sae("smollm2-135m", HOOK))
     return sae
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dictlens.errors import CacheError
+from dictlens.errors import AnalysisError
 from dictlens.io import atomic_write_json, read_json
 
 FILES = {"tokens": np.int32, "kept": np.uint8, "indptr": np.int64, "feature": np.int32, "value": np.float32}
@@ -89,7 +89,7 @@ class CodeStore:
         self.path = Path(directory)
         meta_path = self.path / META
         if not meta_path.is_file():
-            raise CacheError(f"{self.path}: no {META} (not a finished analysis code store)")
+            raise AnalysisError(f"{self.path}: no {META} (not a finished analysis code store)")
         self.meta = read_json(meta_path)
         C, T, nnz = int(self.meta["contexts"]), int(self.meta["context"]), int(self.meta["nnz"])
         self.n_contexts, self.context, self.n_features = C, T, int(self.meta["n_features"])
@@ -101,7 +101,7 @@ class CodeStore:
             expected = want[name] * np.dtype(dtype).itemsize
             if size != expected:
                 found = "missing" if size < 0 else f"{size:,} bytes"
-                raise CacheError(f"{f}: expected {expected:,} bytes ({want[name]:,} × {np.dtype(dtype).name}), "
+                raise AnalysisError(f"{f}: expected {expected:,} bytes ({want[name]:,} × {np.dtype(dtype).name}), "
                                  f"found {found}: the analysis was interrupted or the file is damaged; re-run "
                                  f"`dictlens analyze`")
             arrays[name] = (np.memmap(f, dtype=dtype, mode="r", shape=(want[name],)) if want[name]

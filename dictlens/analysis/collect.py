@@ -49,7 +49,8 @@ class AnalysisConfig:
     neighbours: int = field(10, help="nearest features (decoder cosine) listed per feature")
     coactivation: bool = field(False, help="also list the features that fire together with each (Jaccard)")
     outlier_factor: float | None = field(None, help="skip tokens whose norm exceeds this × the median norm "
-                                                    "(default: the rule of the SAE's training cache, if any)")
+                                                    "of the text's first batch (default: the outlier limit "
+                                                    "the SAE's record gives, if any)")
     seed: int = field(0, help="seed of the example sampling")
     device: str | None = field(None, help="cpu or cuda (default: cuda when present)")
 
@@ -80,32 +81,6 @@ class AnalysisResult:
     stats: CollectedStats
 
 
-def _training_outlier_limit(sae: Any, hook: str) -> tuple[float | None, float | None]:
-    """(factor, median norm) of the SAE's training cache's outlier rule, when it can be read."""
-    from dictlens.io import read_json
-
-    acts = sae.metadata.get("acts")
-    manifest = Path(acts) / "manifest.json" if acts else None
-    if manifest is None or not manifest.is_file():
-        return None, None
-    f = read_json(manifest).get("filter") or {}
-    median = (f.get("median_norm") or {}).get(hook)
-    return (float(f["outlier_factor"]) if f.get("outlier_factor") else None), (float(median) if median else None)
-
-
-def _contexts(lm: Any, cfg: AnalysisConfig) -> Any:
-    from dictlens.data.packing import pack_contexts, resolve_prepend_bos
-    from dictlens.data.text import iter_documents
-
-    skipped = 0
-    for ctx in pack_contexts(iter_documents(cfg.text, cfg.text_field), lm.tokenizer, cfg.context,
-                             prepend_bos=resolve_prepend_bos(lm.tokenizer, "auto")):
-        if skipped < cfg.skip_tokens:
-            skipped += cfg.context
-            continue
-        yield ctx
-
-
 def decode_vocab(tokenizer: Any) -> list[str]:
     """Each token id decoded on its own (byte-level pieces of a character show as �)."""
     n = len(tokenizer)
@@ -117,29 +92,25 @@ def analyze(sae: Any, lm: Any, hook: str, cfg: AnalysisConfig, out: str | Path, 
     """Run the analysis pass of ``sae`` at ``hook`` of ``lm`` over ``cfg.text``; write ``out``."""
     from tqdm.auto import tqdm
 
-    from dictlens.data.packing import special_token_ids
     from dictlens.data.tap import Tap
+    from dictlens.data.tokens import context_batch, special_ids, text_contexts
+    from dictlens.load import check_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    hidden = getattr(lm.config, "hidden_size", None) or getattr(lm.config, "n_embd", None)
+    check_model(sae, run or "memory", lm, hook)
     tap = Tap(lm, [hook])
-    if hidden is not None and int(hidden) != sae.d_in and "resid" in hook:
-        raise InputError(f"the SAE reads {sae.d_in}-wide activations but {lm.name}'s residual stream is "
-                         f"{hidden} wide: is the SAE from another model?")
     device = torch.device(cfg.device) if cfg.device else sae.device
     sae = sae.to(device).eval()
-    factor, median = _training_outlier_limit(sae, hook)
-    if cfg.outlier_factor is not None:
-        factor = cfg.outlier_factor
-    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
+    special = special_ids(lm.tokenizer)
     F = sae.n_features
     (out / DB_FILE).unlink(missing_ok=True)  # the old database would not match the new codes
     writer = CodeWriter(out / CODES_DIR, cfg.context, F)
     collector: FeatureCollector | None = None
-    contexts = _contexts(lm, cfg)
+    contexts = text_contexts(lm, cfg.text, cfg.context, text_field=cfg.text_field, skip_tokens=cfg.skip_tokens)
     n_ctx, kept_total, outliers = 0, 0, 0
-    limit: float | None = None
+    # the SAE's own record (what its training data left out), unless --outlier-factor sets a rule
+    limit = sae.provenance.outlier_limit if cfg.outlier_factor is None else None
     t0 = time.perf_counter()
     try:
         with tqdm(total=cfg.tokens, unit="tok", unit_scale=True, disable=not progress, desc="analyze") as bar:
@@ -147,10 +118,8 @@ def analyze(sae: Any, lm: Any, hook: str, cfg: AnalysisConfig, out: str | Path, 
                 batch = [c for _, c in zip(range(cfg.batch_size), contexts, strict=False)]
                 if not batch:
                     break
-                ids = torch.from_numpy(np.stack([c.ids for c in batch]).astype(np.int64))
+                ids, keep = context_batch(batch, special)
                 B, T = ids.shape
-                keep = torch.arange(T)[None] < torch.tensor([c.n_valid for c in batch])[:, None]
-                keep &= ~torch.isin(ids, special)
                 acts = tap(ids)[hook].float()
                 if acts.shape[-1] != sae.d_in:
                     raise InputError(f"hook {hook} of {lm.name} gives {acts.shape[-1]}-wide activations; "
@@ -163,8 +132,8 @@ def analyze(sae: Any, lm: Any, hook: str, cfg: AnalysisConfig, out: str | Path, 
                                           f"(first at context {n_ctx + c}, position {t})")
                 norms = x.norm(dim=1)
                 if collector is None:
-                    if factor is not None:
-                        limit = factor * (median if median is not None else float(norms.median()))
+                    if cfg.outlier_factor is not None:
+                        limit = cfg.outlier_factor * float(norms.median())
                     collector = FeatureCollector(F, scale=float(norms.mean().clamp_min(1e-12)), top_k=cfg.top_k,
                                                  bins_per_decade=cfg.bins_per_decade, lo=HIST_LO, hi=HIST_HI,
                                                  reservoir=cfg.quantile_examples, seed=cfg.seed, device=device)
@@ -268,7 +237,7 @@ def _write_database(sae: Any, lm: Any, hook: str, cfg: AnalysisConfig, out: Path
                 yield (f, "random", 0, r, int(p), 0.0)
 
     meta = {"n_features": sae.n_features, "d_in": sae.d_in, "sae": run, "sae_config": to_dict(sae.cfg),
-            "sae_metadata": sae.metadata, "model": lm.name, "hook": hook, "config": to_dict(cfg),
+            "sae_provenance": sae.provenance.to_json(), "model": lm.name, "hook": hook, "config": to_dict(cfg),
             "tokens": stats.n_tokens, "contexts": store.n_contexts, "context": store.context,
             "outliers_skipped": outliers, "outlier_limit": limit, "seconds": seconds,
             "hist_edges": stats.edges.tolist(), "window_left": cfg.window_left, "window_right": cfg.window_right,

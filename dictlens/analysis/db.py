@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from dictlens.analysis.codes import CodeStore
-from dictlens.errors import CacheError, InputError
+from dictlens.errors import AnalysisError, InputError
 
 DB_FILE = "features.db"
 CODES_DIR = "codes"
@@ -92,14 +92,14 @@ class FeatureDB:
         self.path = Path(directory)
         db = self.path / DB_FILE
         if not db.is_file():
-            raise CacheError(f"{self.path}: no {DB_FILE}; run `dictlens analyze RUN --out {self.path}` first")
+            raise AnalysisError(f"{self.path}: no {DB_FILE}; run `dictlens analyze RUN --out {self.path}` first")
         self._uri = f"file:{db}?mode=ro"
         self._local = threading.local()  # one read-only connection per thread (the app's workers)
         self._all: list[sqlite3.Connection] = []
         try:
             self.meta = {k: json.loads(v) for k, v in self.con.execute("SELECT key, value FROM meta")}
         except sqlite3.DatabaseError as e:
-            raise CacheError(f"{db}: not a readable feature database ({e}); re-run `dictlens analyze`") from None
+            raise AnalysisError(f"{db}: not a readable feature database ({e}); re-run `dictlens analyze`") from None
         self.codes = CodeStore(self.path / CODES_DIR)
         self.vocab = [t for (t,) in self.con.execute("SELECT text FROM vocab ORDER BY id")]
         self.n_features = int(self.meta["n_features"])

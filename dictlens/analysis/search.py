@@ -29,22 +29,6 @@ class TextFeatures:
     features: list[dict[str, Any]]
 
 
-def tokenize(lm: Any, text: str, max_tokens: int = 1024) -> torch.Tensor:
-    """[1, T] ids of ``text`` as analysis sees text (BOS first when the tokenizer has one)."""
-    from dictlens.data.packing import resolve_prepend_bos
-
-    if not text.strip():
-        raise InputError("the text is empty")
-    tok = lm.tokenizer
-    ids = tok(text, add_special_tokens=False).input_ids
-    if resolve_prepend_bos(tok, "auto"):
-        ids = [tok.bos_token_id, *ids]
-    limit = min(max_tokens, int(getattr(lm.config, "max_position_embeddings", max_tokens)))
-    if len(ids) > limit:
-        raise InputError(f"the text is {len(ids):,} tokens long; at most {limit:,} fit in one context")
-    return torch.tensor([ids])
-
-
 @torch.no_grad()
 def features_on_text(sae: Any, lm: Any, hook: str, text: str, per_token: int = 8,
                      max_tokens: int = 1024, max_norm: float | None = None) -> TextFeatures:
@@ -52,21 +36,21 @@ def features_on_text(sae: Any, lm: Any, hook: str, text: str, per_token: int = 8
     ``per_token`` strongest, and every feature ranked by its largest activation. BOS and
     other special tokens are left out, as in the analysis, and so are positions whose
     activation norm exceeds ``max_norm`` (the SAE's training outlier limit)."""
-    from dictlens.data.packing import special_token_ids
     from dictlens.data.tap import Tap
+    from dictlens.data.tokens import not_special, text_ids
 
-    ids = tokenize(lm, text, max_tokens)
+    ids = text_ids(lm, text, max_tokens=max_tokens).cpu()
     acts = Tap(lm, [hook])(ids)[hook][0].float()
     if acts.shape[-1] != sae.d_in:
         raise InputError(f"hook {hook} of {lm.name} gives {acts.shape[-1]}-wide activations; the SAE reads {sae.d_in}")
     with sae.ranking("float32"):
         codes = sae.encode(acts.to(sae.device)).cpu()
-    special = special_token_ids(lm.tokenizer)
+    keep = not_special(lm.tokenizer, ids)[0].tolist()
     tokens, best = [], torch.zeros(codes.shape[1])
     fired = torch.zeros(codes.shape[1], dtype=torch.long)
     too_big = (acts.norm(dim=-1) > max_norm).tolist() if max_norm is not None else [False] * len(acts)
     for t, i in enumerate(ids[0].tolist()):
-        if i in special or too_big[t]:  # outliers (SmolLM2's BOS: ~150x the median norm; attention sinks)
+        if not keep[t] or too_big[t]:  # outliers (SmolLM2's BOS: ~150x the median norm; attention sinks)
             continue
         row = codes[t]
         nz = row.nonzero()[:, 0]

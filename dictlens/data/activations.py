@@ -113,6 +113,14 @@ class NormStats:
                 "mean": self.mean.tolist(), "var": self.var.tolist()}
 
 
+def outlier_limit(manifest: dict[str, Any], hook: str) -> float | None:
+    """The norm above which a cache's harvest dropped activations at ``hook`` (None: no filter):
+    the outlier factor times the median norm fixed from the harvest's first batch."""
+    f = manifest.get("filter") or {}
+    factor, median = f.get("outlier_factor"), (f.get("median_norm") or {}).get(hook)
+    return float(factor) * float(median) if factor and median else None
+
+
 @dataclass
 class FilterState:
     """What the filters dropped so far, and the fixed outlier thresholds of this run."""
@@ -166,12 +174,10 @@ class TokenFilter:
     drop_nonfinite: bool = False
 
     def valid_mask(self, ids_BT: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids_BT.shape[1])[None, :]
-        mask = positions < n_valid[:, None]
-        if not self.keep_special and self.special_ids:
-            special = torch.isin(ids_BT, torch.tensor(sorted(self.special_ids)))
-            mask &= ~special
-        return mask
+        from dictlens.data.tokens import keep_mask
+
+        ids = sorted(self.special_ids) if not self.keep_special else []
+        return keep_mask(ids_BT, torch.tensor(ids, dtype=torch.long), torch.as_tensor(n_valid))
 
     def check_finite(self, acts: dict[str, torch.Tensor], ctx: np.ndarray, pos: np.ndarray,
                      state: FilterState) -> torch.Tensor:

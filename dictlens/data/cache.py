@@ -260,10 +260,6 @@ class HarvestResult:
     seconds: float
     new_tokens: int
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
 
 def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, *, progress: bool = True) -> HarvestResult:
     """Run the model over the text and write (or resume) an activation cache in ``cfg.out``."""

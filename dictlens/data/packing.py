@@ -77,14 +77,6 @@ def special_token_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
-def not_special(tokenizer: Any, ids: Any) -> Any:
-    """A bool tensor shaped like the id tensor ``ids``: True where the token is not special."""
-    import torch
-
-    special = torch.tensor(sorted(special_token_ids(tokenizer)), dtype=torch.long, device=ids.device)
-    return ~torch.isin(ids, special)
-
-
 def _token_batches(docs: Iterable[str], tokenizer: Any, batch_docs: int) -> Iterator[list[int]]:
     eos = tokenizer.eos_token_id
     it = iter(docs)

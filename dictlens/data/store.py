@@ -1,9 +1,11 @@
 """Activation batches for the trainer, from a disk cache or streamed from a model.
 
 Both sources give the same thing: ``source.batches(batch_size, shuffle=..., seed=...)``
-yields float32 tensors of shape [batch_size, D], and ``source.stats`` gives the
-normalisation statistics. The trainer needs nothing else, so it also accepts a plain
-tensor or numpy array wrapped in :class:`ArraySource`.
+yields float32 tensors of shape [batch_size, D], ``source.stats`` gives the
+normalisation statistics, and ``source.provenance()`` describes the data (model, hook,
+tokenizer, context, outlier limit) for the record of a dictionary trained on it. The
+trainer needs nothing else, so it also accepts a plain tensor or numpy array wrapped in
+:class:`ArraySource`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dictlens.data.activations import FilterState, Moments, NormStats, TokenFilter, iter_chunks
+from dictlens.data.activations import FilterState, Moments, NormStats, TokenFilter, iter_chunks, outlier_limit
 from dictlens.data.cache import from_storage, read_manifest, verify_file
 from dictlens.data.models import LoadedModel
-from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids
+from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids, tokenizer_fingerprint
 from dictlens.data.tap import Tap
 from dictlens.data.text import iter_documents
 from dictlens.errors import CacheError, ConfigError
+from dictlens.provenance import Provenance
 
 
 def _shuffled_batches(blocks: Iterable[torch.Tensor], batch_size: int, *, shuffle: bool,
@@ -96,9 +99,11 @@ class ActivationStore:
     def d_model(self) -> int:
         return int(self.manifest["widths"][self.hook])
 
-    @property
-    def complete(self) -> bool:
-        return bool(self.manifest["complete"])
+    def provenance(self) -> Provenance:
+        """What a dictionary trained on this cache reads: the cache's own description."""
+        return Provenance(model=self.model, tokenizer=self.manifest.get("tokenizer"), hook_in=self.hook,
+                          hook_out=self.hook, context=int(self.manifest["context"]),
+                          outlier_limit=outlier_limit(self.manifest, self.hook), acts=str(self.path))
 
     @property
     def n_shards(self) -> int:
@@ -174,6 +179,10 @@ class ArraySource:
             m.add(part[torch.isfinite(part).all(dim=1)])
         return NormStats.from_moments(m)
 
+    def provenance(self) -> Provenance:
+        """Arrays carry no description: nothing is known of a model or hook."""
+        return Provenance()
+
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                 drop_last: bool = False) -> Iterator[torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
@@ -202,6 +211,7 @@ class StreamingSource:
         self.tap = Tap(lm, [hook])
         self._stats: NormStats | None = None
         self._width: int | None = None
+        self._median_norm: float | None = None  # fixed by the stream's first batch (outlier rule)
 
     @property
     def model(self) -> str:
@@ -224,11 +234,19 @@ class StreamingSource:
         left = self.tokens
         for chunk in iter_chunks(self.tap, contexts, batch_size=self.batch_contexts,
                                  token_filter=self.filter, state=state):
+            self._median_norm = state.median_norm.get(self.hook, self._median_norm)
             rows = chunk.acts[self.hook][:left]
             left -= len(rows)
             yield rows
             if left <= 0:
                 return
+
+    def provenance(self) -> Provenance:
+        """The model, hook and text streamed; the outlier limit once the stream has begun."""
+        limit = (self.outlier_factor * self._median_norm
+                 if self.outlier_factor and self._median_norm is not None else None)
+        return Provenance(model=self.model, tokenizer=tokenizer_fingerprint(self.lm.tokenizer), hook_in=self.hook,
+                          hook_out=self.hook, context=self.context, outlier_limit=limit, text=self.text)
 
     @property
     def stats(self) -> NormStats:

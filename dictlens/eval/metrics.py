@@ -144,14 +144,14 @@ class ReconstructionStats:
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, batches: Iterable[torch.Tensor], *, exact: bool = True) -> Metrics:
+def evaluate(sae: SAE, batches: Iterable[torch.Tensor]) -> Metrics:
     """Metrics of ``sae`` on raw activation batches [B, D] (held out from training).
 
-    With ``exact`` (the default) TopK features are ranked in float32, so the figures do
-    not depend on the hardware's fast low-precision ranking (``select_dtype``).
+    Features are ranked in float32, so the figures do not depend on the hardware's fast
+    low-precision ranking (``select_dtype``).
     """
     stats = ReconstructionStats(sae.n_features)
-    with sae.ranking("float32" if exact else sae.cfg.select_dtype):
+    with sae.ranking("float32"):
         for x in batches:
             x = x.to(sae.device, torch.float32)
             if x.ndim != 2 or x.shape[1] != sae.d_in:

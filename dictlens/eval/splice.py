@@ -126,13 +126,6 @@ def splice_reference(lm: LoadedModel, hook: str, batches: Iterable[tuple[torch.T
     return SpliceReference(point.name, data, mean, sums["zero"] / n, sums["mean"] / n, n_outliers)
 
 
-def outlier_limit(manifest: dict[str, Any], hook: str) -> float | None:
-    """The norm above which a cache's harvest dropped activations at ``hook`` (None: no filter)."""
-    f = manifest.get("filter") or {}
-    factor, median = f.get("outlier_factor"), (f.get("median_norm") or {}).get(hook)
-    return float(factor) * float(median) if factor and median else None
-
-
 @torch.inference_mode()
 def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -194,41 +187,6 @@ def _scan(lm: LoadedModel, point: HookPoint, data: list[tuple[torch.Tensor, torc
         count += len(kept)
     assert total is not None
     return out, (total / max(1, count)).float(), outliers
-
-
-def text_batches(lm: LoadedModel, text: str, *, tokens: int, context: int = 128, batch_size: int = 8,
-                 text_field: str = "text", skip_tokens: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(input_ids, keep)`` batches of packed contexts from a text source (as harvested:
-    BOS prepended when the tokenizer has one; padding and special tokens not kept), with
-    at least ``tokens`` kept positions in all, after skipping the contexts that hold the
-    first ``skip_tokens`` (e.g. the part of the text an SAE was trained on)."""
-    import numpy as np
-
-    from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids
-    from dictlens.data.text import iter_documents
-
-    special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
-    contexts = pack_contexts(iter_documents(text, text_field), lm.tokenizer, context,
-                             prepend_bos=resolve_prepend_bos(lm.tokenizer, "auto"))
-    out, rows, kept, skipped = [], [], 0, 0
-    for ctx in contexts:
-        if skipped < skip_tokens:
-            skipped += context
-            continue
-        rows.append(ctx)
-        if len(rows) == batch_size:
-            ids = torch.from_numpy(np.stack([c.ids for c in rows]).astype(np.int64))
-            keep = torch.arange(context)[None] < torch.tensor([c.n_valid for c in rows])[:, None]
-            keep &= ~torch.isin(ids, special)
-            out.append((ids, keep))
-            kept += int(keep.sum())
-            rows = []
-            if kept >= tokens:
-                break
-    if not out:
-        raise InputError(f"splice evaluation: {text!r} holds fewer than {batch_size} contexts of {context} tokens"
-                         + (f" after the first {skip_tokens:,} tokens" if skip_tokens else ""))
-    return out
 
 
 def sae_replacement(sae: Any) -> Replace:

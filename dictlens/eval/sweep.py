@@ -171,8 +171,8 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
     """Train and evaluate every point of ``grid``; returns the rows (also written to ``out/sweep.csv``)."""
     from dictlens.data.store import ActivationStore, split_heldout
     from dictlens.eval.metrics import evaluate
+    from dictlens.load import check_model, load_sae
     from dictlens.sae.config import SAEConfig
-    from dictlens.sae.model import SAE
     from dictlens.train.config import TrainConfig
     from dictlens.train.trainer import CHECKPOINT, Trainer
 
@@ -210,18 +210,14 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
                          f"FVU {saved['row']['fvu']:.4f} L0 {saved['row']['l0']:.1f}")
                 continue
         t0 = time.perf_counter()
-        from dictlens.eval.splice import outlier_limit
-
         trainer = Trainer(sae_cfg, train_cfg, train_src, run, progress=bars,
-                          metadata={"model": store.model, "hook": store.hook, "acts": str(acts),
-                                    "context": store.manifest["context"], "sweep": str(out),
-                                    "outlier_limit": outlier_limit(store.manifest, store.hook)})
+                          provenance=store.provenance().replace(notes={"sweep": str(out)}))
         resumed = (run / CHECKPOINT).is_file()
         trainer.fit(resume=resumed)
         seconds = time.perf_counter() - t0
         if resumed and previous and previous.get("train_tokens") == trainer.state.tokens:
             seconds = previous["train_seconds"]   # trained before, only re-evaluated now: keep its time
-        sae = SAE.load(run)
+        sae = load_sae(run)
         m = evaluate(sae, heldout.batches(4096, shuffle=False))
         row: dict[str, Any] = {
             "hook": store.hook, "arch": point.arch, "k": sae_cfg.k if sae_cfg.uses_k else None,
@@ -235,22 +231,17 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
             "heldout_tokens": m.n_tokens, "run": str(run)}
         if splice is not None:
             from dictlens.data.models import load_model
-            from dictlens.data.packing import check_tokenizer
-            from dictlens.eval.splice import (
-                sae_replacement,
-                splice_metrics,
-                splice_reference,
-                text_batches,
-            )
+            from dictlens.data.tokens import text_batches
+            from dictlens.eval.splice import sae_replacement, splice_metrics, splice_reference
 
             if lm is None:
                 lm = load_model(splice.model)
-                check_tokenizer(store.manifest, lm.tokenizer, splice.model, acts)
+            check_model(sae, run, lm, store.hook)
             if point.hook not in references:
                 batches = text_batches(lm, splice.text, tokens=splice.tokens, context=splice.context,
                                        skip_tokens=splice.skip_tokens)
                 references[point.hook] = splice_reference(lm, store.hook, batches,
-                                                          max_norm=outlier_limit(store.manifest, store.hook))
+                                                          max_norm=sae.provenance.outlier_limit)
             row.update(splice_metrics(lm, store.hook, sae_replacement(sae),
                                       reference=references[point.hook]).to_dict())
             row.pop("n_tokens", None)

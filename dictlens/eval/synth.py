@@ -11,7 +11,7 @@ import torch
 from dictlens.eval import baselines
 from dictlens.eval.metrics import ReconstructionStats
 from dictlens.eval.recovery import recovery
-from dictlens.eval.synthetic import SyntheticData, sparse_features
+from dictlens.eval.synthetic import SyntheticData
 from dictlens.sae import activations
 
 
@@ -33,11 +33,6 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     stats = ReconstructionStats()
     stats.update(x, x_hat)
     return stats.result().fvu
-
-
-def sharkey(d: int = 256, n_features: int = 512, n: int = 200_000, seed: int = 0) -> SyntheticData:
-    """Sharkey et al.'s setting: G unit features, p ∝ 0.99^i scaled to 5 active, U[0,1]·U[0,1]."""
-    return sparse_features(d=d, n_features=n_features, n=n, mean_active=5.0, decay=0.99, seed=seed)
 
 
 def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000, eval_n: int = 20_000,

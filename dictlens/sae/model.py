@@ -23,8 +23,9 @@ from torch import nn
 
 from dictlens import __version__
 from dictlens.config import from_dict, to_dict
-from dictlens.errors import CacheError, ConfigError, InputError
+from dictlens.errors import CheckpointError, ConfigError, InputError
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+from dictlens.provenance import Provenance
 from dictlens.sae import activations
 from dictlens.sae.activations import Codes
 from dictlens.sae.config import SAEConfig
@@ -61,13 +62,13 @@ class SAE(nn.Module):
     b_mag: nn.Parameter
 
     def __init__(self, cfg: SAEConfig, *, device: str | torch.device | None = None, seed: int = 0,
-                 metadata: dict[str, Any] | None = None):
+                 provenance: Provenance | None = None):
         super().__init__()
         if cfg.d_in <= 0:
             raise ConfigError("d_in: expected the input width, found 0")
         self.cfg = cfg
         self.activation = activations.get(cfg.activation)()
-        self.metadata = dict(metadata or {})
+        self.provenance = provenance or Provenance()
         self._ranking: str | None = None  # set by ranking(): overrides cfg.select_dtype
         F, D = cfg.width, cfg.d_in
         g = torch.Generator().manual_seed(seed)
@@ -238,7 +239,7 @@ class SAE(nn.Module):
         state = {k: v.contiguous().cpu() for k, v in self.folded_state().items()}
         atomic_write_bytes(out / WEIGHTS_FILE, save(state))
         atomic_write_json(out / CONFIG_FILE, {"format": "dictlens-sae", "dictlens_version": __version__,
-                                              "sae": to_dict(self.cfg), "metadata": self.metadata,
+                                              "sae": to_dict(self.cfg), "provenance": self.provenance.to_json(),
                                               **(extra or {})})
         return out
 
@@ -249,7 +250,7 @@ class SAE(nn.Module):
         found = {k: tuple(v.shape) for k, v in state.items()}
         if expected != found:
             diff = sorted(set(expected.items()) ^ set(found.items()))
-            raise CacheError(f"{source} does not match its config ({self.cfg.activation}, F={self.cfg.width}, "
+            raise CheckpointError(f"{source} does not match its config ({self.cfg.activation}, F={self.cfg.width}, "
                              f"D={self.cfg.d_in}): differs in {diff[:4]}")
         self.load_state_dict(state)
 
@@ -268,11 +269,15 @@ class SAE(nn.Module):
         if meta.get("format") != "dictlens-sae":
             raise InputError(f"{cfg_file} is not a dictlens SAE config")
         cfg = from_dict(SAEConfig, meta["sae"], source=str(cfg_file))
-        sae = cls(cfg, device="cpu", metadata=meta.get("metadata"))
+        if "provenance" in meta:
+            provenance = Provenance.from_json(meta["provenance"], source=f"{cfg_file}: provenance")
+        else:  # written by dictlens 0.1
+            provenance = Provenance.from_legacy(meta.get("metadata") or {}, source=str(cfg_file))
+        sae = cls(cfg, device="cpu", provenance=provenance)
         try:
             state = load_file(weights)
         except (SafetensorError, OSError, ValueError) as e:
-            raise CacheError(f"{weights} is truncated or damaged ({e})") from None
+            raise CheckpointError(f"{weights} is truncated or damaged ({e})") from None
         sae.load_state(state, str(weights))
         return sae.to(device=device).eval()   # inference mode (BatchTopK: the threshold, not the batch)
 

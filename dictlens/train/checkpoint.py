@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dictlens.errors import CacheError
+from dictlens.errors import CheckpointError
 from dictlens.io import atomic_write_bytes
 
 _REF = "__tensor__"
@@ -57,13 +57,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     if not path.is_file():
-        raise CacheError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CacheError(f"checkpoint {path} is truncated or damaged ({e})") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged ({e})") from None
     if "dictlens_checkpoint" not in meta:
-        raise CacheError(f"{path} is not a dictlens training checkpoint")
+        raise CheckpointError(f"{path} is not a dictlens training checkpoint")
     return _unflatten(json.loads(meta["dictlens_checkpoint"]), tensors)

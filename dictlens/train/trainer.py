@@ -2,7 +2,8 @@
 
 A source is anything with ``batches(batch_size, shuffle=, seed=, drop_last=)`` yielding
 float32 [B, D] tensors and a ``stats`` attribute (``ActivationStore``,
-``StreamingSource``, ``ArraySource``). Everything the loop needs to continue exactly
+``StreamingSource``, ``ArraySource``), and optionally ``provenance()``: the description of
+the data that the saved SAE's record starts from. Everything the loop needs to continue exactly
 where it stopped lives in :class:`TrainState` and the checkpoint.
 """
 
@@ -19,8 +20,9 @@ from typing import Any
 import torch
 
 from dictlens.config import from_dict, to_dict
-from dictlens.errors import ActivationError, CacheError, ConfigError, InputError
+from dictlens.errors import ActivationError, CheckpointError, CheckpointMismatch, ConfigError, InputError
 from dictlens.io import atomic_write_bytes
+from dictlens.provenance import Provenance
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.model import SAE
 from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
@@ -137,7 +139,7 @@ class Trainer:
     """Trains one SAE on a source; ``out`` (optional) receives checkpoints, logs and the SAE."""
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None,
-                 *, metadata: dict[str, Any] | None = None, progress: bool = True):
+                 *, provenance: Provenance | None = None, progress: bool = True):
         d = int(source.d_model)
         if sae_cfg.d_in and sae_cfg.d_in != d:
             raise InputError(f"d_in: the SAE expects width {sae_cfg.d_in}, the activations have width {d}")
@@ -151,7 +153,8 @@ class Trainer:
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.sae = SAE(self.sae_cfg, device=self.device, seed=cfg.seed, metadata=metadata)
+        self.sae = SAE(self.sae_cfg, device=self.device, seed=cfg.seed)
+        self._provenance = provenance  # None: the source's own description, taken at the end
         self.lr = cfg.learning_rate(self.sae_cfg)
         self.optimizer = build_optimizer(list(self.sae.parameters()), cfg, self.lr)
         self.dead = DeadTracker(self.sae.n_features, cfg.dead_after(), self.device)
@@ -204,14 +207,14 @@ class Trainer:
         saved_sae = ck["sae_config"]
         if saved_sae != to_dict(self.sae_cfg):
             diff = {k: (saved_sae.get(k), v) for k, v in to_dict(self.sae_cfg).items() if saved_sae.get(k) != v}
-            raise CacheError(f"{self.out / CHECKPOINT} is from a different SAE (saved vs asked: {diff}); "
+            raise CheckpointMismatch(f"{self.out / CHECKPOINT} is from a different SAE (saved vs asked: {diff}); "
                              "use another --out")
         saved_train = ck["train_config"]
         changed = {k: (saved_train.get(k), v) for k, v in to_dict(self.cfg).items()
                    if k not in RESUMABLE_CHANGES and saved_train.get(k) != v}
         if changed:
-            raise CacheError(f"{self.out / CHECKPOINT} was trained with other settings (saved vs asked: {changed}); "
-                             "resume with the same settings, or use another --out")
+            raise CheckpointMismatch(f"{self.out / CHECKPOINT} was trained with other settings (saved vs asked: "
+                                     f"{changed}); resume with the same settings, or use another --out")
         self.sae.load_state(ck["sae"], str(self.out / CHECKPOINT))
         self.optimizer.load_state_dict(ck["optimizer"])
         self.dead.since_fired.copy_(ck["since_fired"])
@@ -355,7 +358,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         if not resume and self.out is not None and (self.out / CHECKPOINT).is_file():
-            raise CacheError(f"{self.out} already holds a training checkpoint; resume it (--resume) "
+            raise CheckpointError(f"{self.out} already holds a training checkpoint; resume it (--resume) "
                              "or choose another --out")
         self.start(resume=resume)
         bar = tqdm(total=self.cfg.steps * self.cfg.batch_size, initial=self.state.tokens, unit="tok",
@@ -395,6 +398,10 @@ class Trainer:
         sample = islice(self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000), 2)
         rows = (x.to(self.device, torch.float32) * self.sae.input_scale for x in sample)
         self.sae.activation.finish_training(self.sae, (x[torch.isfinite(x).all(dim=1)] for x in rows))
+        describe = getattr(self.source, "provenance", None)
+        record = self._provenance or (describe() if describe is not None else Provenance())
+        self.sae.provenance = record.replace(normalization=self.sae_cfg.normalize,
+                                             input_scale=float(self.sae.input_scale))
         if self.out is not None:
             self.sae.save(self.out, extra={"train": {**to_dict(self.cfg), "lr_used": self.lr,
                                                      "state": asdict(self.state)}})
@@ -435,10 +442,10 @@ class Trainer:
 
 
 def train(sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None, *,
-          metadata: dict[str, Any] | None = None, progress: bool = True, resume: bool = False) -> SAE:
+          provenance: Provenance | None = None, progress: bool = True, resume: bool = False) -> SAE:
     """Train an SAE on ``source`` (a store, a stream, or an array) and return it."""
     from dictlens.data.store import ArraySource
 
     if not hasattr(source, "batches"):
         source = ArraySource(source)
-    return Trainer(sae_cfg, cfg, source, out, metadata=metadata, progress=progress).fit(resume=resume)
+    return Trainer(sae_cfg, cfg, source, out, provenance=provenance, progress=progress).fit(resume=resume)

@@ -5,9 +5,9 @@ over any Hugging Face causal LM; the CLI (``dictlens generate``, ``ablate``, ``m
 ``attribute``) and the web app's steering panel call these functions.
 """
 
+from dictlens.load import Loaded, load_run
 from dictlens.use.ablate import AblationResult, ablate
 from dictlens.use.attribute import Attribution, Metric, attribute, make_metric
-from dictlens.use.load import Loaded, load_run
 from dictlens.use.monitor import Event, Monitor, Watch, parse_watch
 from dictlens.use.splice import Edit, Splice, parse_edit
 from dictlens.use.steer import GenerateConfig, Generation, steered_generation

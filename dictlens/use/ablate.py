@@ -108,7 +108,7 @@ def ablate(lm: Any, sae: Any, hook: str, features: Sequence[int],
     """Next-token loss and chosen tokens' logits with ``features`` of ``sae`` ablated at ``hook``.
 
     ``batches``: ``(input_ids [B, T], keep [B, T])`` as from
-    :func:`dictlens.eval.splice.text_batches`; predictions are scored where both the
+    :func:`dictlens.data.tokens.text_batches`; predictions are scored where both the
     position and the next token are kept. ``last_only``: read the tokens' logits at the
     last position of each row only (a prompt and its next token)."""
     if mode not in ("zero", "mean"):
@@ -161,11 +161,10 @@ def ablate(lm: Any, sae: Any, hook: str, features: Sequence[int],
 def prompt_batches(lm: Any, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One (ids [1, T], keep [1, T]) batch per prompt (BOS first where the model has one;
     special tokens not kept)."""
-    from dictlens.analysis.search import tokenize
-    from dictlens.data.packing import not_special
+    from dictlens.data.tokens import not_special, text_ids
 
     out = []
     for p in prompts:
-        ids = tokenize(lm, p, max_tokens=lm.max_context or 1024)
+        ids = text_ids(lm, p, what="prompt").cpu()
         out.append((ids, not_special(lm.tokenizer, ids)))
     return out

@@ -281,13 +281,12 @@ def attribute(lm: Any, saes: Mapping[str, Any], prompt: str, metric: Metric, *, 
     ``prompt``; check the ``check`` strongest per hook by real zero ablation; with two or
     more hooks, edges from the ``top`` features of each hook to the ``edges`` strongest of
     the next."""
-    from dictlens.analysis.search import tokenize
-    from dictlens.data.packing import not_special
+    from dictlens.data.tokens import not_special, text_ids
 
     if not saes:
         raise ConfigError("attribution: give at least one SAE")
     hooks = forward_order(lm.model, list(saes))
-    ids = tokenize(lm, prompt, max_tokens=lm.max_context or 1024).to(lm.device)
+    ids = text_ids(lm, prompt, what="prompt")
     keep = not_special(lm.tokenizer, ids)
     tokens = [lm.tokenizer.decode([i]) for i in ids[0].tolist()]
     limits = dict(max_norm or {})

@@ -55,9 +55,9 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 10
 
 def _cmd_generate(args: argparse.Namespace) -> int:
 
-    from dictlens.data.packing import not_special
     from dictlens.data.tap import Tap
-    from dictlens.use.load import load_runs
+    from dictlens.data.tokens import not_special
+    from dictlens.load import load_runs
     from dictlens.use.steer import GenerateConfig, prompt_ids, steered_generation
 
     edits = _edits(args)
@@ -91,8 +91,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablate(args: argparse.Namespace) -> int:
+    from dictlens.load import load_run
     from dictlens.use.ablate import ablate, prompt_batches
-    from dictlens.use.load import load_run
 
     if (args.prompt is None) == (args.text is None):
         raise ConfigError("ablate: give exactly one of --prompt or --text")
@@ -100,7 +100,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         batches = prompt_batches(run.lm, [args.prompt])
     else:
-        from dictlens.eval.splice import text_batches
+        from dictlens.data.tokens import text_batches
 
         batches = text_batches(run.lm, args.text, tokens=args.tokens, context=args.context,
                                skip_tokens=args.skip_tokens)
@@ -157,7 +157,7 @@ def _monitor_docs(args: argparse.Namespace) -> Iterator[tuple[Any, str]]:
 def _cmd_monitor(args: argparse.Namespace) -> int:
     import time
 
-    from dictlens.use.load import load_run
+    from dictlens.load import load_run
     from dictlens.use.monitor import Monitor, parse_watch
     from dictlens.use.splice import Edit, check_edits
 
@@ -196,8 +196,8 @@ class _Counter:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    from dictlens.load import load_runs
     from dictlens.use.attribute import attribute, make_metric, plot_graph
-    from dictlens.use.load import load_runs
 
     loaded = load_runs(args.runs, model=args.model, device=args.device)
     lm, saes, limits = loaded.lm, loaded.saes, loaded.max_norm

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from dictlens.data.hooks import replaced, resolve_hook
+from dictlens.data.tokens import keep_mask
 from dictlens.errors import ConfigError, InputError
 from dictlens.use.splice import CallContext, Edit, check_edits, parse_feature_spec, parse_number
 
@@ -170,7 +171,7 @@ class Monitor:
                 ids_BT[b, 0] = bos
             ids_BT[b, lead:lead + len(ids)] = torch.tensor(ids, dtype=torch.long)
             keep[b, lead:lead + len(ids)] = True      # right padding: causal, so it changes nothing before it
-        keep &= ~torch.isin(ids_BT, self._call.special)
+        keep &= keep_mask(ids_BT, self._call.special)
         x = tap(ids_BT)[self.hook]
         rows, which, vals = self.firings(x.reshape(-1, x.shape[-1]), keep.reshape(-1))
         order = torch.argsort(rows * len(self.features) + which, stable=True)

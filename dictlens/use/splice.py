@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from dictlens.data.hooks import replaced, resolve_hook
+from dictlens.data.tokens import keep_mask
 from dictlens.errors import ConfigError, InputError
 
 EditKind = Literal["add", "clamp", "scale", "zero", "mean"]
@@ -109,10 +110,10 @@ class CallContext:
     growing while ``generate`` feeds one token at a time)."""
 
     def __init__(self, lm: Any):
-        from dictlens.data.packing import special_token_ids
+        from dictlens.data.tokens import special_ids
 
         self.model = lm.model
-        self.special = torch.tensor(sorted(special_token_ids(lm.tokenizer)), dtype=torch.long)
+        self.special = special_ids(lm.tokenizer)
         self.ids: torch.Tensor | None = None
         self.keep: torch.Tensor | None = None
         self.offset = 0
@@ -120,7 +121,7 @@ class CallContext:
     def _read(self, module: Any, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
         self.ids = ids if isinstance(ids, torch.Tensor) and ids.ndim == 2 else None
-        self.keep = None if self.ids is None else ~torch.isin(self.ids, self.special.to(self.ids.device))
+        self.keep = None if self.ids is None else keep_mask(self.ids, self.special)
         self.offset = _past_length(kwargs)
 
     def keep_rows(self, B: int, T: int, device: torch.device) -> torch.Tensor:

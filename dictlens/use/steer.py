@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dictlens.errors import ConfigError, InputError
+from dictlens.errors import ConfigError
 from dictlens.use.splice import Edit, Splice
 
 
@@ -51,26 +51,9 @@ class Generation:
 def prompt_ids(lm: Any, prompt: str, cfg: GenerateConfig) -> torch.Tensor:
     """[1, T] token ids of the prompt (BOS first where the model has one; chat template if
     asked); a prompt that leaves no room for ``max_new_tokens`` in the context is refused."""
-    from dictlens.data.packing import resolve_prepend_bos
+    from dictlens.data.tokens import text_ids
 
-    if not prompt.strip():
-        raise InputError("the prompt is empty")
-    tok = lm.tokenizer
-    if cfg.chat:
-        if not getattr(tok, "chat_template", None):
-            raise ConfigError(f"chat: the tokenizer of {lm.name} has no chat template")
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        if not isinstance(ids, list):
-            ids = list(ids["input_ids"])
-    else:
-        ids = tok(prompt, add_special_tokens=False).input_ids
-        if resolve_prepend_bos(tok, "auto"):
-            ids = [tok.bos_token_id, *ids]
-    limit = lm.max_context
-    if limit is not None and len(ids) + cfg.max_new_tokens > limit:
-        raise InputError(f"the prompt is {len(ids):,} tokens long; with {cfg.max_new_tokens} new tokens it "
-                         f"exceeds {lm.name}'s context of {limit:,}")
-    return torch.tensor([ids], device=lm.device)
+    return text_ids(lm, prompt, new_tokens=cfg.max_new_tokens, chat=cfg.chat, what="prompt")
 
 
 @torch.inference_mode()

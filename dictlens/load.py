@@ -1,0 +1,162 @@
+"""The one loader: a dictionary run, checked against the model and the cache it is used with.
+
+Every command that takes a run (eval, analyze, search, serve, generate, ablate, monitor,
+attribute, compare) loads it here, so a dictionary is refused the same way everywhere:
+another model (by name, then by tokenizer fingerprint), another hook, another width, a
+cache harvested from something else. What is known comes from the run's
+:class:`~dictlens.provenance.Provenance`; nothing is re-derived by a consumer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from dictlens.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.data.store import ActivationStore
+    from dictlens.sae.model import SAE
+
+
+@dataclass
+class Loaded:
+    """A trained SAE, its hook, and the model it reads (``max_norm``: the outlier limit of its
+    training data at that hook, from its record; None when there was none or it is unknown)."""
+
+    sae: SAE
+    lm: LoadedModel
+    hook: str
+    max_norm: float | None
+
+
+@dataclass
+class LoadedRuns:
+    """SAE runs at distinct hooks of one model: ``saes`` and ``max_norm`` by hook."""
+
+    lm: LoadedModel
+    saes: dict[str, SAE]
+    max_norm: dict[str, float | None]
+    runs: dict[str, str]
+
+
+def hook_of(sae: SAE, run: str | Path, hook: str | None = None) -> str:
+    """The hook ``sae`` reads: ``hook`` if given (and not another than the recorded one)."""
+    recorded = sae.provenance.hook_in
+    if hook and recorded and hook != recorded:
+        raise InputError(f"the SAE in {run} was trained on {recorded}, not {hook}")
+    if not (hook or recorded):
+        raise InputError(f"the SAE in {run} does not record its hook; pass --hook")
+    return str(hook or recorded)
+
+
+def model_of(sae: SAE, run: str | Path, model: str | None = None) -> str:
+    """The model ``sae`` belongs to: ``model`` if given (and not another than the recorded one)."""
+    recorded = sae.provenance.model
+    if model and recorded and model != recorded:
+        raise InputError(f"the SAE in {run} was trained on activations of {recorded}, not {model}: "
+                         "its features mean nothing there")
+    if not (model or recorded):
+        raise InputError(f"the SAE in {run} does not record its model; pass --model")
+    return str(model or recorded)
+
+
+def _check_tokenizer(sae: SAE, run: str | Path, found: dict[str, object] | None, where: str) -> None:
+    want = sae.provenance.tokenizer
+    if want and found and want != found:
+        raise InputError(f"{where} has another tokenizer ({found.get('vocab_size')} tokens, sha256 "
+                         f"{str(found.get('sha256'))[:12]}) than the SAE in {run} was trained with "
+                         f"({want.get('vocab_size')} tokens, sha256 {str(want.get('sha256'))[:12]})")
+
+
+def check_model(sae: SAE, run: str | Path, lm: LoadedModel, hook: str) -> None:
+    """Refuse a model or hook other than the SAE's: by name, by tokenizer fingerprint, and by
+    the width of the activation at ``hook``."""
+    from dictlens.data.packing import tokenizer_fingerprint
+    from dictlens.data.tap import Tap
+
+    hook_of(sae, run, hook)
+    if sae.provenance.model and lm.name != sae.provenance.model:
+        raise InputError(f"the SAE in {run} was trained on activations of {sae.provenance.model}, not {lm.name}: "
+                         "its features mean nothing there")
+    _check_tokenizer(sae, run, tokenizer_fingerprint(lm.tokenizer), lm.name)
+    probe = torch.tensor([[lm.tokenizer.eos_token_id or 0] * 2])
+    width = int(Tap(lm, [hook])(probe)[hook].shape[-1])
+    if width != sae.d_in:
+        raise InputError(f"{hook} of {lm.name} is {width} wide; the SAE in {run} reads {sae.d_in}")
+
+
+def check_cache(sae: SAE, run: str | Path, store: ActivationStore) -> None:
+    """Refuse a cache harvested from another model, at another hook, or of another width."""
+    hook_of(sae, run, store.hook)
+    recorded = sae.provenance.model
+    if recorded and store.model != recorded:
+        raise InputError(f"the SAE in {run} was trained on activations of {recorded}; the cache {store.path} "
+                         f"holds {store.model}'s")
+    _check_tokenizer(sae, run, store.manifest.get("tokenizer"), f"the cache {store.path}")
+    if store.d_model != sae.d_in:
+        raise InputError(f"the SAE in {run} reads width {sae.d_in}, the cache's {store.hook} has width "
+                         f"{store.d_model}")
+
+
+def open_cache(sae: SAE, run: str | Path, acts: str | Path, hook: str | None = None) -> ActivationStore:
+    """The hook of cache ``acts`` that ``sae`` reads, checked against it."""
+    from dictlens.data.store import ActivationStore
+
+    store = ActivationStore(acts, hook or sae.provenance.hook_in)
+    check_cache(sae, run, store)
+    return store
+
+
+def load_sae(run: str | Path, device: str | torch.device | None = None) -> SAE:
+    """The SAE saved in ``run`` (its record converted if written by an older dictlens)."""
+    from dictlens.sae.model import SAE
+
+    return SAE.load(run, device=device)
+
+
+def load_runs(runs: list[str | Path], model: str | None = None, device: str | None = None,
+              check: Callable[[dict[str, SAE]], None] | None = None, hook: str | None = None) -> LoadedRuns:
+    """Load the SAEs in ``runs`` (one per hook) and the model they were trained on, on one
+    device. ``check(saes)`` runs before the model loads (e.g. that edited features exist).
+    ``hook``: for a single run, the hook it reads (it must be the recorded one, if any)."""
+    from dictlens.data.models import default_device, load_model
+
+    if not runs:
+        raise ConfigError("give at least one SAE run")
+    device = device or str(default_device())
+    saes: dict[str, SAE] = {}
+    paths: dict[str, str] = {}
+    for run in runs:
+        sae = load_sae(run, device=device)
+        at = hook_of(sae, run, hook if len(runs) == 1 else None)
+        if at in saes:
+            raise ConfigError(f"two SAEs at {at} ({paths[at]} and {run}); give one per hook")
+        saes[at], paths[at] = sae, str(run)
+    if check is not None:
+        check(saes)
+    names = {model_of(s, paths[h], model) for h, s in saes.items()}
+    if len(names) > 1:
+        raise InputError(f"the SAEs were trained on different models ({', '.join(sorted(names))})")
+    lm = load_model(names.pop(), device=device)
+    for at, sae in saes.items():
+        check_model(sae, paths[at], lm, at)
+    return LoadedRuns(lm, saes, {h: s.provenance.outlier_limit for h, s in saes.items()}, paths)
+
+
+def load_run(run: str | Path, model: str | None = None, device: str | None = None,
+             check: Callable[[SAE], None] | None = None, hook: str | None = None) -> Loaded:
+    """Load the SAE in ``run`` and its model (``model`` defaults to the one it was trained on).
+    ``check(sae)`` runs before the model loads; ``hook``, when given, must be the SAE's."""
+    def check_one(saes: dict[str, SAE]) -> None:
+        if check is not None:
+            check(next(iter(saes.values())))
+
+    r = load_runs([run], model, device, check_one, hook=hook)
+    h, sae = next(iter(r.saes.items()))
+    return Loaded(sae, r.lm, h, r.max_norm[h])
