@@ -385,7 +385,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dictlens.errors import ConfigError
-    from dictlens.eval.synth import format_table, rows_to_json, run_synth
+    from dictlens.eval.known_features import format_table, rows_to_json, run_synth
     from dictlens.eval.synthetic import SyntheticConfig, generate, setting
     from dictlens.eval.toy import ToyConfig, dimensionality_summary, plot_toy, train_toy_model
     from dictlens.io import atomic_write_json
@@ -421,7 +421,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     widths = args.width or [G, 2 * G]
     print(f"SAEs trained on {args.tokens:,} tokens; the last tenth of the samples (at most 20,000) is held out")
     rows = run_synth(data, widths, tokens=args.tokens, sklearn_iters=args.sklearn_iters,
-                     archs=tuple(args.arch) if args.arch else None, seed=given["seed"] or 0)
+                     activations=tuple(args.activation) if args.activation else None, seed=given["seed"] or 0)
     print(format_table(rows))
     if out is not None:
         atomic_write_json(out / "synth.json", {"config": described, "rows": rows_to_json(rows)})
@@ -441,24 +441,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not Path(args.acts).is_dir():
         raise CacheError(f"activation cache {args.acts} does not exist")
     hooks = args.hook or list(read_manifest(Path(args.acts))["hooks"])
-    coeffs, arch_coeffs = sweep.parse_coeffs(args.coeff or [])
-    grid = sweep.Grid(hooks=hooks, archs=args.arch or ["topk"], ks=args.k or [], coeffs=coeffs, arch_coeffs=arch_coeffs,
+    coeffs, per_activation = sweep.parse_coeffs(args.coeff or [])
+    grid = sweep.Grid(hooks=hooks, activations=args.activation or ["topk"], ks=args.k or [], coeffs=coeffs,
+                      activation_coeffs=per_activation,
                       widths=args.n_features or [], expansions=args.expansion or [], seeds=args.seeds)
     # the grid's own flags (lists) are not the base configuration's fields of the same names
     base = argparse.Namespace(**{k: v for k, v in vars(args).items()
-                                 if k not in ("arch", "k", "n_features", "expansion", "activation")})
+                                 if k not in ("k", "n_features", "expansion", "activation")})
     sae_base = from_namespace(SAEConfig, base)
     train_base = from_namespace(TrainConfig, base)
     splice = None
     if args.splice_text:
         model = args.model or read_manifest(Path(args.acts))["model"]
-        splice = sweep.Splice(model=model, text=args.splice_text, tokens=args.splice_tokens,
+        splice = sweep.SpliceSettings(model=model, text=args.splice_text, tokens=args.splice_tokens,
                               skip_tokens=args.splice_skip, context=args.context)
     elif args.splice_tokens != 4096 or args.splice_skip:
         raise ConfigError("--splice-tokens / --splice-skip need --splice-text")
     out = Path(args.out)
     n = len(grid.points())
-    print(f"sweep: {n} SAEs ({len(hooks)} hook(s) × {', '.join(grid.archs)}), {train_base.tokens:,} tokens each, "
+    print(f"sweep: {n} SAEs ({len(hooks)} hook(s) × {', '.join(grid.activations)}), {train_base.tokens:,} tokens each, "
           f"judged on the last {args.heldout:,} tokens of {args.acts}" + (f", spliced into {splice.model}"
                                                                             if splice else ""))
     rows = sweep.run_sweep(args.acts, grid, sae_base, train_base, out, heldout_tokens=args.heldout, splice=splice,
@@ -575,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dictlens.data.cache import HarvestConfig
     from dictlens.eval.synthetic import SyntheticConfig
     from dictlens.eval.toy import ToyConfig
+    from dictlens.sae import activations
     from dictlens.sae.config import SAEConfig
     from dictlens.train.config import TrainConfig
 
@@ -680,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or toy (hidden activations of a toy model of superposition); the flags below override it")
     p.add_argument("--width", type=int, action="append", help="dictionary width (repeat; default: G and 2G)")
     p.add_argument("--tokens", type=int, default=2_000_000, help="SAE training tokens")
-    p.add_argument("--arch", action="append",
+    p.add_argument("--activation", action="append",
                    help="SAE rows (repeat): topk, 'topk, no dead handling', relu, batchtopk, jumprelu, gated "
                         "(default: the first four)")
     p.add_argument("--sklearn-iters", type=int, default=5, help="MiniBatchDictionaryLearning epochs")
@@ -694,8 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     p.add_argument("--acts", required=True, help="activation cache (one or several hooks, one harvest)")
     p.add_argument("--hook", action="append", help="hook to sweep (repeat; default: every hook of the cache)")
-    p.add_argument("--arch", action="append", help="architecture (repeat): topk, batchtopk, relu, gated, jumprelu")
-    p.add_argument("--k", type=int, action="append", help="k for topk / batchtopk (repeat; default 32)")
+    p.add_argument("--activation", action="append",
+                   help="activation to sweep (repeat): " + ", ".join(activations.NAMES))
+    p.add_argument("--k", type=int, action="append", help="k for " + ", ".join(activations.with_k())
+                   + " (repeat; default 32)")
     p.add_argument("--coeff", action="append",
                    help="penalty coefficient for relu / gated / jumprelu (repeat): N for all of them, or "
                         "ARCH:N,N,... for one (default: the penalty's own)")

@@ -99,9 +99,9 @@ def check_cache(sae: SAE, run: str | Path, store: ActivationStore) -> None:
         raise InputError(f"the SAE in {run} was trained on activations of {recorded}; the cache {store.path} "
                          f"holds {store.model}'s")
     _check_tokenizer(sae, run, store.manifest.get("tokenizer"), f"the cache {store.path}")
-    if store.d_model != sae.d_in:
+    if store.d_in != sae.d_in:
         raise InputError(f"the SAE in {run} reads width {sae.d_in}, the cache's {store.hook} has width "
-                         f"{store.d_model}")
+                         f"{store.d_in}")
 
 
 def open_cache(sae: SAE, run: str | Path, acts: str | Path, hook: str | None = None) -> ActivationStore:

@@ -239,9 +239,12 @@ def test_analyze_bad_input(llama, tiny_sae, corpus, tmp_path):
                 progress=False)
     assert not (tmp_path / "b" / "codes").exists() and not (tmp_path / "b" / "codes.partial").exists()
     from dictlens.errors import HookError
-    with pytest.raises(HookError):
-        analyze(tiny_sae, llama, "resid_post.9", AnalysisConfig(text=str(corpus), tokens=64), tmp_path / "c",
+    with pytest.raises(InputError, match="trained on resid_post.1, not resid_post.2"):
+        analyze(tiny_sae, llama, "resid_post.2", AnalysisConfig(text=str(corpus), tokens=64), tmp_path / "c",
                 progress=False)
+    with pytest.raises(HookError, match="resid_post.9"):  # an SAE that records no hook, at one the model lacks
+        analyze(SAE(tiny_sae.cfg), llama, "resid_post.9", AnalysisConfig(text=str(corpus), tokens=64),
+                tmp_path / "c", progress=False)
     with pytest.raises(ConfigError, match="top_k"):
         AnalysisConfig(top_k=0)
     with pytest.raises(AnalysisError, match="no features.db"):

@@ -63,7 +63,7 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     model = str(tiny_model_dirs["llama"])
     assert main(["harvest", "--model", model, "--hook", "resid_post.2", "--text", str(corpus), "--tokens", "2000",
                  "--context", "64", "--shard-tokens", "400", "--out", str(tmp_path / "acts")]) == 0
-    argv = ["train", "--acts", str(tmp_path / "acts"), "--arch", "topk", "--k", "4", "--expansion", "4",
+    argv = ["train", "--acts", str(tmp_path / "acts"), "--activation", "topk", "--k", "4", "--expansion", "4",
             "--tokens", "8000", "--batch-size", "256", "--heldout-tokens", "400", "--out", str(tmp_path / "run")]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -96,7 +96,7 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     assert "--resume" in capsys.readouterr().err
     assert main(argv[:-2] + ["--tokens", "9000", "--out", str(tmp_path / "run"), "--resume"]) == 0
     assert main(["train", "--model", model, "--hook", "mlp_out.1", "--text", str(corpus), "--tokens", "1024",
-                 "--batch-size", "256", "--arch", "relu", "--expansion", "2", "--out", str(tmp_path / "s")]) == 0
-    assert main(["train", "--acts", str(tmp_path / "acts"), "--arch", "relu", "--k", "4",
+                 "--batch-size", "256", "--activation", "relu", "--expansion", "2", "--out", str(tmp_path / "s")]) == 0
+    assert main(["train", "--acts", str(tmp_path / "acts"), "--activation", "relu", "--k", "4",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "k: applies to topk, batchtopk, groupmax only" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dictlens import ActivationStore, ArraySource, HarvestConfig, StreamingSource, harvest
+from dictlens.errors import InputError
 
 
 def test_array_source_batches_and_stats():
@@ -21,7 +22,7 @@ def test_array_source_batches_and_stats():
 
 
 def test_array_source_rejects_wrong_rank():
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(InputError, match="2-D"):
         ArraySource(np.zeros(5))
 
 

@@ -20,7 +20,7 @@ def test_pareto_and_interpolation_by_hand():
     assert at_l0(line, "fvu", 16) == pytest.approx(0.35)       # halfway in log L0
     assert at_l0(line, "fvu", 33) == pytest.approx(0.2)         # an endpoint within 5%
     assert at_l0(line, "fvu", 64) is None                       # outside the swept range
-    rows = [{"hook": h, "arch": "topk", "n_features": 64, "k": k, "coeff": None, "seed": s, "l0": k,
+    rows = [{"hook": h, "activation": "topk", "n_features": 64, "k": k, "coeff": None, "seed": s, "l0": k,
              "fvu": base / k + s * 0.01, "delta_lm_loss": None, "recovered_vs_mean": None, "dead_fraction": 0.0}
             for h, base in (("a", 4.0), ("b", 2.0)) for k in (4, 16) for s in (0, 1)]
     table = {t["hook"]: t for t in layer_table(rows, 8)}
@@ -29,19 +29,19 @@ def test_pareto_and_interpolation_by_hand():
 
 
 def test_grid_points_and_config_errors():
-    g = Grid(hooks=["h"], archs=["topk", "relu"], ks=[8, 16, 8], coeffs=[1, 3], expansions=[2], seeds=2)
+    g = Grid(hooks=["h"], activations=["topk", "relu"], ks=[8, 16, 8], coeffs=[1, 3], expansions=[2], seeds=2)
     names = [p.name() for p in g.points()]
     assert len(names) == 8 and "h/topk-k8-x2-s1" in names and "h/relu-c3-x2-s0" in names
-    with pytest.raises(ConfigError, match="--k is given but no --arch uses it"):
-        Grid(hooks=["h"], archs=["relu"], ks=[8])
-    with pytest.raises(ConfigError, match="arch: expected"):
-        Grid(hooks=["h"], archs=["topkk"])
+    with pytest.raises(ConfigError, match="--k is given but no --activation uses it"):
+        Grid(hooks=["h"], activations=["relu"], ks=[8])
+    with pytest.raises(ConfigError, match="activation: expected"):
+        Grid(hooks=["h"], activations=["topkk"])
     common, per = parse_coeffs(["1", "relu:0.5,2", "gated:3"])
-    g = Grid(hooks=["h"], archs=["relu", "gated", "jumprelu"], coeffs=common, arch_coeffs=per)
-    assert sorted((p.arch, p.value) for p in g.points()) == [("gated", 3), ("jumprelu", 1), ("relu", 0.5),
+    g = Grid(hooks=["h"], activations=["relu", "gated", "jumprelu"], coeffs=common, activation_coeffs=per)
+    assert sorted((p.activation, p.value) for p in g.points()) == [("gated", 3), ("jumprelu", 1), ("relu", 0.5),
                                                               ("relu", 2)]
-    with pytest.raises(ConfigError, match="names an architecture"):
-        Grid(hooks=["h"], archs=["relu"], arch_coeffs={"gated": [1.0]})
+    with pytest.raises(ConfigError, match="names an activation"):
+        Grid(hooks=["h"], activations=["relu"], activation_coeffs={"gated": [1.0]})
     with pytest.raises(ConfigError, match="ARCH:N"):
         parse_coeffs(["relu=2"])
     with pytest.raises(ConfigError, match="not both"):
@@ -55,7 +55,7 @@ def test_sweep_over_two_hooks_with_splicing(tiny_model_dirs, corpus, tmp_path, c
                  str(corpus), "--tokens", "3000", "--context", "64", "--shard-tokens", "500", "--out",
                  str(acts)]) == 0
     out = tmp_path / "sweep"
-    argv = ["sweep", "--acts", str(acts), "--arch", "topk", "--arch", "relu", "--k", "2", "--k", "8",
+    argv = ["sweep", "--acts", str(acts), "--activation", "topk", "--activation", "relu", "--k", "2", "--k", "8",
             "--coeff", "0.5", "--coeff", "5", "--expansion", "2", "--tokens", "6000", "--batch-size", "256",
             "--heldout", "500", "--splice-text", str(corpus), "--splice-tokens", "200", "--context", "64",
             "--out", str(out)]
@@ -64,9 +64,9 @@ def test_sweep_over_two_hooks_with_splicing(tiny_model_dirs, corpus, tmp_path, c
     with open(out / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 4 and {r["hook"] for r in rows} == {"resid_post.1", "resid_post.2"}
-    topk = {int(r["k"]): r for r in rows if r["arch"] == "topk" and r["hook"] == "resid_post.2"}
+    topk = {int(r["k"]): r for r in rows if r["activation"] == "topk" and r["hook"] == "resid_post.2"}
     assert float(topk[2]["l0"]) <= 2 and float(topk[8]["fvu"]) < float(topk[2]["fvu"]) < 1
-    relu = sorted((float(r["coeff"]), float(r["l0"])) for r in rows if r["arch"] == "relu"
+    relu = sorted((float(r["coeff"]), float(r["l0"])) for r in rows if r["activation"] == "relu"
                   and r["hook"] == "resid_post.2")
     assert relu[0][1] > relu[1][1]   # a larger penalty, fewer active features
     assert all(float(r["ce_clean"]) > 0 and r["recovered_vs_mean"] != "" for r in rows)
@@ -84,4 +84,4 @@ def test_sweep_over_two_hooks_with_splicing(tiny_model_dirs, corpus, tmp_path, c
     # bad input: a hook the cache lacks, a typo'd architecture
     assert main(["sweep", "--acts", str(acts), "--hook", "resid_post.3", "--out", str(tmp_path / "x")]) == 2
     assert "not 'resid_post.3'" in capsys.readouterr().err
-    assert main(["sweep", "--acts", str(acts), "--arch", "gatde", "--out", str(tmp_path / "x")]) == 2
+    assert main(["sweep", "--acts", str(acts), "--activation", "gatde", "--out", str(tmp_path / "x")]) == 2

@@ -101,7 +101,7 @@ def test_toy_model_makes_a_pentagon_when_sparse_and_drops_features_when_dense():
 def test_synth_command_on_every_generator_and_toy(tmp_path, capsys):
     from dictlens.cli import main
 
-    small = ["--width", "24", "--tokens", "20000", "--sklearn-iters", "1", "--arch", "topk"]
+    small = ["--width", "24", "--tokens", "20000", "--sklearn-iters", "1", "--activation", "topk"]
     assert main(["synth", "--setting", "hierarchy", "--d", "16", "--features", "24", "--parents", "2",
                  "--children", "3", "--samples", "3000", "--correlation", "0.3", "--noise", "0.01", *small]) == 0
     out = capsys.readouterr().out

@@ -49,7 +49,7 @@ class CodeWriter:
         ``features``/``values`` [nnz] in position order."""
         B, T = tokens.shape
         if self.context != T or counts.shape != (B * T,) or len(features) != int(counts.sum()):
-            raise ValueError("CodeWriter.append: shapes do not agree")
+            raise AnalysisError("CodeWriter.append: the ids, keep mask and codes of a batch have different shapes")
         self.files["tokens"].write(np.ascontiguousarray(tokens, np.int32).tobytes())
         self.files["kept"].write(np.ascontiguousarray(kept, np.uint8).tobytes())
         self.files["indptr"].write((self.nnz + np.cumsum(counts, dtype=np.int64)).tobytes())

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dictlens.data.hooks import find_blocks
+from dictlens.errors import InputError
 
 
 def final_norm(model: Any) -> torch.nn.Module | None:
@@ -36,7 +37,7 @@ def unembedding(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W_U [V, D] and the final norm's gain γ [D] (None when there is none)."""
     out = model.get_output_embeddings()
     if out is None or getattr(out, "weight", None) is None:
-        raise ValueError("logit lens: the model has no output embedding (lm_head)")
+        raise InputError("logit lens: the model has no output embedding (lm_head)")
     norm = final_norm(model)
     gain = getattr(norm, "weight", None) if norm is not None else None
     if gain is not None and gain.shape != out.weight.shape[1:]:
@@ -51,7 +52,7 @@ def logit_lens(directions: torch.Tensor, W_U: torch.Tensor, gain: torch.Tensor |
     logits, bottom ids [F, n] (most negative first), their logits)."""
     W = W_U.float()
     if directions.shape[1] != W.shape[1]:
-        raise ValueError(f"logit lens: decoder width {directions.shape[1]} differs from the model's "
+        raise InputError(f"logit lens: decoder width {directions.shape[1]} differs from the model's "
                          f"hidden size {W.shape[1]} (is the SAE from this model?)")
     g = gain.float() if gain is not None else None
     tops, topv, bots, botv = [], [], [], []

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dictlens.errors import ConfigError
+
 
 @dataclass
 class CollectedStats:
@@ -85,9 +87,10 @@ class FeatureCollector:
                  lo: float = -4.0, hi: float = 2.0, reservoir: int = 4, seed: int = 0,
                  device: str | torch.device = "cpu"):
         if not scale > 0 or not math.isfinite(scale):
-            raise ValueError(f"FeatureCollector: scale must be a positive number, not {scale}")
+            raise ConfigError(f"FeatureCollector scale: expected a positive number, found {scale}")
         if hi <= lo or bins_per_decade < 1:
-            raise ValueError("FeatureCollector: need lo < hi and bins_per_decade >= 1")
+            raise ConfigError(f"FeatureCollector: expected lo < hi and bins_per_decade >= 1, found {lo}, {hi}, "
+                              f"{bins_per_decade}")
         self.F, self.K, self.R = n_features, top_k, reservoir
         self.scale, self.lo, self.bpd = float(scale), float(lo), int(bins_per_decade)
         self.nb = int(round((hi - lo) * bins_per_decade))

@@ -102,7 +102,8 @@ class NormStats:
     @classmethod
     def from_moments(cls, m: Moments) -> NormStats:
         if not m.count or m.sum is None or m.sum_sq is None:
-            raise ValueError("no rows: statistics are undefined")
+            raise ActivationError("the activations hold no rows (every token filtered out?): their statistics "
+                                  "are undefined")
         mean = m.sum / m.count
         var = np.maximum(m.sum_sq / m.count - mean * mean, 0.0)
         return cls(m.count, mean, m.sum_norm / m.count, var)

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from transformers.utils import logging as hf_logging
 
+from dictlens.errors import ConfigError
+
 
 @dataclass
 class Context:
@@ -36,7 +38,7 @@ def resolve_prepend_bos(tokenizer: Any, prepend_bos: str | bool) -> bool:
         return True
     if prepend_bos in ("no", "false"):
         return False
-    raise ValueError(f"prepend_bos must be auto, yes or no, not {prepend_bos!r}")
+    raise ConfigError(f"prepend_bos: expected auto, yes or no, found {prepend_bos!r}")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
@@ -96,7 +98,7 @@ def pack_contexts(docs: Iterable[str], tokenizer: Any, context: int, *,
                   prepend_bos: bool, batch_docs: int = 64) -> Iterator[Context]:
     """Pack the token stream of ``docs`` into contexts of length ``context``."""
     if context < 2:
-        raise ValueError(f"context must be at least 2 tokens, got {context}")
+        raise ConfigError(f"context: expected at least 2 tokens, found {context}")
     bos = tokenizer.bos_token_id
     body = context - 1 if prepend_bos else context
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

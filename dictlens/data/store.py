@@ -23,7 +23,7 @@ from dictlens.data.models import LoadedModel
 from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids, tokenizer_fingerprint
 from dictlens.data.tap import Tap
 from dictlens.data.text import iter_documents
-from dictlens.errors import CacheError, ConfigError
+from dictlens.errors import CacheError, ConfigError, InputError
 from dictlens.provenance import Provenance
 
 
@@ -96,7 +96,7 @@ class ActivationStore:
         return str(self.manifest["model"])
 
     @property
-    def d_model(self) -> int:
+    def d_in(self) -> int:
         return int(self.manifest["widths"][self.hook])
 
     def provenance(self) -> Provenance:
@@ -162,10 +162,10 @@ class ArraySource:
     def __init__(self, data: Any):
         self.data = torch.as_tensor(np.asarray(data) if not isinstance(data, torch.Tensor) else data).float()
         if self.data.ndim != 2:
-            raise ValueError(f"activations must be 2-D [N, D], got shape {tuple(self.data.shape)}")
+            raise InputError(f"activations: expected a 2-D array [N, D], found shape {tuple(self.data.shape)}")
 
     @property
-    def d_model(self) -> int:
+    def d_in(self) -> int:
         return int(self.data.shape[1])
 
     def __len__(self) -> int:
@@ -218,7 +218,7 @@ class StreamingSource:
         return self.lm.name
 
     @property
-    def d_model(self) -> int:
+    def d_in(self) -> int:
         """Width of the hook's activations (read from a two-token probe)."""
         if self._width is None:
             self._width = int(self.tap(torch.zeros(1, 2, dtype=torch.long))[self.hook].shape[-1])

@@ -13,6 +13,7 @@ import torch
 
 from dictlens.data.hooks import HookPoint, first_tensor, input_tensor, resolve_hook
 from dictlens.data.models import LoadedModel
+from dictlens.errors import ConfigError, HookError
 
 
 class _StopForward(Exception):
@@ -28,7 +29,7 @@ class Tap:
 
     def __init__(self, lm: LoadedModel, hooks: Sequence[str], *, stop_early: bool = True):
         if not hooks:
-            raise ValueError("Tap needs at least one hook")
+            raise ConfigError("hooks: Tap needs at least one hook, found none")
         self.lm = lm
         self.points: list[HookPoint] = [resolve_hook(lm.model, h) for h in dict.fromkeys(hooks)]
         self.stop_early = stop_early
@@ -81,5 +82,6 @@ class Tap:
                 h.remove()
         missing = [p.name for p in self.points if p.name not in store]
         if missing:
-            raise RuntimeError(f"hooks {missing} did not fire during the forward pass")
+            raise HookError(f"hooks {missing} did not fire during the forward pass of {self.lm.name} "
+                            "(their modules are not used by its forward)")
         return {p.name: store[p.name] for p in self.points}

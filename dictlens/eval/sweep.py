@@ -30,23 +30,24 @@ from dictlens.config import to_dict
 from dictlens.errors import ConfigError
 from dictlens.eval.plots import save_figure
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
-from dictlens.sae import activations
+from dictlens.sae import activations as registry
 
 ROW = "sweep_row.json"
 # Bumped when what an evaluated figure means changes, so that a sweep recomputes old rows
 # (without retraining). 2: positions above the cache's outlier limit stay clean and unscored.
 # 3: SAEs are evaluated in inference mode (BatchTopK by its threshold, not per batch).
 # 4: the BatchTopK threshold is calibrated at the end of training (fit on a finished run redoes it).
-EVAL_RULES = 4
+# 5: the column "arch" is called "activation" (one name for one concept; rows are rewritten).
+EVAL_RULES = 5
 
 
 @dataclass
 class Grid:
     hooks: list[str]
-    archs: list[str] = dataclasses.field(default_factory=lambda: ["topk"])
+    activations: list[str] = dataclasses.field(default_factory=lambda: ["topk"])
     ks: list[int] = dataclasses.field(default_factory=list)           # TopK / BatchTopK
     coeffs: list[float] = dataclasses.field(default_factory=list)     # penalised SAEs (0: the default)
-    arch_coeffs: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per architecture
+    activation_coeffs: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per activation
     widths: list[int] = dataclasses.field(default_factory=list)       # n_features; empty: use expansions
     expansions: list[float] = dataclasses.field(default_factory=list)
     seeds: int = 1
@@ -54,19 +55,20 @@ class Grid:
     def __post_init__(self) -> None:
         if not self.hooks:
             raise ConfigError("sweep: name at least one --hook")
-        unknown = [a for a in self.archs if a not in activations.NAMES]
+        unknown = [a for a in self.activations if a not in registry.NAMES]
         if unknown:
-            raise ConfigError(f"arch: expected {', '.join(activations.NAMES)}, found {unknown[0]!r}")
-        penalised = [a for a in self.archs if not _uses_k(a)]
-        if self.ks and len(penalised) == len(self.archs):
-            raise ConfigError(f"sweep: --k is given but no --arch uses it ({', '.join(activations.with_k())})")
+            raise ConfigError(f"activation: expected {', '.join(registry.NAMES)}, found {unknown[0]!r}")
+        penalised = [a for a in self.activations if not _uses_k(a)]
+        if self.ks and len(penalised) == len(self.activations):
+            raise ConfigError(f"sweep: --k is given but no --activation uses it ({', '.join(registry.with_k())})")
         if self.coeffs and not penalised:
-            raise ConfigError(f"sweep: --coeff is given but no --arch uses it ({', '.join(activations.penalised())})")
-        for arch in self.arch_coeffs:
-            if arch not in penalised:
-                raise ConfigError(f"sweep: --coeff {arch}:... names an architecture that is not a swept penalised "
+            raise ConfigError("sweep: --coeff is given but no --activation uses it "
+                              f"({', '.join(registry.penalised())})")
+        for activation in self.activation_coeffs:
+            if activation not in penalised:
+                raise ConfigError(f"sweep: --coeff {activation}:... names an activation that is not a swept penalised "
                                   f"one ({', '.join(penalised) or 'none'})")
-        all_coeffs = self.coeffs + [c for cs in self.arch_coeffs.values() for c in cs]
+        all_coeffs = self.coeffs + [c for cs in self.activation_coeffs.values() for c in cs]
         if any(k < 1 for k in self.ks) or any(c < 0 for c in all_coeffs):
             raise ConfigError(f"sweep: k must be ≥ 1 and coefficients ≥ 0, found {self.ks} / {self.coeffs}")
         if self.widths and self.expansions:
@@ -79,13 +81,13 @@ class Grid:
                                           or [("expansion", e) for e in _unique(self.expansions)] or [("", 0)])
         out = []
         for hook in _unique(self.hooks):
-            for arch in _unique(self.archs):
-                values: list[float | None] = (list(_unique(self.ks)) or [None]) if _uses_k(arch) \
-                    else (list(_unique(self.arch_coeffs.get(arch, self.coeffs))) or [None])
+            for activation in _unique(self.activations):
+                values: list[float | None] = (list(_unique(self.ks)) or [None]) if _uses_k(activation) \
+                    else (list(_unique(self.activation_coeffs.get(activation, self.coeffs))) or [None])
                 for size_name, size in sizes:
                     for value in values:
                         for seed in range(self.seeds):
-                            out.append(Point(hook, arch, value, size_name, size, seed))
+                            out.append(Point(hook, activation, value, size_name, size, seed))
         return out
 
 
@@ -94,20 +96,20 @@ def parse_coeffs(specs: list[str]) -> tuple[list[float], dict[str, list[float]]]
     common: list[float] = []
     per: dict[str, list[float]] = {}
     for spec in specs:
-        arch, sep, values = spec.rpartition(":")
+        activation, sep, values = spec.rpartition(":")
         try:
             nums = [float(v) for v in values.split(",") if v.strip()]
         except ValueError:
             raise ConfigError(f"--coeff: expected a number or ARCH:N,N,..., found {spec!r}") from None
         if sep:
-            per.setdefault(arch.strip(), []).extend(nums)
+            per.setdefault(activation.strip(), []).extend(nums)
         else:
             common.extend(nums)
     return common, per
 
 
-def _uses_k(arch: str) -> bool:
-    return activations.get(arch).uses_k
+def _uses_k(activation: str) -> bool:
+    return registry.get(activation).uses_k
 
 
 def _unique(xs: list[Any]) -> list[Any]:
@@ -117,22 +119,23 @@ def _unique(xs: list[Any]) -> list[Any]:
 @dataclass
 class Point:
     hook: str
-    arch: str
+    activation: str
     value: float | None      # k or coefficient; None: the configuration's default
     size_name: str           # "n_features", "expansion" or "" (the configuration's default)
     size: float
     seed: int
 
     def name(self) -> str:
-        tag = "" if self.value is None else (f"-k{int(self.value)}" if _uses_k(self.arch) else f"-c{self.value:g}")
+        tag = "" if self.value is None else (
+            f"-k{int(self.value)}" if _uses_k(self.activation) else f"-c{self.value:g}")
         size = {"n_features": f"-F{int(self.size)}", "expansion": f"-x{self.size:g}"}.get(self.size_name, "")
-        return f"{_safe(self.hook)}/{self.arch}{tag}{size}-s{self.seed}"
+        return f"{_safe(self.hook)}/{self.activation}{tag}{size}-s{self.seed}"
 
     def configs(self, sae_base: Any, train_base: Any) -> tuple[Any, Any]:
-        sae = {**to_dict(sae_base), "activation": self.arch}
+        sae = {**to_dict(sae_base), "activation": self.activation}
         train = {**to_dict(train_base), "seed": train_base.seed + self.seed}
         if self.value is not None:
-            if _uses_k(self.arch):
+            if _uses_k(self.activation):
                 sae["k"] = int(self.value)
             else:
                 train["sparsity_coeff"] = float(self.value)
@@ -140,7 +143,7 @@ class Point:
             sae["n_features"] = int(self.size)
         elif self.size_name == "expansion":
             sae["expansion"], sae["n_features"] = float(self.size), 0
-        if not _uses_k(self.arch):
+        if not _uses_k(self.activation):
             sae.pop("k", None)
         return sae, train
 
@@ -150,7 +153,7 @@ def _safe(name: str) -> str:
 
 
 @dataclass
-class Splice:
+class SpliceSettings:
     """Splice every SAE into this model over this text (same predictions for all)."""
     model: str
     text: str
@@ -159,14 +162,14 @@ class Splice:
     context: int = 128
 
 
-COLUMNS = ["hook", "arch", "k", "coeff", "n_features", "seed", "l0", "fvu", "explained_variance",
+COLUMNS = ["hook", "activation", "k", "coeff", "n_features", "seed", "l0", "fvu", "explained_variance",
            "mse_per_token", "dead_fraction", "dense_fraction", "cosine", "relative_reconstruction_bias",
            "ce_clean", "ce_sae", "ce_zero", "ce_mean", "delta_lm_loss", "recovered_vs_zero", "recovered_vs_mean",
            "kl_sae", "n_outliers", "train_tokens", "train_seconds", "tokens_per_second", "heldout_tokens", "run"]
 
 
 def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out: str | Path, *,
-              heldout_tokens: int = 8192, splice: Splice | None = None, model: str | None = None,
+              heldout_tokens: int = 8192, splice: SpliceSettings | None = None, model: str | None = None,
               progress: Callable[[str], None] = print, bars: bool = True) -> list[dict[str, Any]]:
     """Train and evaluate every point of ``grid``; returns the rows (also written to ``out/sweep.csv``)."""
     from dictlens.data.store import ActivationStore, split_heldout
@@ -220,7 +223,7 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         sae = load_sae(run)
         m = evaluate(sae, heldout.batches(4096, shuffle=False))
         row: dict[str, Any] = {
-            "hook": store.hook, "arch": point.arch, "k": sae_cfg.k if sae_cfg.uses_k else None,
+            "hook": store.hook, "activation": point.activation, "k": sae_cfg.k if sae_cfg.uses_k else None,
             "coeff": None if sae_cfg.uses_k else train_cfg.penalty_coeff(sae_cfg),
             "n_features": sae.n_features, "seed": train_cfg.seed, "l0": m.l0, "fvu": m.fvu,
             "explained_variance": m.explained_variance, "mse_per_token": m.mse_per_token,
@@ -268,20 +271,20 @@ def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None 
 
 
 def _family(row: dict[str, Any]) -> tuple[str, str, int]:
-    return (row["hook"], row["arch"], int(row["n_features"]))
+    return (row["hook"], row["activation"], int(row["n_features"]))
 
 
 def aggregate(rows: list[dict[str, Any]], metrics: tuple[str, ...] = ("l0", "fvu", "delta_lm_loss",
                                                                        "recovered_vs_mean", "dead_fraction")
               ) -> list[dict[str, Any]]:
-    """Seeds averaged: one row per (hook, arch, width, k/coeff) with ``<metric>`` means and
+    """Seeds averaged: one row per (hook, activation, width, k/coeff) with ``<metric>`` means and
     ``<metric>_std`` (0 for one seed)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((*_family(r), r.get("k"), r.get("coeff")), []).append(r)
     out = []
-    for (hook, arch, width, k, coeff), rs in groups.items():
-        agg: dict[str, Any] = {"hook": hook, "arch": arch, "n_features": width, "k": k, "coeff": coeff,
+    for (hook, activation, width, k, coeff), rs in groups.items():
+        agg: dict[str, Any] = {"hook": hook, "activation": activation, "n_features": width, "k": k, "coeff": coeff,
                                "seeds": len(rs)}
         for name in metrics:
             vals = [float(r[name]) for r in rs if r.get(name) is not None]
@@ -323,14 +326,14 @@ def at_l0(points: list[dict[str, Any]], metric: str, l0: float, tolerance: float
 
 
 def layer_table(rows: list[dict[str, Any]], l0: float) -> list[dict[str, Any]]:
-    """Per hook and (arch, width): FVU, ΔLM loss and loss recovered read at ``l0``."""
+    """Per hook and (activation, width): FVU, ΔLM loss and loss recovered read at ``l0``."""
     agg = aggregate(rows)
     fams: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for a in agg:
         fams.setdefault(_family(a), []).append(a)
     out = []
-    for (hook, arch, width), pts in fams.items():
-        out.append({"hook": hook, "arch": arch, "n_features": width, "at_l0": l0,
+    for (hook, activation, width), pts in fams.items():
+        out.append({"hook": hook, "activation": activation, "n_features": width, "at_l0": l0,
                     "fvu": at_l0(pts, "fvu", l0), "delta_lm_loss": at_l0(pts, "delta_lm_loss", l0),
                     "recovered_vs_mean": at_l0(pts, "recovered_vs_mean", l0),
                     "l0_range": f"{min(p['l0'] for p in pts):.1f}-{max(p['l0'] for p in pts):.1f}"})
@@ -352,7 +355,7 @@ def _labels(fams: list[tuple[str, str, int]]) -> dict[tuple[str, str, int], str]
 
 def plot_frontiers(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """One PNG per hook: L0 (log) against FVU and, when spliced, against ΔLM loss; one line per
-    (arch, width), seed spread as error bars, frontier points ringed."""
+    (activation, width), seed spread as error bars, frontier points ringed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,12 +400,12 @@ def plot_layers(table: list[dict[str, Any]], hooks: list[str], out: Path) -> Pat
 
     ys = ["fvu"] + (["recovered_vs_mean"] if any(t.get("recovered_vs_mean") is not None for t in table) else [])
     fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.2), squeeze=False)
-    fams = _unique([(t["arch"], t["n_features"]) for t in table])
+    fams = _unique([(t["activation"], t["n_features"]) for t in table])
     for ax, y in zip(axes[0], ys, strict=True):
-        for arch, width in fams:
-            vals = {t["hook"]: t[y] for t in table if (t["arch"], t["n_features"]) == (arch, width)}
+        for activation, width in fams:
+            vals = {t["hook"]: t[y] for t in table if (t["activation"], t["n_features"]) == (activation, width)}
             xs = [i for i, h in enumerate(hooks) if vals.get(h) is not None]
-            label = arch + (f" F={width:,}" if len({w for _, w in fams}) > 1 else "")
+            label = activation + (f" F={width:,}" if len({w for _, w in fams}) > 1 else "")
             ax.plot(xs, [vals[hooks[i]] for i in xs], marker="o", label=label)
         ax.set_xticks(range(len(hooks)), hooks, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel({"fvu": "FVU", "recovered_vs_mean": "loss recovered vs mean ablation"}[y])
@@ -416,12 +419,13 @@ def plot_layers(table: list[dict[str, Any]], hooks: list[str], out: Path) -> Pat
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     spliced = any(r.get("delta_lm_loss") is not None for r in rows)
-    head = "| hook | arch | k / coeff | F | seed | L0 | FVU | dead |" + (" ΔLM | recovered (mean) |" if spliced else "")
+    head = ("| hook | activation | k / coeff | F | seed | L0 | FVU | dead |"
+            + (" ΔLM | recovered (mean) |" if spliced else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     order = {h: i for i, h in enumerate(_unique([r["hook"] for r in rows]))}   # hooks in sweep order
-    for r in sorted(rows, key=lambda r: (order[r["hook"]], r["arch"], r["n_features"], r["l0"], r["seed"])):
+    for r in sorted(rows, key=lambda r: (order[r["hook"]], r["activation"], r["n_features"], r["l0"], r["seed"])):
         kc = r["k"] if r.get("k") is not None else (f"{r['coeff']:g}" if r.get("coeff") is not None else "")
-        line = (f"| {r['hook']} | {r['arch']} | {kc} | {r['n_features']:,} | {r['seed']} | {r['l0']:.1f} | "
+        line = (f"| {r['hook']} | {r['activation']} | {kc} | {r['n_features']:,} | {r['seed']} | {r['l0']:.1f} | "
                 f"{r['fvu']:.4f} | {r['dead_fraction']:.2%} |")
         if spliced:
             line += f" {r['delta_lm_loss']:+.4f} | {r['recovered_vs_mean']:.2%} |"
@@ -433,9 +437,9 @@ def format_layers(table: list[dict[str, Any]]) -> str:
     def f(v: float | None, fmt: str) -> str:
         return "outside the swept range" if v is None else format(v, fmt)
 
-    lines = [f"| hook | arch | F | FVU at L0 {table[0]['at_l0']:g} | ΔLM | recovered (mean) | L0 swept |",
+    lines = [f"| hook | activation | F | FVU at L0 {table[0]['at_l0']:g} | ΔLM | recovered (mean) | L0 swept |",
              "|---|---|---:|---:|---:|---:|---|"]
     for t in table:
-        lines.append(f"| {t['hook']} | {t['arch']} | {t['n_features']:,} | {f(t['fvu'], '.4f')} | "
+        lines.append(f"| {t['hook']} | {t['activation']} | {t['n_features']:,} | {f(t['fvu'], '.4f')} | "
                      f"{f(t['delta_lm_loss'], '+.4f')} | {f(t['recovered_vs_mean'], '.2%')} | {t['l0_range']} |")
     return "\n".join(lines)

@@ -22,9 +22,9 @@ class SAEConfig:
 
     d_in: int = field(0, help="input width D (filled in from the activations when 0)", cli=False)
     expansion: float = field(16.0, help="features per input dimension (F = expansion × D)")
-    n_features: int = field(0, help="number of features F (overrides --expansion when > 0)")
-    activation: str = field("topk", help="the kind of SAE: " + ", ".join(activations.NAMES),
-                            flag="--arch")
+    n_features: int = field(0, help="number of features F (overrides --expansion when > 0; set from "
+                                    "expansion × d_in once d_in is known)")
+    activation: str = field("topk", help="the kind of SAE: " + ", ".join(activations.NAMES))
     k: int | None = field(None, help="active features per token (" + ", ".join(activations.with_k())
                                    + "; default 32)")
     pre_bias: bool = field(True, help="subtract b_dec from the input before encoding")
@@ -49,6 +49,8 @@ class SAEConfig:
         check(self.expansion > 0, "expansion", "a positive number", self.expansion)
         check(self.n_features >= 0, "n_features", "a positive count", self.n_features)
         check(self.d_in >= 0, "d_in", "a positive width", self.d_in)
+        if self.d_in and not self.n_features:  # F is resolved as soon as D is known: one name, n_features
+            self.n_features = max(1, round(self.expansion * self.d_in))
         if self.uses_k and self.k is None:
             self.k = 32
         if not self.uses_k and self.k is not None:
@@ -58,19 +60,14 @@ class SAEConfig:
             assert self.k is not None
             check(self.k >= 1, "k", f"at least 1 for {self.activation}", self.k)
             if self.d_in:
-                check(self.k <= self.width, "k", f"at most n_features = {self.width}", self.k)
+                check(self.k <= self.n_features, "k", f"at most n_features = {self.n_features}", self.k)
         check(self.jumprelu_bandwidth > 0, "jumprelu_bandwidth", "a positive number", self.jumprelu_bandwidth)
         check(self.jumprelu_threshold > 0, "jumprelu_threshold", "a positive number", self.jumprelu_threshold)
         if self.matryoshka is not None and self.d_in:
             sizes = list(self.matryoshka)
             check(all(0 < a < b for a, b in zip(sizes, sizes[1:], strict=False)) and sizes[0] > 0
-                  and sizes[-1] <= self.width, "matryoshka", f"increasing sizes up to {self.width}", sizes)
+                  and sizes[-1] <= self.n_features, "matryoshka", f"increasing sizes up to {self.n_features}", sizes)
         kind.check_config(self)
-
-    @property
-    def width(self) -> int:
-        """The number of features F."""
-        return self.n_features if self.n_features > 0 else max(1, round(self.expansion * self.d_in))
 
     @property
     def kind(self) -> type[Activation]:

@@ -70,7 +70,7 @@ class SAE(nn.Module):
         self.activation = activations.get(cfg.activation)()
         self.provenance = provenance or Provenance()
         self._ranking: str | None = None  # set by ranking(): overrides cfg.select_dtype
-        F, D = cfg.width, cfg.d_in
+        F, D = cfg.n_features, cfg.d_in
         g = torch.Generator().manual_seed(seed)
         W = torch.randn(F, D, generator=g)
         W *= (1.0 if cfg.decoder_norm == "unit" else cfg.init_decoder_norm) / W.norm(dim=1, keepdim=True)
@@ -94,7 +94,7 @@ class SAE(nn.Module):
 
     @property
     def n_features(self) -> int:
-        return self.cfg.width
+        return self.cfg.n_features
 
     @property
     def d_in(self) -> int:
@@ -250,8 +250,8 @@ class SAE(nn.Module):
         found = {k: tuple(v.shape) for k, v in state.items()}
         if expected != found:
             diff = sorted(set(expected.items()) ^ set(found.items()))
-            raise CheckpointError(f"{source} does not match its config ({self.cfg.activation}, F={self.cfg.width}, "
-                             f"D={self.cfg.d_in}): differs in {diff[:4]}")
+            raise CheckpointError(f"{source} does not match its config ({self.cfg.activation}, "
+                                  f"F={self.cfg.n_features}, D={self.cfg.d_in}): differs in {diff[:4]}")
         self.load_state_dict(state)
 
     @classmethod

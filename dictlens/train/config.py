@@ -96,7 +96,7 @@ class TrainConfig:
         # The 1/√F law was fitted on wide SAEs; for narrow ones it runs away (0.038 at 512
         # features), and the Sharkey-setting SAEs learned nothing (MMCS 0.2 against 0.999
         # at 1e-2 or below): cap it.
-        return min(LR_CAP, base / math.sqrt(sae.width / 2**14))
+        return min(LR_CAP, base / math.sqrt(sae.n_features / 2**14))
 
     @property
     def adam_beta2(self) -> float:

@@ -140,7 +140,7 @@ class Trainer:
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None,
                  *, provenance: Provenance | None = None, progress: bool = True):
-        d = int(source.d_model)
+        d = int(source.d_in)
         if sae_cfg.d_in and sae_cfg.d_in != d:
             raise InputError(f"d_in: the SAE expects width {sae_cfg.d_in}, the activations have width {d}")
         self.sae_cfg = from_dict(SAEConfig, {**to_dict(sae_cfg), "d_in": d})
@@ -204,7 +204,8 @@ class Trainer:
         if self.out is None or not (self.out / CHECKPOINT).is_file():
             return False
         ck = load_checkpoint(self.out / CHECKPOINT)
-        saved_sae = ck["sae_config"]
+        # rebuilt so that a config saved before n_features was resolved from d_in compares equal
+        saved_sae = to_dict(from_dict(SAEConfig, ck["sae_config"], source=str(self.out / CHECKPOINT)))
         if saved_sae != to_dict(self.sae_cfg):
             diff = {k: (saved_sae.get(k), v) for k, v in to_dict(self.sae_cfg).items() if saved_sae.get(k) != v}
             raise CheckpointMismatch(f"{self.out / CHECKPOINT} is from a different SAE (saved vs asked: {diff}); "

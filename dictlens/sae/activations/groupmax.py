@@ -34,8 +34,8 @@ class GroupMax(Activation):
     @classmethod
     def check_config(cls, cfg: SAEConfig) -> None:
         if cfg.d_in and cfg.k:
-            check(cfg.width % cfg.k == 0, "n_features", f"a multiple of k = {cfg.k} for groupmax "
-                  "(k groups of equal size)", cfg.width)
+            check(cfg.n_features % cfg.k == 0, "n_features", f"a multiple of k = {cfg.k} for groupmax "
+                  "(k groups of equal size)", cfg.n_features)
 
     @torch.no_grad()
     def select(self, sae: SAE, x_c: torch.Tensor, *, dead: torch.Tensor | None = None, k_aux: int = 0,

@@ -12,7 +12,7 @@ from dictlens.eval import baselines
 from dictlens.eval.metrics import ReconstructionStats
 from dictlens.eval.recovery import recovery
 from dictlens.eval.synthetic import SyntheticData
-from dictlens.sae import activations
+from dictlens.sae import activations as registry
 
 
 @dataclass
@@ -26,7 +26,7 @@ class Row:
     seconds: float
 
 
-DEFAULT_ARCHS = ("topk", "topk, no dead handling", "relu", "batchtopk")
+DEFAULT_ACTIVATIONS = ("topk", "topk, no dead handling", "relu", "batchtopk")
 
 
 def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -37,7 +37,7 @@ def _fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000, eval_n: int = 20_000,
               sklearn_n: int = 20_000, sklearn_iters: int = 5,
-              archs: tuple[str, ...] | None = None,
+              activations: tuple[str, ...] | None = None,
               sklearn_code_methods: tuple[str, ...] = ("omp", "lasso"), k: int | None = None, seed: int = 0,
               progress: Any = print) -> list[Row]:
     """Every method at every width on ``data``; the last tenth (at most ``eval_n`` samples) is held
@@ -47,7 +47,7 @@ def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000
     from dictlens.train import train
     from dictlens.train.config import TrainConfig
 
-    archs = archs or DEFAULT_ARCHS
+    activations = activations or DEFAULT_ACTIVATIONS
     if k is None:
         k = max(1, round(data.mean_active))
     n_eval = min(eval_n, len(data.x) // 10)
@@ -77,12 +77,12 @@ def run_synth(data: SyntheticData, widths: list[int], *, tokens: int = 2_000_000
             C = baselines.sklearn_codes(x_eval, D, codes=codes, n_nonzero=k)
             add(f"sklearn dictionary learning ({codes} codes)", width, D, C, C @ D,
                 seconds + time.perf_counter() - t)
-        for name in archs:
-            arch, _, variant = name.partition(",")
-            arch_k = k if activations.get(arch).uses_k else None
+        for name in activations:
+            activation, _, variant = name.partition(",")
+            activation_k = k if registry.get(activation).uses_k else None
             dead = "none" if "no dead" in variant else "auto"
             t = time.perf_counter()
-            sae = train(SAEConfig(activation=arch, n_features=width, k=arch_k),
+            sae = train(SAEConfig(activation=activation, n_features=width, k=activation_k),
                         TrainConfig(tokens=tokens, batch_size=1024, plots=False, seed=seed, dead=dead),
                         ArraySource(x_train), progress=False)
             seconds = time.perf_counter() - t
