@@ -8,10 +8,15 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dictlens.config import add_arguments, from_namespace
 from dictlens.errors import CacheError, CheckpointMismatch, DictlensError
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.data.store import ActivationStore, StreamingSource
+    from dictlens.sae.model import SAE
 
 
 def _cmd_hooks(args: argparse.Namespace) -> int:
@@ -79,7 +84,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_source(args: argparse.Namespace) -> Any:
+def _train_source(args: argparse.Namespace) -> ActivationStore | StreamingSource:
     """The activation source named on the command line (it describes itself for the SAE's record)."""
     from dictlens.data.store import ActivationStore, StreamingSource
     from dictlens.errors import ConfigError
@@ -96,7 +101,7 @@ def _train_source(args: argparse.Namespace) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dictlens.data.store import split_heldout
+    from dictlens.data.store import Source, split_heldout
     from dictlens.eval.metrics import evaluate
     from dictlens.io import atomic_write_json
     from dictlens.sae.config import SAEConfig
@@ -105,7 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     sae_cfg = from_namespace(SAEConfig, args)
     train_cfg = from_namespace(TrainConfig, args)
-    source = _train_source(args)
+    source: Source = _train_source(args)
     heldout = None
     if train_cfg.heldout_tokens > 0:
         source, heldout = split_heldout(source, train_cfg.heldout_tokens)
@@ -141,7 +146,7 @@ def print_metrics(m: Any) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """Held-out metrics of a trained SAE: JSON, a terminal table, the density histogram."""
-    from dictlens.data.store import split_heldout
+    from dictlens.data.store import Source, split_heldout
     from dictlens.errors import ConfigError
     from dictlens.eval.metrics import evaluate
     from dictlens.eval.plots import density_histogram
@@ -150,7 +155,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     sae = load_sae(args.run)
     store = open_cache(sae, args.run, args.acts, args.hook)
-    source = store
+    source: Source = store
     if args.heldout:
         if args.heldout < 0:
             raise ConfigError(f"heldout: expected a token count >= 0, found {args.heldout}")
@@ -540,7 +545,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_steer(sae: Any, lm: Any, analysis: Path, run: Path) -> None:
+def _demo_steer(sae: SAE, lm: LoadedModel, analysis: Path, run: Path) -> None:
     """Step 4: the feature most active on a topical word, added to the residual stream while
     the model continues a neutral prompt."""
     from dictlens.analysis.db import FeatureDB

@@ -30,14 +30,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; invalid JSON is a CacheError naming the file and line."""
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON file holding an object; invalid JSON is a CacheError naming the file and line."""
     from dictlens.errors import CacheError
 
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CacheError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise CacheError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
 
 
 def npy_bytes(arr: np.ndarray) -> memoryview:

@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,10 @@ from dictlens.analysis.stats import CollectedStats, FeatureCollector
 from dictlens.config import check, field, to_dict
 from dictlens.errors import ActivationError, InputError
 from dictlens.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
 
 
 @dataclass
@@ -87,7 +91,7 @@ def decode_vocab(tokenizer: Any) -> list[str]:
     return [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in range(n)]
 
 
-def analyze(sae: Any, lm: Any, hook: str, cfg: AnalysisConfig, out: str | Path, *, progress: bool = True,
+def analyze(sae: SAE, lm: LoadedModel, hook: str, cfg: AnalysisConfig, out: str | Path, *, progress: bool = True,
             run: str | None = None) -> AnalysisResult:
     """Run the analysis pass of ``sae`` at ``hook`` of ``lm`` over ``cfg.text``; write ``out``."""
     from tqdm.auto import tqdm
@@ -199,7 +203,7 @@ def _random_examples(store: CodeStore, n: int, rng: np.random.Generator) -> list
     return out
 
 
-def _write_database(sae: Any, lm: Any, hook: str, cfg: AnalysisConfig, out: Path, stats: CollectedStats,
+def _write_database(sae: SAE, lm: LoadedModel, hook: str, cfg: AnalysisConfig, out: Path, stats: CollectedStats,
                     outliers: int, seconds: float, run: str | None, limit: float | None) -> None:
     store = CodeStore(out / CODES_DIR)
     directions = sae.feature_directions().detach()

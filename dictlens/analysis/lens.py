@@ -10,7 +10,7 @@ promotes, the bottom ones those it suppresses.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,8 +18,11 @@ import torch
 from dictlens.data.hooks import find_blocks
 from dictlens.errors import InputError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
-def final_norm(model: Any) -> torch.nn.Module | None:
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module | None:
     """The norm applied to the residual stream before the unembedding: the last module
     outside the transformer blocks whose class name says it is a norm (model.norm in
     Llama, transformer.ln_f in GPT-2, gpt_neox.final_layer_norm), or None."""
@@ -33,7 +36,7 @@ def final_norm(model: Any) -> torch.nn.Module | None:
     return found
 
 
-def unembedding(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+def unembedding(model: PreTrainedModel) -> tuple[torch.Tensor, torch.Tensor | None]:
     """W_U [V, D] and the final norm's gain γ [D] (None when there is none)."""
     out = model.get_output_embeddings()
     if out is None or getattr(out, "weight", None) is None:

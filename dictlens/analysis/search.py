@@ -5,11 +5,15 @@ features fire on which tokens, strongest first. (Search by token over the analys
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dictlens.errors import InputError
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
 
 
 @dataclass
@@ -30,7 +34,7 @@ class TextFeatures:
 
 
 @torch.no_grad()
-def features_on_text(sae: Any, lm: Any, hook: str, text: str, per_token: int = 8,
+def features_on_text(sae: SAE, lm: LoadedModel, hook: str, text: str, per_token: int = 8,
                      max_tokens: int = 1024, max_norm: float | None = None) -> TextFeatures:
     """Which features of ``sae`` fire on ``text`` at ``hook`` of ``lm``: per token the
     ``per_token`` strongest, and every feature ranked by its largest activation. BOS and

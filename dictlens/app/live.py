@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dictlens.analysis.search import TokenCodes, features_on_text
 from dictlens.errors import InputError
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
+    from dictlens.use.splice import Edit
+    from dictlens.use.steer import GenerateConfig, Generation
 
 
 class LiveEncoder:
@@ -18,15 +24,15 @@ class LiveEncoder:
     the run and model recorded in the analysis the first time they are needed.
     """
 
-    def __init__(self, meta: dict[str, Any], *, sae: Any = None, lm: Any = None, model: str | None = None,
-                 device: str | None = None, max_tokens: int = 1024):
+    def __init__(self, meta: dict[str, Any], *, sae: SAE | None = None, lm: LoadedModel | None = None,
+                 model: str | None = None, device: str | None = None, max_tokens: int = 1024):
         self.meta, self.sae, self.lm = meta, sae, lm
         self.model_name = model or meta.get("model")
         self.device, self.max_tokens = device, max_tokens
         self.hook = meta["hook"]
         self.lock = threading.Lock()
 
-    def load_sae(self) -> Any:
+    def load_sae(self) -> SAE:
         """The analysis's SAE (loaded from its run directory the first time)."""
         from dictlens.load import load_sae
 
@@ -37,7 +43,7 @@ class LiveEncoder:
             self.sae = load_sae(run)
         return self.sae
 
-    def _load(self) -> None:
+    def _load(self) -> tuple[SAE, LoadedModel]:
         from dictlens.data.models import load_model
         from dictlens.load import check_model, model_of
 
@@ -46,25 +52,26 @@ class LiveEncoder:
             run = self.meta.get("sae") or "this analysis"
             self.lm = load_model(model_of(sae, run, self.model_name), device=self.device)
             check_model(sae, run, self.lm, self.hook)
-            self.sae = sae.to(self.lm.device)
-        if self.sae.n_features != int(self.meta["n_features"]):
-            raise InputError(f"the SAE has {self.sae.n_features} features, the analysis {self.meta['n_features']}")
+            self.sae = sae = sae.to(self.lm.device)
+        if sae.n_features != int(self.meta["n_features"]):
+            raise InputError(f"the SAE has {sae.n_features} features, the analysis {self.meta['n_features']}")
+        return sae, self.lm
 
-    def steer(self, prompt: str, edits: list[Any], cfg: Any) -> Any:
+    def steer(self, prompt: str, edits: list[Edit], cfg: GenerateConfig) -> Generation:
         """The prompt continued with and without ``edits`` (:class:`dictlens.use.Edit`) in the
         SAE spliced at its hook (:func:`dictlens.use.steer.steered_generation`)."""
         from dictlens.use.steer import steered_generation
 
         with self.lock:
-            self._load()
-            return steered_generation(self.lm, {self.hook: self.sae}, {self.hook: edits}, prompt, cfg,
-                                      max_norm=self.sae.provenance.outlier_limit)
+            sae, lm = self._load()
+            return steered_generation(lm, {self.hook: sae}, {self.hook: edits}, prompt, cfg,
+                                      max_norm=sae.provenance.outlier_limit)
 
     def encode(self, text: str, per_token: int = 8) -> tuple[list[TokenCodes], list[dict[str, Any]]]:
         """Per token its strongest features, and every feature ranked by its largest
         activation on the text (:func:`dictlens.analysis.search.features_on_text`)."""
         with self.lock:
-            self._load()
-            r = features_on_text(self.sae, self.lm, self.hook, text, per_token, self.max_tokens,
-                                 max_norm=self.sae.provenance.outlier_limit)
+            sae, lm = self._load()
+            r = features_on_text(sae, lm, self.hook, text, per_token, self.max_tokens,
+                                 max_norm=sae.provenance.outlier_limit)
         return r.tokens, r.features

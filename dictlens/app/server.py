@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
@@ -24,25 +25,35 @@ from dictlens.app.live import LiveEncoder
 from dictlens.app.render import environment, feature_page, index_page, show_token, svg_bars
 from dictlens.errors import DictlensError, InputError
 
+if TYPE_CHECKING:
+    from flask.typing import ResponseReturnValue
+
+    from dictlens.analysis.compare import Matching
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
+    from dictlens.use.steer import GenerateConfig
+
 PAGE = 500  # features per index page
 
 
 class Comparison:
     """This analysis's SAE matched to another SAE (``--compare RUN``), computed on first use."""
 
-    def __init__(self, live: LiveEncoder, other: str | Path | Any | None):
+    def __init__(self, live: LiveEncoder, other: str | Path | SAE | None):
         self.live, self.other = live, other
-        self._m: Any = None
+        self._m: Matching | None = None
         self.name = str(other) if isinstance(other, (str, Path)) else "the other SAE"
         self.lock = threading.Lock()
 
-    def matching(self) -> Any:
+    def matching(self) -> Matching:
         from dictlens.analysis.compare import match_features
-        from dictlens.sae.model import SAE
+        from dictlens.load import load_sae
 
         with self.lock:
             if self._m is None:
-                other: Any = SAE.load(self.other) if isinstance(self.other, (str, Path)) else self.other
+                other = load_sae(self.other) if isinstance(self.other, (str, Path)) else self.other
+                if other is None:
+                    raise InputError("no SAE to compare with: start the app with --compare RUN")
                 self._m = match_features(self.live.load_sae().W_dec, other.W_dec)
             return self._m
 
@@ -53,7 +64,8 @@ class Comparison:
         return {"name": self.name, "best": int(m.best_ab[f]), "cos": float(m.cos_ab[f]), "partner": partner}
 
 
-def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: str | None = None,
+def create_app(analysis: str | Path, *, sae: SAE | None = None, lm: LoadedModel | None = None,
+               model: str | None = None,
                device: str | None = None, compare: str | Path | Any | None = None) -> Flask:
     """The app over an analysis directory. ``sae``/``lm`` (optional) are used for live
     text instead of loading the run and model recorded in the analysis; ``compare`` (a run
@@ -73,13 +85,13 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
                 "static": lambda name: url_for("static", filename=name)}
 
     @app.errorhandler(DictlensError)
-    def bad_input(e: DictlensError) -> Any:
+    def bad_input(e: DictlensError) -> ResponseReturnValue:
         if request.path.startswith("/api/"):
             return jsonify(error=str(e)), 400
         return render_template("error.html", message=str(e), **common()), 400
 
     @app.get("/")
-    def index() -> Any:
+    def index() -> ResponseReturnValue:
         order = request.args.get("order", "id")
         offset = max(0, request.args.get("offset", 0, type=int))
         data = index_page(db)
@@ -90,19 +102,19 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
         return render_template("index.html", **common(), **data, order=order)
 
     @app.get("/feature")
-    def goto() -> Any:
+    def goto() -> ResponseReturnValue:
         f = request.args.get("id", type=int)
         if f is None:
             raise InputError("give a feature number")
         return redirect(url_for("feature", f=db.check_feature(f)))
 
     @app.get("/feature/<int:f>")
-    def feature(f: int) -> Any:
+    def feature(f: int) -> ResponseReturnValue:
         other = comparison.for_feature(db.check_feature(f)) if comparison else None
         return render_template("feature.html", **common(), **feature_page(db, db.check_feature(f)), other=other)
 
     @app.get("/compare")
-    def compare_page() -> Any:
+    def compare_page() -> ResponseReturnValue:
         if comparison is None:
             return render_template("compare.html", **common(), result=None)
         m = comparison.matching()
@@ -119,7 +131,7 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
                                                             labels=("0", "1"), title="best cosine"))
 
     @app.route("/text", methods=["GET", "POST"])
-    def text() -> Any:
+    def text() -> ResponseReturnValue:
         q = request.values.get("q", "")
         tokens, summary = live.encode(q) if q else ([], [])
         rows = db.features(order="id", limit=db.n_features) if summary else []
@@ -130,7 +142,7 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
         return render_template("text.html", **common(), q=q, tokens=shown, summary=summary[:100])
 
     @app.route("/steer", methods=["GET", "POST"])
-    def steer() -> Any:
+    def steer() -> ResponseReturnValue:
         form = steer_form(request.values, db)
         result = None
         if request.method == "POST":   # never on GET: a link or an <img> elsewhere must not start generating
@@ -138,7 +150,7 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
         return render_template("steer.html", **common(), form=form, result=result)
 
     @app.post("/api/steer")
-    def api_steer() -> Any:
+    def api_steer() -> ResponseReturnValue:
         from dictlens.use.splice import Edit
 
         body = request.get_json(silent=True)
@@ -158,19 +170,19 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
         return jsonify(prompt=g.prompt, unsteered=g.unsteered, steered=g.steered, edits=g.edits)
 
     @app.get("/token")
-    def token() -> Any:
+    def token() -> ResponseReturnValue:
         q = request.args.get("q", "")
         hits = db.features_for_token(q) if q else []
         return render_template("token.html", **common(), q=q, hits=hits)
 
     @app.get("/api/feature/<int:f>")
-    def api_feature(f: int) -> Any:
+    def api_feature(f: int) -> ResponseReturnValue:
         data = db.feature(db.check_feature(f))
         data["examples"] = [e.__dict__ for e in db.examples(f)]
         return jsonify(data)
 
     @app.post("/api/text")
-    def api_text() -> Any:
+    def api_text() -> ResponseReturnValue:
         body = request.get_json(silent=True) or {}
         if not isinstance(body.get("text"), str):
             raise InputError('POST a JSON object {"text": "..."}')
@@ -178,7 +190,7 @@ def create_app(analysis: str | Path, *, sae: Any = None, lm: Any = None, model: 
         return jsonify(tokens=[t.__dict__ for t in tokens], features=summary)
 
     @app.get("/favicon.ico")
-    def favicon() -> Any:
+    def favicon() -> ResponseReturnValue:
         abort(404)
 
     return app
@@ -230,7 +242,7 @@ def check_steer_size(prompt: str, edits: list[Any]) -> None:
         raise InputError(f"{len(edits)} edits; the app takes at most {MAX_EDITS}")
 
 
-def steer_config(values: Any) -> Any:
+def steer_config(values: Mapping[str, Any]) -> GenerateConfig:
     from dictlens.use.steer import GenerateConfig
 
     def number(key: str, kind: type, default: Any) -> Any:

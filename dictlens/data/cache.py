@@ -146,11 +146,11 @@ class CacheWriter:
 
     @property
     def tokens(self) -> int:
-        return self.manifest["tokens"] + self.buffered_rows
+        return int(self.manifest["tokens"]) + self.buffered_rows
 
     @property
     def contexts_done(self) -> int:
-        return self.manifest["contexts"]
+        return int(self.manifest["contexts"])
 
     @classmethod
     def open(cls, cfg: HarvestConfig, lm: LoadedModel, widths: dict[str, int]) -> CacheWriter:

@@ -122,24 +122,26 @@ def input_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     """A module's first input, whether it was passed by position or as ``hidden_states``."""
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
-        return kwargs["hidden_states"]
+    hidden = kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor):
+        return hidden
     raise HookError("module was called without a tensor input to read")
 
 
 @contextmanager
-def replaced(model: Any, point: HookPoint, fn: Replace) -> Iterator[None]:
+def replaced(model: torch.nn.Module, point: HookPoint, fn: Replace) -> Iterator[None]:
     """Inside the block, the activation at ``point`` [B, T, D] is replaced by ``fn(it)``."""
     module = dict(model.named_modules())[point.module]
     if point.io == "input":
-        def pre_hook(mod: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        def pre_hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
             x = input_tensor(args, kwargs)
             if args and args[0] is x:
                 return (fn(x), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": fn(x)}
         handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     else:
-        def post_hook(mod: Any, args: tuple, output: Any) -> Any:
+        def post_hook(mod: Any, args: tuple[Any, ...], output: Any) -> Any:
             x = first_tensor(output)
             if isinstance(output, torch.Tensor):
                 return fn(x)

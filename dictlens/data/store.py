@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -25,6 +25,22 @@ from dictlens.data.tap import Tap
 from dictlens.data.text import iter_documents
 from dictlens.errors import CacheError, ConfigError, InputError
 from dictlens.provenance import Provenance
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What the trainer reads: batches of float32 rows [B, D], their width and statistics."""
+
+    @property
+    def d_in(self) -> int: ...
+
+    @property
+    def stats(self) -> NormStats: ...
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                drop_last: bool = False) -> Iterator[torch.Tensor]: ...
 
 
 def _shuffled_batches(blocks: Iterable[torch.Tensor], batch_size: int, *, shuffle: bool,
@@ -126,7 +142,8 @@ class ActivationStore:
             verify_file(self.path, entry)
             self._verified.add((index, key))
         try:
-            return np.load(self.path / entry["path"], mmap_mode="r", allow_pickle=False)
+            arr: np.ndarray = np.load(self.path / entry["path"], mmap_mode="r", allow_pickle=False)
+            return arr
         except ValueError as e:
             raise CacheError(f"shard {self.path / entry['path']} cannot be read: {e}") from None
 
@@ -268,7 +285,7 @@ class StreamingSource:
                                  drop_last=drop_last)
 
 
-def split_heldout(source: Any, n_tokens: int) -> tuple[Any, Any]:
+def split_heldout(source: Source, n_tokens: int) -> tuple[Source, Source]:
     """(train, held-out) views of ``source`` with at least ``n_tokens`` held out.
 
     A cache is split by whole shards (its last ones), an array by rows; a stream cannot be

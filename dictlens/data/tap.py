@@ -47,11 +47,11 @@ class Tap:
                 raise _StopForward
 
         if point.io == "input":
-            def pre_hook(module: Any, args: tuple, kwargs: dict) -> None:
+            def pre_hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 capture(input_tensor(args, kwargs))
             return pre_hook
 
-        def post_hook(module: Any, args: tuple, output: Any) -> None:
+        def post_hook(module: Any, args: tuple[Any, ...], output: Any) -> None:
             capture(first_tensor(output))
         return post_hook
 

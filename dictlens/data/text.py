@@ -80,7 +80,7 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
 
 def _hf_dataset(ds: object, name: str, field: str) -> Iterator[str]:
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict: take train
-        splits = list(ds.keys())  # type: ignore[attr-defined]
+        splits = list(ds.keys())
         ds = ds["train" if "train" in splits else splits[0]]  # type: ignore[index]
     columns = getattr(ds, "column_names", None)
     if columns is not None and field not in columns:

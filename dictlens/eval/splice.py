@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ import torch.nn.functional as F
 from dictlens.data.hooks import HookPoint, Replace, replaced, resolve_hook
 from dictlens.data.models import LoadedModel
 from dictlens.errors import InputError
+
+if TYPE_CHECKING:
+    from dictlens.sae.model import SAE
 
 
 @dataclass
@@ -189,7 +192,7 @@ def _scan(lm: LoadedModel, point: HookPoint, data: list[tuple[torch.Tensor, torc
     return out, (total / max(1, count)).float(), outliers
 
 
-def sae_replacement(sae: Any) -> Replace:
+def sae_replacement(sae: SAE) -> Replace:
     """The SAE's reconstruction of raw activations of any leading shape [..., D], ranked in float32."""
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         with sae.ranking("float32"):

@@ -130,7 +130,8 @@ def sddmm(p: Pattern, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor:
     if p.nnz == 0:
         return a_BD.new_zeros(0)
     ones = torch.ones(p.nnz, dtype=a_BD.dtype, device=a_BD.device)
-    return torch.sparse.sampled_addmm(p.csr(ones), a_BD, b_FD.T, beta=0.0).values()
+    out: torch.Tensor = torch.sparse.sampled_addmm(p.csr(ones), a_BD, b_FD.T, beta=0.0).values()
+    return out
 
 
 class _SparseEncode(Function):
@@ -170,12 +171,15 @@ class _SparseDecode(Function):
 
 def sparse_encode(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, p: Pattern) -> torch.Tensor:
     """Exact pre-activations [nnz] of the active pairs: ``x[b]·W[f] + b[f]``."""
-    return _SparseEncode.apply(x_BD, W_FD, b_F, p)
+    # torch leaves Function.apply unannotated (here and below)
+    out: torch.Tensor = _SparseEncode.apply(x_BD, W_FD, b_F, p)  # type: ignore[no-untyped-call]
+    return out
 
 
 def sparse_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.Tensor:
     """[B, D] = Σ over active pairs of ``vals · W[f]`` (add the decoder bias yourself)."""
-    return _SparseDecode.apply(vals, W_FD, p)
+    out: torch.Tensor = _SparseDecode.apply(vals, W_FD, p)  # type: ignore[no-untyped-call]
+    return out
 
 
 @torch.no_grad()

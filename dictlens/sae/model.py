@@ -102,7 +102,8 @@ class SAE(nn.Module):
 
     def decoder_norms(self) -> torch.Tensor:
         """‖W_dec[f]‖ for every feature [F]."""
-        return self.W_dec.norm(dim=1)
+        norms: torch.Tensor = self.W_dec.norm(dim=1)
+        return norms
 
     def feature_directions(self) -> torch.Tensor:
         """Unit feature directions W_dec[f]/‖W_dec[f]‖ [F, D]."""

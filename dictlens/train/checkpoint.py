@@ -66,4 +66,5 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is truncated or damaged ({e})") from None
     if "dictlens_checkpoint" not in meta:
         raise CheckpointError(f"{path} is not a dictlens training checkpoint")
-    return _unflatten(json.loads(meta["dictlens_checkpoint"]), tensors)
+    state: dict[str, Any] = _unflatten(json.loads(meta["dictlens_checkpoint"]), tensors)
+    return state

@@ -92,7 +92,7 @@ class ScheduleFreeSignSGD(_ScheduleFree):
                                   "lr_max": 0.0, "weight_sum": 0.0, "train_mode": True})
 
     def _beta(self, group: dict[str, Any]) -> float:
-        return group["momentum"]
+        return float(group["momentum"])
 
     def _z(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         for p in params:
@@ -138,7 +138,7 @@ class ScheduleFreeAdam(_ScheduleFree):
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}
 
     def _beta(self, group: dict[str, Any]) -> float:
-        return group["betas"][0]
+        return float(group["betas"][0])
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -174,7 +174,7 @@ class ScheduleFreeAdam(_ScheduleFree):
         return None
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> Any:
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.schedule_free and cfg.optimizer in ("adam", "adamw"):
         return ScheduleFreeAdam(params, lr, betas=(cfg.beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "signsgd":

@@ -17,9 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dictlens.config import from_dict, to_dict
+from dictlens.data.store import Source
 from dictlens.errors import ActivationError, CheckpointError, CheckpointMismatch, ConfigError, InputError
 from dictlens.io import atomic_write_bytes
 from dictlens.provenance import Provenance
@@ -95,7 +97,7 @@ def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> to
     m = x.mean(0)
     for _ in range(iters):
         w = 1 / (x - m).norm(dim=1).clamp_min(1e-8)
-        new = (w[:, None] * x).sum(0) / w.sum()
+        new: torch.Tensor = (w[:, None] * x).sum(0) / w.sum()
         if (new - m).norm() <= tol * m.norm().clamp_min(1e-8):
             return new
         m = new
@@ -138,7 +140,7 @@ def keep_freed_memory() -> bool:
 class Trainer:
     """Trains one SAE on a source; ``out`` (optional) receives checkpoints, logs and the SAE."""
 
-    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None,
+    def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source: Source, out: str | Path | None = None,
                  *, provenance: Provenance | None = None, progress: bool = True):
         d = int(source.d_in)
         if sae_cfg.d_in and sae_cfg.d_in != d:
@@ -442,11 +444,11 @@ class Trainer:
         atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
-def train(sae_cfg: SAEConfig, cfg: TrainConfig, source: Any, out: str | Path | None = None, *,
+def train(sae_cfg: SAEConfig, cfg: TrainConfig, source: Source | torch.Tensor | np.ndarray,
+          out: str | Path | None = None, *,
           provenance: Provenance | None = None, progress: bool = True, resume: bool = False) -> SAE:
     """Train an SAE on ``source`` (a store, a stream, or an array) and return it."""
     from dictlens.data.store import ArraySource
 
-    if not hasattr(source, "batches"):
-        source = ArraySource(source)
-    return Trainer(sae_cfg, cfg, source, out, provenance=provenance, progress=progress).fit(resume=resume)
+    src = source if isinstance(source, Source) else ArraySource(source)
+    return Trainer(sae_cfg, cfg, src, out, provenance=provenance, progress=progress).fit(resume=resume)

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from dictlens.errors import ConfigError, InputError
 from dictlens.use.splice import Edit, Splice, check_edits
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
 
 
 @dataclass
@@ -61,7 +65,7 @@ class AblationResult:
         return d
 
 
-def token_ids(lm: Any, tokens: Sequence[str]) -> list[int]:
+def token_ids(lm: LoadedModel, tokens: Sequence[str]) -> list[int]:
     """One token id per string; a string that is not exactly one token is refused by name."""
     ids = []
     for t in tokens:
@@ -75,7 +79,7 @@ def token_ids(lm: Any, tokens: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def _feature_stats(lm: Any, sae: Any, hook: str, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+def _feature_stats(lm: LoadedModel, sae: SAE, hook: str, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                    features: Sequence[int], max_norm: float | None) -> tuple[dict[int, float], dict[int, int]]:
     """Mean code (zeros included) and firing count of each feature over the kept positions."""
     from dictlens.data.tap import Tap
@@ -102,7 +106,7 @@ def _feature_stats(lm: Any, sae: Any, hook: str, batches: Sequence[tuple[torch.T
 
 
 @torch.no_grad()
-def ablate(lm: Any, sae: Any, hook: str, features: Sequence[int],
+def ablate(lm: LoadedModel, sae: SAE, hook: str, features: Sequence[int],
            batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, mode: Literal["zero", "mean"] = "zero",
            tokens: Sequence[str] = (), last_only: bool = False, max_norm: float | None = None) -> AblationResult:
     """Next-token loss and chosen tokens' logits with ``features`` of ``sae`` ablated at ``hook``.
@@ -158,7 +162,7 @@ def ablate(lm: Any, sae: Any, hook: str, features: Sequence[int],
                           means if mode == "mean" else {}, fired, effects)
 
 
-def prompt_batches(lm: Any, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def prompt_batches(lm: LoadedModel, prompts: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One (ids [1, T], keep [1, T]) batch per prompt (BOS first where the model has one;
     special tokens not kept)."""
     from dictlens.data.tokens import not_special, text_ids

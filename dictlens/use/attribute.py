@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -41,6 +41,10 @@ from dictlens.data.hooks import named_hooks, replaced, resolve_hook
 from dictlens.errors import ConfigError, InputError
 from dictlens.io import atomic_write_bytes
 from dictlens.use.splice import Edit, Splice
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
 
 MetricKind = Literal["logit", "logprob", "logit_diff", "loss"]
 
@@ -79,7 +83,7 @@ class Metric:
         return -logp[scored].gather(1, ids[0, 1:][scored][:, None]).mean()
 
 
-def make_metric(lm: Any, kind: str, tokens: Sequence[str] = ()) -> Metric:
+def make_metric(lm: LoadedModel, kind: str, tokens: Sequence[str] = ()) -> Metric:
     from dictlens.use.ablate import token_ids
 
     kind = kind.replace("-", "_")
@@ -144,7 +148,7 @@ class Attribution:
 # ---- the forward pass with gradients at every hook ------------------------------------
 
 @contextmanager
-def _frozen(model: Any) -> Iterator[None]:
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
     """No parameter gradients (only activations' are wanted), restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
@@ -156,7 +160,8 @@ def _frozen(model: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _captured_forward(lm: Any, hooks: Sequence[str], ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _captured_forward(lm: LoadedModel, hooks: Sequence[str], ids: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits of ``ids`` with each hooked activation kept in the autograd graph [T, D]."""
     acts: dict[str, torch.Tensor] = {}
 
@@ -180,7 +185,7 @@ def _captured_forward(lm: Any, hooks: Sequence[str], ids: torch.Tensor) -> tuple
     return logits, acts
 
 
-def forward_order(model: Any, hooks: Sequence[str]) -> list[str]:
+def forward_order(model: torch.nn.Module, hooks: Sequence[str]) -> list[str]:
     """``hooks`` sorted by where they fire in the forward pass."""
     named = list(named_hooks(model))
     modules = [name for name, _ in model.named_modules()]
@@ -204,7 +209,7 @@ class _HookCodes:
     x_hat: torch.Tensor    # [T, D] reconstruction at kept positions (x elsewhere)
 
 
-def _codes(sae: Any, x: torch.Tensor, kept: torch.Tensor) -> _HookCodes:
+def _codes(sae: SAE, x: torch.Tensor, kept: torch.Tensor) -> _HookCodes:
     where = kept.nonzero()[:, 0]
     with torch.no_grad(), sae.ranking("float32"):
         p, vals = sae.encode_sparse(x[where].float().to(sae.device))
@@ -214,7 +219,7 @@ def _codes(sae: Any, x: torch.Tensor, kept: torch.Tensor) -> _HookCodes:
     return _HookCodes(where.to(sae.device)[p.rows], p.cols, vals, kept.to(sae.device), x_hat)
 
 
-def _node_table(hook: str, sae: Any, c: _HookCodes, x: torch.Tensor, g: torch.Tensor, tokens: list[str],
+def _node_table(hook: str, sae: SAE, c: _HookCodes, x: torch.Tensor, g: torch.Tensor, tokens: list[str],
                 top: int) -> tuple[list[Node], float]:
     W = sae.W_dec.detach()
     g = g.float().to(sae.device)
@@ -241,7 +246,7 @@ def _node_table(hook: str, sae: Any, c: _HookCodes, x: torch.Tensor, g: torch.Te
     return nodes, float((x * g).sum())
 
 
-def _edges(lm: Any, up: str, down: str, saes: Mapping[str, Any], acts: dict[str, torch.Tensor],
+def _edges(lm: LoadedModel, up: str, down: str, saes: Mapping[str, SAE], acts: dict[str, torch.Tensor],
            codes: dict[str, _HookCodes], nodes: dict[str, list[Node]], n_down: int) -> list[Edge]:
     sa, sb = saes[up], saes[down]
     xa, xb = acts[up], acts[down]
@@ -260,7 +265,7 @@ def _edges(lm: Any, up: str, down: str, saes: Mapping[str, Any], acts: dict[str,
         hit = codes_b.pattern.cols == d.feature
         rows = rows_b[hit]
         f_d = codes_b.vals[hit] / sb.input_scale
-        s = (f_d * (gb[rows] @ sb.W_dec.detach()[d.feature])).sum()
+        s = (f_d * (gb[rows] @ sb.W_dec.detach()[int(d.feature)])).sum()
         if not s.requires_grad:
             continue
         (grad_a,) = torch.autograd.grad(s, xa, retain_graph=True, allow_unused=True)
@@ -275,7 +280,7 @@ def _edges(lm: Any, up: str, down: str, saes: Mapping[str, Any], acts: dict[str,
     return edges
 
 
-def attribute(lm: Any, saes: Mapping[str, Any], prompt: str, metric: Metric, *, top: int = 20, check: int = 10,
+def attribute(lm: LoadedModel, saes: Mapping[str, SAE], prompt: str, metric: Metric, *, top: int = 20, check: int = 10,
               edges: int = 10, max_norm: Mapping[str, float | None] | None = None) -> Attribution:
     """Rank the features of ``saes`` ({hook: SAE}) by their attribution to ``metric`` on
     ``prompt``; check the ``check`` strongest per hook by real zero ablation; with two or

@@ -9,9 +9,13 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dictlens.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
 
 
 def _edits(args: argparse.Namespace) -> list[tuple[str | None, Any]]:
@@ -27,7 +31,7 @@ def _edits(args: argparse.Namespace) -> list[tuple[str | None, Any]]:
     return edits
 
 
-def _by_hook(edits: list[tuple[str | None, Any]], saes: dict[str, Any]) -> dict[str, list[Any]]:
+def _by_hook(edits: list[tuple[str | None, Any]], saes: dict[str, SAE]) -> dict[str, list[Any]]:
     from dictlens.use.splice import check_edits
 
     first = next(iter(saes))
@@ -236,7 +240,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lens_labels(lm: Any, saes: dict[str, Any], r: Any) -> dict[tuple[str, int | str], str]:
+def _lens_labels(lm: LoadedModel, saes: dict[str, SAE], r: Any) -> dict[tuple[str, int | str], str]:
     """Each shown feature's three top logit-lens tokens."""
     import torch
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,10 @@ from dictlens.data.hooks import replaced, resolve_hook
 from dictlens.data.tokens import keep_mask
 from dictlens.errors import ConfigError, InputError
 from dictlens.use.splice import CallContext, Edit, check_edits, parse_feature_spec, parse_number
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class Event:
 class Monitor:
     """Watches ``watches`` (features of ``sae`` at ``hook`` of ``lm``)."""
 
-    def __init__(self, lm: Any, sae: Any, hook: str, watches: Sequence[Watch], *, window: int = 8,
+    def __init__(self, lm: LoadedModel, sae: SAE, hook: str, watches: Sequence[Watch], *, window: int = 8,
                  max_norm: float | None = None):
         if not watches:
             raise ConfigError("monitor: give at least one feature to watch")

@@ -25,13 +25,17 @@ import math
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from dictlens.data.hooks import replaced, resolve_hook
 from dictlens.data.tokens import keep_mask
 from dictlens.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
 
 EditKind = Literal["add", "clamp", "scale", "zero", "mean"]
 KINDS: tuple[str, ...] = ("add", "clamp", "scale", "zero", "mean")
@@ -94,7 +98,7 @@ def parse_edit(spec: str, kind: EditKind, start: int = 0) -> Edit:
     return Edit(f, kind, 0.0, start)
 
 
-def check_edits(sae: Any, edits: Sequence[Edit], where: str = "") -> None:
+def check_edits(sae: SAE, edits: Sequence[Edit], where: str = "") -> None:
     """Every edited feature exists in ``sae``."""
     F = sae.n_features
     for e in edits:
@@ -109,7 +113,7 @@ class CallContext:
     the position of the first one (the KV cache's length: 0 for a fresh sequence, then
     growing while ``generate`` feeds one token at a time)."""
 
-    def __init__(self, lm: Any):
+    def __init__(self, lm: LoadedModel):
         from dictlens.data.tokens import special_ids
 
         self.model = lm.model
@@ -149,8 +153,8 @@ class Splice:
     outlier limit of the SAE's training cache). Several hooks may be spliced at once.
     """
 
-    lm: Any
-    saes: Mapping[str, Any]
+    lm: LoadedModel
+    saes: Mapping[str, SAE]
     edits: Mapping[str, Sequence[Edit]] = field(default_factory=dict)
     error_term: bool = True
     max_norm: float | Mapping[str, float | None] | None = None
@@ -187,7 +191,7 @@ class Splice:
             return self.max_norm.get(hook)
         return self.max_norm
 
-    def _replacement(self, hook: str, sae: Any) -> Any:
+    def _replacement(self, hook: str, sae: SAE) -> Any:
         edits = list(self.edits.get(hook, ()))
         steer = [e for e in edits if e.kind == "add"]
         codes = [e for e in edits if e.kind != "add"]
@@ -213,7 +217,7 @@ class Splice:
         return fn
 
 
-def _edit_codes(sae: Any, x: torch.Tensor, pos: torch.Tensor, edits: Sequence[Edit], error_term: bool
+def _edit_codes(sae: SAE, x: torch.Tensor, pos: torch.Tensor, edits: Sequence[Edit], error_term: bool
                 ) -> torch.Tensor:
     """x [N, D] after the code edits: x + Σ (f'_i − f_i) W_dec[i] with the error term,
     W_dec f' + b_dec without it. Several edits of one feature apply in order (clamp to 3,

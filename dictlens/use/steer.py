@@ -10,12 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dictlens.errors import ConfigError
 from dictlens.use.splice import Edit, Splice
+
+if TYPE_CHECKING:
+    from dictlens.data.models import LoadedModel
+    from dictlens.sae.model import SAE
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Generation:
     edits: list[dict[str, Any]]
 
 
-def prompt_ids(lm: Any, prompt: str, cfg: GenerateConfig) -> torch.Tensor:
+def prompt_ids(lm: LoadedModel, prompt: str, cfg: GenerateConfig) -> torch.Tensor:
     """[1, T] token ids of the prompt (BOS first where the model has one; chat template if
     asked); a prompt that leaves no room for ``max_new_tokens`` in the context is refused."""
     from dictlens.data.tokens import text_ids
@@ -57,7 +61,7 @@ def prompt_ids(lm: Any, prompt: str, cfg: GenerateConfig) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate(lm: Any, ids: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
+def generate(lm: LoadedModel, ids: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
     """The new token ids [n] after ``ids`` [1, T], sampled with ``cfg.seed``."""
     pad = lm.tokenizer.pad_token_id
     if pad is None:
@@ -72,7 +76,7 @@ def generate(lm: Any, ids: torch.Tensor, cfg: GenerateConfig) -> torch.Tensor:
     return out[0, ids.shape[1]:]
 
 
-def steered_generation(lm: Any, saes: Mapping[str, Any], edits: Mapping[str, Sequence[Edit]], prompt: str,
+def steered_generation(lm: LoadedModel, saes: Mapping[str, SAE], edits: Mapping[str, Sequence[Edit]], prompt: str,
                        cfg: GenerateConfig | None = None, *, error_term: bool = True,
                        max_norm: float | Mapping[str, float | None] | None = None) -> Generation:
     """Continue ``prompt`` twice with the same seed: as the model is, and with ``edits``

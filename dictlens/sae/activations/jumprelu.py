@@ -59,13 +59,13 @@ class _Heaviside(Function):
 
 def jumprelu(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     """z·H(z − θ), elementwise, with the straight-through gradient for θ."""
-    out: torch.Tensor = _JumpReLU.apply(z, theta, eps)
+    out: torch.Tensor = _JumpReLU.apply(z, theta, eps)  # type: ignore[no-untyped-call]
     return out
 
 
 def heaviside(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
     """H(z − θ), elementwise, with the straight-through gradient for θ (the L0 count)."""
-    out: torch.Tensor = _Heaviside.apply(z, theta, eps)
+    out: torch.Tensor = _Heaviside.apply(z, theta, eps)  # type: ignore[no-untyped-call]
     return out
 
 
