@@ -256,7 +256,13 @@ def test_analyze_bad_input(llama, tiny_sae, corpus, tmp_path):
     (good / "features.db").write_bytes(b"not sqlite" * 100)
     with pytest.raises(AnalysisError, match="not a readable feature database"):
         FeatureDB(good)
-    assert sqlite3  # the database is plain SQLite
+    fresh = tmp_path / "an2"
+    analyze(tiny_sae, llama, "resid_post.1", AnalysisConfig(text=str(corpus), tokens=100, context=16), fresh,
+            progress=False)
+    with sqlite3.connect(f"file:{fresh / 'features.db'}?mode=ro", uri=True) as con:  # plain SQLite, any reader
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type = 'table'")}
+        n = con.execute("select count(*) from features").fetchone()[0]
+    assert {"meta", "features", "examples", "vocab"} <= tables and n == tiny_sae.n_features
 
 
 def test_cli_analyze(llama, tiny_model_dirs, corpus, tmp_path, capsys):
@@ -272,6 +278,49 @@ def test_cli_analyze(llama, tiny_model_dirs, corpus, tmp_path, capsys):
     assert "features fired" in out and (tmp_path / "run" / "analysis" / "features.db").is_file()
     assert main(["analyze", str(tmp_path / "run"), "--hook", "resid_post.1", "--text", str(corpus)]) == 2
     assert "trained on resid_post.2" in capsys.readouterr().err
+    # the report and the app, through the command line
+    assert main(["report", str(tmp_path / "run"), "--features", "0-4", "--out", str(tmp_path / "rep")]) == 0
+    assert f"report: {(tmp_path / 'rep' / 'index.html').resolve()}" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "rep").glob("f*.html")) == [f"f{i}.html" for i in range(5)]
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert "no feature database" in capsys.readouterr().err
+    _serve_through_the_cli(tmp_path / "run")
+
+
+def _serve_through_the_cli(run):
+    """`dictlens serve RUN` in its own process answers the index and a feature, then stops on SIGINT."""
+    import json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dictlens.cli", "serve", str(run), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        for _ in range(300):
+            try:
+                index = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.2)
+        else:
+            raise AssertionError("dictlens serve did not answer")
+        assert "feature" in index.lower()
+        feature = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/feature/0", timeout=10).read())
+        assert feature["id"] == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert f"dictlens app on http://127.0.0.1:{port}/" in out
 
 
 @pytest.mark.slow

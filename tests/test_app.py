@@ -150,7 +150,10 @@ def test_app_pages_search_and_api(client, analysis):
     # search by token
     word = db.token_text(int(analysis["lm"].tokenizer(" the").input_ids[-1]))
     r = client.get("/token", query_string={"q": word})
-    assert r.status_code == 200 and (b"mean activation" in r.data or b"does not occur" in r.data)
+    hits = db.features_for_token(word, n=20)
+    assert hits, "' the' occurs in the analysed text"
+    assert r.status_code == 200 and b"mean activation" in r.data and b"does not occur" not in r.data
+    assert f'href="/feature/{hits[0]["id"]}"'.encode() in r.data
     assert client.get("/token", query_string={"q": "\u2603\u2603"}).status_code == 400
 
 

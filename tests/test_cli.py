@@ -51,7 +51,9 @@ def test_entry_point_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dictlens.cli", "info", str(tmp_path / "none")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "does not exist" not in proc.stdout
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # the error goes to stderr, once
+    assert proc.stderr.strip().splitlines() == [f"dictlens info: error: {tmp_path / 'none'} is not an activation "
+                                                "cache: no manifest.json"]
     proc = subprocess.run([sys.executable, "-m", "dictlens.cli", "harvest", "--hook", "x", "--out", "y",
                            "--tokns", "5"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unrecognized arguments: --tokns" in proc.stderr

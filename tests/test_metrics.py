@@ -83,8 +83,16 @@ def test_sparsity_counts_dead_and_dense():
 def test_evaluate_an_sae_and_bad_input():
     sae = SAE(SAEConfig(d_in=12, activation="topk", k=3, n_features=24, select_dtype="float32"))
     x = _data(n=500)
+    with torch.no_grad():
+        sae.b_enc.fill_(50.0)  # every pre-activation positive: exactly k = 3 codes per token
+        sae.b_enc[:4] = -1e4   # and four features that can never fire
     m = evaluate(sae, x.split(128))
-    assert m.n_tokens == 500 and m.l0 <= 3 and 0 <= m.dead_fraction <= 1
+    f = sae.encode(x)
+    assert m.n_tokens == 500 and m.l0 == 3.0 and bool(((f > 0).sum(1) == 3).all())
+    assert m.dead_fraction == pytest.approx(float(((f > 0).sum(0) == 0).float().mean())) and m.dead_fraction >= 4 / 24
+    x_hat = sae.decode(f).detach().double()
+    fvu = float((x.double() - x_hat).pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum())
+    assert m.fvu == pytest.approx(fvu, rel=1e-6)
     assert set(m.to_dict()) >= {"fvu", "explained_variance_legacy", "dense_fraction", "relative_reconstruction_bias"}
     with pytest.raises(InputError, match="expected \\[batch, 12\\], found \\[10, 5\\]"):
         evaluate(sae, [torch.zeros(10, 5)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -173,7 +174,19 @@ def test_jumprelu_pre_activation_loss(data):
     tr, _ = _split(data.x)
     cfg = TrainConfig(tokens=10_000, batch_size=512, lr=3e-3, plots=False, pre_act_coeff=0.1)
     sae = train(SAEConfig(activation="jumprelu", n_features=64), cfg, tr, progress=False)
+    plain = train(SAEConfig(activation="jumprelu", n_features=64), dataclasses.replace(cfg, pre_act_coeff=0.0),
+                  tr, progress=False)
     assert torch.isfinite(sae.log_threshold).all()
+    # its gradient lowers θ (and raises z) wherever z < θ: with it, the thresholds end lower and
+    # fewer features are silent on the training data
+    assert float(sae.log_threshold.detach().mean()) < float(plain.log_threshold.detach().mean())
+    from dictlens.sae.activations.jumprelu import pre_activation_loss
+
+    x = torch.as_tensor(tr.data[:512])
+    sae.train()
+    loss = pre_activation_loss(sae, x * sae.input_scale)
+    loss.backward()
+    assert float(loss) > 0 and float(sae.log_threshold.grad.sum()) > 0  # descent lowers log θ
     with pytest.raises(ConfigError, match="pre_act_coeff: expected 0 unless the activation is jumprelu"):
         train(SAEConfig(activation="relu", n_features=64), cfg, tr, progress=False)
 
@@ -281,3 +294,43 @@ def test_batchtopk_inference_threshold_gives_k_on_average():
                 progress=False)
     m = evaluate(sae, [data.x[16_000:]])
     assert 5.0 < m.l0 < 7.0, m.l0
+
+
+def test_resample_rewrites_exactly_the_dead_rows_and_their_optimiser_state():
+    """Dead features point at badly reconstructed inputs (decoder unit rows along x − b_dec,
+    encoder rows 0.2 × the mean alive encoder norm, bias 0); their Adam moments are zeroed;
+    nothing of a live feature changes."""
+    from dictlens.train.dead import resample
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=16, activation="relu", n_features=32, select_dtype="float32"))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    x = torch.randn(64, 16)
+    (sae.encode_codes(x).x_hat - x).pow(2).sum().backward()
+    opt.step()
+    sae.normalize_decoder()
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[2, 9, 30]] = True
+    before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    state_before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
+    alive_enc = float(sae.W_enc[~dead].norm(dim=1).mean())
+    x_hat = sae.encode_codes(x).x_hat.detach()
+    assert resample(sae, opt, dead, x, x_hat, torch.Generator().manual_seed(0)) == 3
+    centred = x - before["b_dec"]
+    directions = centred / centred.norm(dim=1, keepdim=True)
+    for f in (2, 9, 30):
+        cos = directions @ sae.W_dec[f].detach()
+        assert float(cos.max()) > 0.99                                     # along one input's x − b_dec
+        torch.testing.assert_close(sae.W_dec[f].norm(), torch.tensor(1.0))
+        assert float(sae.W_enc[f].norm()) == pytest.approx(0.2 * alive_enc, rel=1e-4)
+        assert float(sae.b_enc[f]) == 0.0
+    keep = ~dead
+    for name in ("W_dec", "W_enc_", "b_enc"):
+        assert torch.equal(sae.state_dict()[name][keep], before[name][keep]), name
+    assert torch.equal(sae.b_dec, before["b_dec"])
+    for p, s in opt.state.items():
+        if p.shape[0] != 32:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert bool((s[key][dead] == 0).all()), key
+            assert torch.equal(s[key][keep], state_before[id(p)][key][keep]), key
