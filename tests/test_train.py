@@ -186,7 +186,7 @@ def test_jumprelu_pre_activation_loss(data):
     sae.train()
     loss = pre_activation_loss(sae, x * sae.input_scale)
     loss.backward()
-    assert float(loss) > 0 and float(sae.log_threshold.grad.sum()) > 0  # descent lowers log θ
+    assert float(loss.detach()) > 0 and float(sae.log_threshold.grad.sum()) > 0  # descent lowers log θ
     with pytest.raises(ConfigError, match="pre_act_coeff: expected 0 unless the activation is jumprelu"):
         train(SAEConfig(activation="relu", n_features=64), cfg, tr, progress=False)
 
