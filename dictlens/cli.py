@@ -166,17 +166,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {"run": str(args.run), "acts": str(args.acts), "hook": store.hook,
                               "heldout": args.heldout or "whole cache", **m.to_dict()}
     spliced = None
-    if args.splice_text:
+    from dictlens.eval.splice import SpliceConfig
+
+    splice_cfg = from_namespace(SpliceConfig, args)
+    if splice_cfg.splice_text:
         from dictlens.data.models import load_model
-        from dictlens.data.tokens import text_batches
         from dictlens.eval.splice import sae_replacement, splice_metrics
         from dictlens.load import check_model, model_of
 
         model_name = model_of(sae, args.run, args.model or store.model)
         lm = load_model(model_name)
         check_model(sae, args.run, lm, store.hook)
-        batches = text_batches(lm, args.splice_text, tokens=args.splice_tokens, context=args.context,
-                               skip_tokens=args.splice_skip)
+        batches = splice_cfg.batches(lm)
         spliced = splice_metrics(lm, store.hook, sae_replacement(sae), batches,
                                  max_norm=sae.provenance.outlier_limit)
         record["spliced"] = {"model": model_name, "text": args.splice_text, "skipped_tokens": args.splice_skip,
@@ -437,7 +438,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """Train a grid of SAEs from one cache, evaluate each, write the CSV and the frontier plots."""
     from dictlens.data.cache import read_manifest
-    from dictlens.errors import ConfigError
     from dictlens.eval import sweep
     from dictlens.io import atomic_write_json
     from dictlens.sae.config import SAEConfig
@@ -455,18 +455,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
                                  if k not in ("k", "n_features", "expansion", "activation")})
     sae_base = from_namespace(SAEConfig, base)
     train_base = from_namespace(TrainConfig, base)
-    splice = None
-    if args.splice_text:
-        model = args.model or read_manifest(Path(args.acts))["model"]
-        splice = sweep.SpliceSettings(model=model, text=args.splice_text, tokens=args.splice_tokens,
-                              skip_tokens=args.splice_skip, context=args.context)
-    elif args.splice_tokens != 4096 or args.splice_skip:
-        raise ConfigError("--splice-tokens / --splice-skip need --splice-text")
+    from dictlens.eval.splice import SpliceConfig
+
+    splice_cfg = from_namespace(SpliceConfig, args)
+    splice = splice_cfg if splice_cfg.splice_text else None
     out = Path(args.out)
     n = len(grid.points())
-    print(f"sweep: {n} SAEs ({len(hooks)} hook(s) × {', '.join(grid.activations)}), {train_base.tokens:,} tokens each, "
-          f"judged on the last {args.heldout:,} tokens of {args.acts}" + (f", spliced into {splice.model}"
-                                                                            if splice else ""))
+    into = args.model or read_manifest(Path(args.acts))["model"]
+    print(f"sweep: {n} SAEs ({len(hooks)} hook(s) × {', '.join(grid.activations)}), {train_base.tokens:,} tokens "
+          f"each, judged on the last {args.heldout:,} tokens of {args.acts}"
+          + (f", spliced into {into}" if splice else ""))
     rows = sweep.run_sweep(args.acts, grid, sae_base, train_base, out, heldout_tokens=args.heldout, splice=splice,
                            model=args.model)
     print(sweep.format_rows(rows))
@@ -579,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dictlens import __version__
     from dictlens.analysis.collect import AnalysisConfig
     from dictlens.data.cache import HarvestConfig
+    from dictlens.eval.splice import SpliceConfig
     from dictlens.eval.synthetic import SyntheticConfig
     from dictlens.eval.toy import ToyConfig
     from dictlens.sae import activations
@@ -624,12 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on the last N tokens of the cache (the tail `train --heldout-tokens N` "
                         "held out); 0: the whole cache, for a separate held-out cache")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per evaluation batch")
-    p.add_argument("--splice-text", help="also splice the SAE into the model over this text (a path, "
-                                         "`default`, a dataset): CE, loss recovered, KL")
-    p.add_argument("--splice-tokens", type=int, default=8192, help="scored tokens for --splice-text")
-    p.add_argument("--splice-skip", type=int, default=0,
-                   help="skip the first N tokens of --splice-text (e.g. those the SAE was trained on)")
-    p.add_argument("--context", type=int, default=128, help="context length for --splice-text")
+    add_arguments(p, SpliceConfig)
     p.add_argument("--out", help="where eval.json and feature_density.png go (default: the run directory)")
     p.set_defaults(func=_cmd_eval)
 
@@ -713,10 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds per point (seed, seed + 1, ...)")
     p.add_argument("--heldout", type=int, default=8192, help="tokens held out (the cache's last shards)")
     p.add_argument("--model", help="check the cache came from this model (and splice into it)")
-    p.add_argument("--splice-text", help="also splice every SAE into the model over this text (ΔLM, recovered)")
-    p.add_argument("--splice-tokens", type=int, default=4096, help="scored tokens for --splice-text")
-    p.add_argument("--splice-skip", type=int, default=0, help="skip the contexts holding the text's first N tokens")
-    p.add_argument("--context", type=int, default=128, help="context length for --splice-text")
+    add_arguments(p, SpliceConfig)
     p.add_argument("--at-l0", type=float, help="L0 at which hooks are compared (default: the middle --k, "
                                                "else the median L0)")
     p.add_argument("--out", required=True, help="sweep directory: one run per point, sweep.csv, PNGs")

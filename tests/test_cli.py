@@ -102,3 +102,18 @@ def test_train_from_a_cache_and_from_a_stream(tiny_model_dirs, corpus, tmp_path,
     assert main(["train", "--acts", str(tmp_path / "acts"), "--activation", "relu", "--k", "4",
                  "--out", str(tmp_path / "bad")]) == 2
     assert "k: applies to topk, batchtopk, groupmax only" in capsys.readouterr().err
+
+
+def test_a_flag_that_means_the_same_thing_has_one_name_default_and_help():
+    """eval and sweep take their splice flags from one dataclass (SpliceConfig)."""
+    from dictlens.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    flags = {}
+    for name in ("eval", "sweep"):
+        sp = sub.choices[name]
+        flags[name] = {a.dest: (a.option_strings, a.default, a.help) for a in sp._actions
+                       if a.dest in ("splice_text", "splice_tokens", "splice_skip", "context")}
+    assert flags["eval"] == flags["sweep"] and len(flags["eval"]) == 4
+    assert flags["eval"]["splice_tokens"][1] == 4096

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from dictlens.config import check, field
 from dictlens.data.hooks import HookPoint, Replace, replaced, resolve_hook
 from dictlens.data.models import LoadedModel
-from dictlens.errors import InputError
+from dictlens.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from dictlens.sae.model import SAE
@@ -127,6 +128,36 @@ def splice_reference(lm: LoadedModel, hook: str, batches: Iterable[tuple[torch.T
             sums[name] += _nll_sum(_logits(lm, point, ids, keep, fn), ids, keep)[0]
         n += int(_scored(keep).sum())
     return SpliceReference(point.name, data, mean, sums["zero"] / n, sums["mean"] / n, n_outliers)
+
+
+SPLICE_TOKENS = 4096
+
+
+@dataclass
+class SpliceConfig:
+    """Splicing SAEs into their model over a text: the flags ``eval`` and ``sweep`` share."""
+
+    splice_text: str | None = field(None, help="also splice the SAE(s) into the model over this text (a path, "
+                                               "`default`, a dataset): CE, ΔLM loss, loss recovered, KL")
+    splice_tokens: int = field(SPLICE_TOKENS, help="scored predictions for --splice-text")
+    splice_skip: int = field(0, help="skip the contexts holding the first N tokens of --splice-text (e.g. "
+                                     "those the SAE was trained on)")
+    context: int = field(128, help="context length (tokens) for --splice-text")
+
+    def __post_init__(self) -> None:
+        check(self.splice_tokens >= 1, "splice_tokens", "at least 1", self.splice_tokens)
+        check(self.splice_skip >= 0, "splice_skip", "0 or more", self.splice_skip)
+        check(self.context >= 2, "context", "at least 2 tokens", self.context)
+        if self.splice_text is None and (self.splice_tokens != SPLICE_TOKENS or self.splice_skip):
+            raise ConfigError("--splice-tokens / --splice-skip need --splice-text")
+
+    def batches(self, lm: LoadedModel) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(ids, keep)`` batches of the text, after the skipped tokens."""
+        from dictlens.data.tokens import text_batches
+
+        assert self.splice_text is not None
+        return text_batches(lm, self.splice_text, tokens=self.splice_tokens, context=self.context,
+                            skip_tokens=self.splice_skip)
 
 
 @torch.inference_mode()

@@ -29,6 +29,7 @@ from typing import Any
 from dictlens.config import to_dict
 from dictlens.errors import ConfigError
 from dictlens.eval.plots import save_figure
+from dictlens.eval.splice import SpliceConfig
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 from dictlens.sae import activations as registry
 
@@ -152,16 +153,6 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-@dataclass
-class SpliceSettings:
-    """Splice every SAE into this model over this text (same predictions for all)."""
-    model: str
-    text: str
-    tokens: int = 4096
-    skip_tokens: int = 0
-    context: int = 128
-
-
 COLUMNS = ["hook", "activation", "k", "coeff", "n_features", "seed", "l0", "fvu", "explained_variance",
            "mse_per_token", "dead_fraction", "dense_fraction", "cosine", "relative_reconstruction_bias",
            "ce_clean", "ce_sae", "ce_zero", "ce_mean", "delta_lm_loss", "recovered_vs_zero", "recovered_vs_mean",
@@ -169,7 +160,7 @@ COLUMNS = ["hook", "activation", "k", "coeff", "n_features", "seed", "l0", "fvu"
 
 
 def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out: str | Path, *,
-              heldout_tokens: int = 8192, splice: SpliceSettings | None = None, model: str | None = None,
+              heldout_tokens: int = 8192, splice: SpliceConfig | None = None, model: str | None = None,
               progress: Callable[[str], None] = print, bars: bool = True) -> list[dict[str, Any]]:
     """Train and evaluate every point of ``grid``; returns the rows (also written to ``out/sweep.csv``)."""
     from dictlens.data.store import ActivationStore, split_heldout
@@ -234,15 +225,13 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
             "heldout_tokens": m.n_tokens, "run": str(run)}
         if splice is not None:
             from dictlens.data.models import load_model
-            from dictlens.data.tokens import text_batches
             from dictlens.eval.splice import sae_replacement, splice_metrics, splice_reference
 
             if lm is None:
-                lm = load_model(splice.model)
+                lm = load_model(model or store.model)
             check_model(sae, run, lm, store.hook)
             if point.hook not in references:
-                batches = text_batches(lm, splice.text, tokens=splice.tokens, context=splice.context,
-                                       skip_tokens=splice.skip_tokens)
+                batches = splice.batches(lm)
                 references[point.hook] = splice_reference(lm, store.hook, batches,
                                                           max_norm=sae.provenance.outlier_limit)
             row.update(splice_metrics(lm, store.hook, sae_replacement(sae),
