@@ -81,9 +81,7 @@ def check_model(sae: SAE, run: str | Path, lm: LoadedModel, hook: str) -> None:
     from dictlens.data.tap import Tap
 
     hook_of(sae, run, hook)
-    if sae.provenance.model and lm.name != sae.provenance.model:
-        raise InputError(f"the SAE in {run} was trained on activations of {sae.provenance.model}, not {lm.name}: "
-                         "its features mean nothing there")
+    model_of(sae, run, lm.name)
     _check_tokenizer(sae, run, tokenizer_fingerprint(lm.tokenizer), lm.name)
     probe = torch.tensor([[lm.tokenizer.eos_token_id or 0] * 2])
     width = int(Tap(lm, [hook])(probe)[hook].shape[-1])
