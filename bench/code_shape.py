@@ -27,12 +27,23 @@ def main() -> None:
     print("| lines | function |\n|---:|---|")
     for n, name in rows[:15]:
         print(f"| {n} | {name} |")
-    cli = [root / "dictlens" / "cli.py"] if (root / "dictlens" / "cli.py").is_file() else \
-        sorted((root / "dictlens" / "cli").rglob("*.py"))
+    # the command line: dictlens 0.1's cli.py and use/commands.py, or the cli/ package
+    old = [root / "dictlens" / "cli.py", root / "dictlens" / "use" / "commands.py"]
+    cli = [p for p in old if p.is_file()] or sorted((root / "dictlens" / "cli").rglob("*.py"))
     lines = sum(len(p.read_text().splitlines()) for p in cli)
-    handlers = [(n.end_lineno - n.lineno + 1, n.name) for p in cli for n in ast.parse(p.read_text()).body
-                if isinstance(n, ast.FunctionDef) and n.name.startswith("_cmd")]
-    print(f"\ncommand line: {lines} lines; longest handler: {max(handlers) if handlers else None}")
+    trees = [ast.parse(p.read_text()) for p in cli]
+    # handlers: the functions a subcommand runs (set_defaults(func=...) or command(..., func))
+    named = {kw.value.id for t in trees for c in ast.walk(t) if isinstance(c, ast.Call)
+             for kw in c.keywords if kw.arg == "func" and isinstance(kw.value, ast.Name)}
+    named |= {c.args[4].id for t in trees for c in ast.walk(t) if isinstance(c, ast.Call)
+              and isinstance(c.func, ast.Name) and c.func.id == "command" and len(c.args) == 5
+              and isinstance(c.args[4], ast.Name)}
+    funcs = [(n.end_lineno - n.lineno + 1, n.name) for t in trees for n in t.body if isinstance(n, ast.FunctionDef)]
+    handlers = [f for f in funcs if f[1] in named]
+    print(f"\ncommand line: {lines} lines in {len(cli)} files; {len(handlers)} handlers, longest "
+          f"{max(handlers) if handlers else None}; longest function {max(funcs)}")
+    flags = sum(len(re.findall(r"add_argument\(", p.read_text())) for p in cli)
+    print(f"add_argument calls written by hand in the command line: {flags}")
     print(f"sae/lm/source/model: Any and -> Any annotations: {n_any}")
 
 

@@ -9,7 +9,7 @@ cache harvested from something else. What is known comes from the run's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,7 +118,7 @@ def load_sae(run: str | Path, device: str | torch.device | None = None) -> SAE:
     return SAE.load(run, device=device)
 
 
-def load_runs(runs: list[str | Path], model: str | None = None, device: str | None = None,
+def load_runs(runs: Sequence[str | Path], model: str | None = None, device: str | None = None,
               check: Callable[[dict[str, SAE]], None] | None = None, hook: str | None = None) -> LoadedRuns:
     """Load the SAEs in ``runs`` (one per hook) and the model they were trained on, on one
     device. ``check(saes)`` runs before the model loads (e.g. that edited features exist).

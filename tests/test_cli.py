@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import subprocess
 import sys
 
+import pytest
+
 from dictlens.cli import main
+from dictlens.config import field
 
 
 def test_hooks_lists_the_scheme(tiny_model_dirs, capsys):
@@ -117,3 +122,93 @@ def test_a_flag_that_means_the_same_thing_has_one_name_default_and_help():
                        if a.dest in ("splice_text", "splice_tokens", "splice_skip", "context")}
     assert flags["eval"] == flags["sweep"] and len(flags["eval"]) == 4
     assert flags["eval"]["splice_tokens"][1] == 4096
+
+
+def _flat_fields(cls, skip=()):
+    """The flag dests a config dataclass contributes (nested dataclasses flattened)."""
+    import dataclasses
+    import typing
+
+    from dictlens.config import _nested
+
+    hints = typing.get_type_hints(cls)
+    out = set()
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        sub = _nested(hints[f.name]) or f.metadata.get("overrides")
+        out |= _flat_fields(sub, f.metadata.get("skip", ())) if sub else {f.name}
+    return out
+
+
+def test_every_command_takes_its_arguments_from_one_dataclass():
+    """No flag is added by hand: each subcommand's arguments are exactly its job's fields."""
+    from dictlens.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert len(sub.choices) == 17
+    for name, sp in sub.choices.items():
+        job = sp.get_default("job")
+        dests = {a.dest for a in sp._actions if a.dest != "help"}
+        assert dests == _flat_fields(job), name
+
+
+@dataclasses.dataclass
+class _Inner:
+    width: int = field(8, help="w")
+    seed: int = field(0, help="s")
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Job:
+    runs: list[str] = field(positional=True, help="runs")
+    mode: str = field("zero", choices=("zero", "mean"), help="m")
+    n: int = field(20, short="-n", help="n")
+    inner: _Inner = field(default_factory=_Inner, skip=("seed",), help="inner")
+    given: dict = field(default_factory=dict, overrides=_Inner, skip=("width",), help="overrides")
+
+
+def test_config_flags_positional_nested_overrides_and_choices():
+    import argparse
+
+    from dictlens.config import add_arguments, from_dict, from_namespace
+    from dictlens.errors import ConfigError
+
+    Job, Inner = _Job, _Inner
+    p = argparse.ArgumentParser()
+    add_arguments(p, Job)
+    job = from_namespace(Job, p.parse_args(["a", "b", "-n", "3", "--width", "16", "--mode", "mean"]))
+    assert job == Job(runs=["a", "b"], mode="mean", n=3, inner=Inner(width=16), given={})
+    job = from_namespace(Job, p.parse_args(["a", "--seed", "5"]))
+    assert job.given == {"seed": 5} and job.inner == Inner()   # only what was given; seed skipped in inner
+    with pytest.raises(SystemExit):
+        p.parse_args(["a", "--mode", "median"])
+    assert from_dict(Job, {"runs": ["a"], "inner": {"width": 4}}).inner == Inner(width=4)
+    with pytest.raises(ConfigError, match="inner: unknown field 'widht' \\(did you mean 'width'\\?\\)"):
+        from_dict(Job, {"runs": ["a"], "inner": {"widht": 4}})
+
+
+def test_demo_through_the_command_line(smollm2, tmp_path, capsys):
+    """`dictlens demo` end to end on the real default model, small: every step's output lands."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--tokens", "20000", "--train-tokens", "8192",
+                 "--analyze-tokens", "2048", "--no-report"]) == 0
+    text = capsys.readouterr().out
+    for step in ("demo 1/4", "demo 2/4", "demo 3/4"):
+        assert step in text
+    import re
+
+    held = re.search(r"held-out \(([\d,]+) tokens\): FVU", text)
+    assert held is not None, text
+    assert (out / "acts" / "manifest.json").is_file() and (out / "sae" / "sae.safetensors").is_file()
+    metrics = json.loads((out / "sae" / "metrics.json").read_text())
+    assert metrics["n_tokens"] == int(held.group(1).replace(",", "")) >= 8192
+    assert 0 < metrics["fvu"] < 1 and metrics["l0"] == pytest.approx(32)
+    assert (out / "sae" / "analysis" / "features.db").is_file() and not (out / "sae" / "analysis" / "report").exists()
+    from dictlens.analysis.db import FeatureDB
+
+    db = FeatureDB(out / "sae" / "analysis")
+    if any(db.features_for_token(w, n=1) for w in (" money", " love", " war", " water")):
+        assert "demo 4/4: steer with feature" in text and "unsteered" in text and "--steer" in text
+    else:
+        assert "demo 4/4: skipped (none of the topical words occurs in the analysed text)" in text

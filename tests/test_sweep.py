@@ -85,3 +85,22 @@ def test_sweep_over_two_hooks_with_splicing(tiny_model_dirs, corpus, tmp_path, c
     assert main(["sweep", "--acts", str(acts), "--hook", "resid_post.3", "--out", str(tmp_path / "x")]) == 2
     assert "not 'resid_post.3'" in capsys.readouterr().err
     assert main(["sweep", "--acts", str(acts), "--activation", "gatde", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_sweep_job_from_python_writes_every_output(tiny_model_dirs, corpus, tmp_path, capsys):
+    """The library step writes what `dictlens sweep` writes: the command line only prints."""
+    from dictlens.eval.sweep import SweepJob, sweep_job
+    from dictlens.train.config import TrainConfig
+
+    acts = tmp_path / "acts"
+    assert main(["harvest", "--model", str(tiny_model_dirs["llama"]), "--hook", "resid_post.1", "--text",
+                 str(corpus), "--tokens", "2000", "--context", "64", "--shard-tokens", "500", "--out",
+                 str(acts)]) == 0
+    job = SweepJob(acts=str(acts), out=str(tmp_path / "sweep"), ks=[2, 4, 8], expansions=[2], heldout=500,
+                   train=TrainConfig(tokens=2048, batch_size=256, plots=False))
+    s = sweep_job(job, progress=lambda _: None, bars=False)
+    names = sorted(p.name for p in s.written)
+    assert names == ["frontier_resid_post.1.png", "layers.csv", "sweep.csv", "sweep.json"]
+    assert all(p.stat().st_size > 0 for p in s.written)
+    assert [r["k"] for r in s.rows] == [2, 4, 8] and s.at_l0 == 4   # the middle k
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text())["layers"] == s.layers

@@ -313,7 +313,7 @@ def test_resample_rewrites_exactly_the_dead_rows_and_their_optimiser_state():
     dead[[2, 9, 30]] = True
     before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     state_before = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
-    alive_enc = float(sae.W_enc[~dead].norm(dim=1).mean())
+    alive_enc = float(sae.W_enc.detach()[~dead].norm(dim=1).mean())
     x_hat = sae.encode_codes(x).x_hat.detach()
     assert resample(sae, opt, dead, x, x_hat, torch.Generator().manual_seed(0)) == 3
     centred = x - before["b_dec"]

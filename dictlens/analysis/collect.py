@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,3 +248,43 @@ def _write_database(sae: SAE, lm: LoadedModel, hook: str, cfg: AnalysisConfig, o
             "hist_edges": stats.edges.tolist(), "window_left": cfg.window_left, "window_right": cfg.window_right,
             "final_norm_gain": gain is not None, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_db(out / DB_FILE, meta, rows(), examples(), decode_vocab(lm.tokenizer))
+
+
+@dataclass(kw_only=True)
+class AnalyzeJob:
+    """``dictlens analyze``: the feature database of a run (and its static report)."""
+
+    run: str = field(positional=True, help="run directory of a trained SAE")
+    model: str | None = field(None, help="model to run (default: the one the SAE was trained on)")
+    hook: str | None = field(None, help="hook (default: the one the SAE was trained on)")
+    out: str | None = field(None, help="analysis directory (default: RUN/analysis)")
+    report: bool = field(True, help="write the HTML report (OUT/report) after the database")
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig, help="the pass")
+
+
+@dataclass
+class Analysed:
+    """The pass's result, what was analysed, and the report's index page (None: no report)."""
+
+    result: AnalysisResult
+    sae: SAE
+    hook: str
+    model: str
+    report: Path | None
+
+
+def analyze_job(job: AnalyzeJob, *, say: Callable[[str], None] = print) -> Analysed:
+    """Load the run and its model, write the feature database (OUT/features.db, OUT/codes) and the report."""
+    from dictlens.load import load_run
+
+    cfg = job.analysis
+    loaded = load_run(job.run, model=job.model, device=cfg.device, hook=job.hook)
+    out = Path(job.out) if job.out else Path(job.run) / "analysis"
+    say(f"analyze {job.run} at {loaded.hook} of {loaded.lm.name} over {cfg.text} ({cfg.tokens:,} tokens)")
+    r = analyze(loaded.sae, loaded.lm, loaded.hook, cfg, out, run=str(job.run))
+    index = None
+    if job.report:
+        from dictlens.app.report import write_report
+
+        index = write_report(out)
+    return Analysed(r, loaded.sae, loaded.hook, loaded.lm.name, index)

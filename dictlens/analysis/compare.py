@@ -11,14 +11,17 @@ features that persist across layers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dictlens.errors import InputError
+from dictlens.config import field
+from dictlens.errors import ConfigError, InputError
 
 
 @dataclass
@@ -130,3 +133,93 @@ def splitting(narrow: Any, wide: Any, batches: Iterable[torch.Tensor]) -> Splitt
             coact[w] = joint.data[j] / fired[w]
     parent = best.indices.numpy()
     return Splitting(parent, best.values.numpy(), parent_coact, coact, np.bincount(parent, minlength=Fn))
+
+
+@dataclass(kw_only=True)
+class CompareJob:
+    """``dictlens compare``: SAEs matched in order (A↔B, B↔C, ...)."""
+
+    runs: list[str] = field(positional=True, help="SAE run directories, compared in order (A↔B, B↔C, ...)")
+    out: str = field(help="directory for compare.json, compare.png, matches_*.csv")
+    acts: str | None = field(None, help="activation cache of their hook: also find each wide feature's parent "
+                                            "by co-activation (SAEs of different widths)")
+    tokens: int = field(65536, help="tokens of --acts to read for co-activation")
+
+    def __post_init__(self) -> None:
+        if len(self.runs) < 2:
+            raise ConfigError("compare: give at least two SAE run directories")
+
+
+@dataclass
+class Compared:
+    """One summary per consecutive pair (compare.json's ``pairs``) and the files written."""
+
+    pairs: list[dict[str, Any]]
+    written: list[Path]
+
+
+def compare_job(job: CompareJob) -> Compared:
+    """Match each consecutive pair; with ``acts``, splitting between different widths; write
+    compare.json, one matches_A__B.csv per pair and compare.png."""
+    from dictlens.io import atomic_write_json
+    from dictlens.load import check_cache, load_sae, open_cache
+
+    saes = [load_sae(r) for r in job.runs]
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs: list[dict[str, Any]] = []
+    written = [out / "compare.json", out / "compare.png"]
+    for (ra, a), (rb, b) in itertools.pairwise(zip(job.runs, saes, strict=True)):
+        m = match_features(a.W_dec, b.W_dec)
+        row: dict[str, Any] = {"a": ra, "b": rb, "hook_a": a.provenance.hook_in, "hook_b": b.provenance.hook_in,
+                               **m.summary()}
+        written.append(write_matches(out / f"matches_{Path(ra).name}__{Path(rb).name}.csv", m))
+        if job.acts and a.n_features != b.n_features and row["hook_a"] == row["hook_b"]:
+            narrow, wide = (a, b) if a.n_features < b.n_features else (b, a)
+            store = open_cache(a, ra, job.acts)
+            check_cache(b, rb, store)
+            batches = itertools.islice(store.batches(4096, shuffle=False), max(1, job.tokens // 4096))
+            row["splitting"] = splitting(narrow, wide, batches).summary()
+        pairs.append(row)
+    atomic_write_json(out / "compare.json", {"runs": job.runs, "pairs": pairs})
+    plot_matches(out / "compare.png", job.runs, saes)
+    return Compared(pairs, written)
+
+
+def write_matches(path: Path, m: Matching) -> Path:
+    """One row per feature of A: its best partner in B, and its Hungarian partner (-1: none)."""
+    import csv
+    import io
+
+    from dictlens.io import atomic_write_bytes
+
+    partner = dict(zip(m.pairs[:, 0].tolist(), zip(m.pairs[:, 1].tolist(), m.pair_cos.tolist(), strict=True),
+                       strict=True))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["feature_a", "best_b", "cos", "hungarian_b", "hungarian_cos"])
+    for f in range(len(m.best_ab)):
+        hb, hc = partner.get(f, (-1, float("nan")))
+        w.writerow([f, int(m.best_ab[f]), f"{m.cos_ab[f]:.4f}", hb, f"{hc:.4f}"])
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
+
+
+def plot_matches(path: Path, runs: list[str], saes: list[Any]) -> Path:
+    """Histogram of each feature's best cosine in the next SAE, one curve per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dictlens.eval.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (ra, a), (rb, b) in itertools.pairwise(zip(runs, saes, strict=True)):
+        best = cosine_matrix(a.W_dec, b.W_dec).max(dim=1).values.numpy()
+        ax.hist(best, bins=50, range=(0, 1), histtype="step", linewidth=1.5,
+                label=f"{Path(ra).name} → {Path(rb).name} (MMCS {best.mean():.3f})")
+    ax.set_xlabel("cosine of each feature's best match in the other SAE")
+    ax.set_ylabel("features")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -26,12 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dictlens.config import to_dict
-from dictlens.errors import ConfigError
+from dictlens.config import field, to_dict
+from dictlens.errors import CacheError, ConfigError
 from dictlens.eval.plots import save_figure
 from dictlens.eval.splice import SpliceConfig
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 from dictlens.sae import activations as registry
+from dictlens.sae.config import SAEConfig
+from dictlens.train.config import TrainConfig
 
 ROW = "sweep_row.json"
 # Bumped when what an evaluated figure means changes, so that a sweep recomputes old rows
@@ -188,7 +190,7 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         store, train_src, heldout = stores[point.hook]
         sae_dict, train_dict = point.configs(sae_base, train_base)
         sae_cfg = SAEConfig(**sae_dict)
-        train_cfg = TrainConfig(**{**train_dict, "heldout_tokens": 0})
+        train_cfg = TrainConfig(**train_dict)
         run = out / point.name()
         key = {"sae": to_dict(sae_cfg), "train": to_dict(train_cfg), "acts": str(acts),
                "heldout_tokens": heldout_tokens, "splice": dataclasses.asdict(splice) if splice else None,
@@ -432,3 +434,75 @@ def format_layers(table: list[dict[str, Any]]) -> str:
         lines.append(f"| {t['hook']} | {t['activation']} | {t['n_features']:,} | {f(t['fvu'], '.4f')} | "
                      f"{f(t['delta_lm_loss'], '+.4f')} | {f(t['recovered_vs_mean'], '.2%')} | {t['l0_range']} |")
     return "\n".join(lines)
+
+
+@dataclass(kw_only=True)
+class SweepJob:
+    """``dictlens sweep``: the grid, the held-out judgement, and the base configuration each
+    point varies."""
+
+    acts: str = field(help="activation cache (one or several hooks, one harvest)")
+    out: str = field(help="sweep directory: one run per point, sweep.csv, layers.csv, sweep.json, PNGs")
+    hooks: list[str] = field(default_factory=list, flag="--hook",
+                             help="hook to sweep (default: every hook of the cache)")
+    activations: list[str] = field(default_factory=list, flag="--activation",
+                                   help="activation to sweep: " + ", ".join(registry.NAMES) + " (default: topk)")
+    ks: list[int] = field(default_factory=list, flag="--k",
+                          help="k for " + ", ".join(registry.with_k()) + " (default 32)")
+    coeffs: list[str] = field(default_factory=list, flag="--coeff",
+                              help="penalty coefficient for the penalised activations: N for all of them, or "
+                                   "ACTIVATION:N,N,... for one (default: the penalty's own)")
+    widths: list[int] = field(default_factory=list, flag="--n-features", help="width F")
+    expansions: list[float] = field(default_factory=list, flag="--expansion", help="width as F / D (default 16)")
+    seeds: int = field(1, help="seeds per point (seed, seed + 1, ...)")
+    heldout: int = field(8192, help="tokens held out (the cache's last shards)")
+    model: str | None = field(None, help="check the cache came from this model (and splice into it)")
+    at_l0: float | None = field(None, help="L0 at which hooks are compared (default: the middle --k, "
+                                           "else the median L0)")
+    splice: SpliceConfig = field(default_factory=SpliceConfig, help="the splice into the model")
+    sae: SAEConfig = field(default_factory=SAEConfig, skip=("activation", "k", "expansion", "n_features"),
+                           help="the dictionary every point starts from")
+    train: TrainConfig = field(default_factory=TrainConfig, skip=("sparsity_coeff",),
+                               help="the optimisation every point starts from")
+
+    def grid(self) -> Grid:
+        from dictlens.data.cache import read_manifest
+
+        if not Path(self.acts).is_dir():
+            raise CacheError(f"activation cache {self.acts} does not exist")
+        hooks = self.hooks or list(read_manifest(Path(self.acts))["hooks"])
+        coeffs, per_activation = parse_coeffs(self.coeffs)
+        return Grid(hooks=hooks, activations=self.activations or ["topk"], ks=self.ks, coeffs=coeffs,
+                    activation_coeffs=per_activation, widths=self.widths, expansions=self.expansions,
+                    seeds=self.seeds)
+
+
+@dataclass
+class Swept:
+    """What :func:`sweep_job` leaves: every point's row, the per-hook table at ``at_l0``, the files."""
+
+    grid: Grid
+    rows: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    at_l0: float
+    written: list[Path]
+
+
+def sweep_job(job: SweepJob, *, progress: Callable[[str], None] = print, bars: bool = True) -> Swept:
+    """Train and judge every point, then write sweep.csv, the frontier PNGs, layers.csv (and
+    the per-layer PNG with several hooks) and sweep.json into ``job.out``."""
+    grid = job.grid()
+    out = Path(job.out)
+    splice = job.splice if job.splice.splice_text else None
+    rows = run_sweep(job.acts, grid, job.sae, job.train, out, heldout_tokens=job.heldout, splice=splice,
+                     model=job.model, progress=progress, bars=bars)
+    written = [out / "sweep.csv", *plot_frontiers(rows, out)]
+    l0 = job.at_l0 or default_l0(grid, rows)
+    table = layer_table(rows, l0)
+    written.append(write_csv(table, out / "layers.csv", columns=list(table[0])))
+    if len(_unique(grid.hooks)) > 1:
+        written.append(plot_layers(table, _unique([r["hook"] for r in rows]), out))
+    atomic_write_json(out / "sweep.json", {"acts": str(job.acts), "hooks": grid.hooks, "rows": rows,
+                                           "layers": table, "at_l0": l0})
+    written.append(out / "sweep.json")
+    return Swept(grid, rows, table, l0, written)

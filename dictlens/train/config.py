@@ -57,7 +57,6 @@ class TrainConfig:
     device: str | None = field(None, help="cpu or cuda (default: cuda when present)")
     log_every: int = field(10, help="log metrics every N steps")
     checkpoint_every: int = field(0, help="checkpoint every N tokens (0: at the end and on Ctrl-C)")
-    heldout_tokens: int = field(0, help="tokens held out of training for the final metrics")
     skip_nonfinite: bool = field(False, help="skip batches with NaN/Inf (counted) instead of stopping")
     plots: bool = field(True, help="write PNG plots of the training curves at the end")
     tensorboard: str | None = field(None, help="also write the logged metrics as TensorBoard scalars here "

@@ -36,7 +36,7 @@ from dictlens.train.optim import Plateau, build_optimizer, lr_factor
 CHECKPOINT = "checkpoint.safetensors"
 # TrainConfig fields a resumed run may change (more tokens, other logging); any other
 # change would silently continue a different experiment.
-RESUMABLE_CHANGES = {"tokens", "log_every", "checkpoint_every", "plots", "device", "heldout_tokens",
+RESUMABLE_CHANGES = {"tokens", "log_every", "checkpoint_every", "plots", "device",
                      "skip_nonfinite", "tensorboard", "wandb_project"}
 
 

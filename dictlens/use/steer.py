@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dictlens.config import field
 from dictlens.errors import ConfigError
 from dictlens.use.splice import Edit, Splice
 
@@ -26,11 +27,11 @@ if TYPE_CHECKING:
 class GenerateConfig:
     """How to continue a prompt."""
 
-    max_new_tokens: int = 40
-    temperature: float = 0.7      # 0: greedy
-    top_p: float = 0.9
-    seed: int = 0
-    chat: bool = False            # wrap the prompt in the tokenizer's chat template (instruct models)
+    max_new_tokens: int = field(40, help="tokens to generate")
+    temperature: float = field(0.7, help="sampling temperature (0: greedy)")
+    top_p: float = field(0.9, help="nucleus sampling: the smallest set of tokens with this much probability")
+    seed: int = field(0, help="sampling seed, the same for both continuations")
+    chat: bool = field(False, help="wrap the prompt in the model's chat template (instruct models)")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -1,0 +1,5 @@
+import sys
+
+from dictlens.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""``dictlens analyze``, ``report``, ``serve``, ``search``, ``compare``: the feature database,
+its report and app, and matching dictionaries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dictlens.analysis.collect import AnalyzeJob
+from dictlens.analysis.compare import CompareJob
+from dictlens.cli.common import command, written
+from dictlens.config import field
+from dictlens.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class Analysis:
+    """Where an analysis is: RUN itself, RUN/analysis, or --analysis."""
+
+    run: str = field(positional=True, help="run directory (its analysis/ is read) or analysis directory")
+    analysis: str | None = field(None, help="analysis directory (default: RUN or RUN/analysis)")
+
+    def path(self) -> Path:
+        from dictlens.analysis.db import DB_FILE
+        from dictlens.errors import AnalysisError
+
+        for cand in ([Path(self.analysis)] if self.analysis else [Path(self.run), Path(self.run) / "analysis"]):
+            if (cand / DB_FILE).is_file():
+                return cand
+        raise AnalysisError(f"no feature database in {self.analysis or self.run}: run `dictlens analyze "
+                            f"{self.run}` first")
+
+
+@dataclass(kw_only=True)
+class Report(Analysis):
+    """The static HTML report of an analysis: an index and one page per feature."""
+
+    out: str | None = field(None, help="report directory (default: ANALYSIS/report)")
+    features: str | None = field(None, help="only these features' pages, e.g. 0-99,120 (default: all)")
+
+    def feature_ids(self) -> list[int] | None:
+        """'0-99,120,7' → ids."""
+        if not self.features:
+            return None
+        out: list[int] = []
+        for part in self.features.split(","):
+            lo, _, hi = part.strip().partition("-")
+            try:
+                out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+            except ValueError:
+                raise ConfigError(f"features: expected numbers and ranges like 0-99,120, found {part!r}") from None
+        return out
+
+
+@dataclass(kw_only=True)
+class Serve(Analysis):
+    """The local web app over an analysis: features, live text, token search, steering."""
+
+    host: str = field("127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
+    port: int = field(8000, help="port")
+    model: str | None = field(None, help="model for live text (default: the analysis's)")
+    device: str | None = field(None, help="cpu or cuda for live text")
+    compare: str | None = field(None, help="another SAE run to match this one against (seeds, widths, layers)")
+
+
+@dataclass(kw_only=True)
+class Search(Analysis):
+    """The features that fire on a text (run live), or that are most active on a token (analysed text)."""
+
+    text: str | None = field(None, help="a text to run through the model and the SAE")
+    token: str | None = field(None, help="a token of the analysed text, e.g. the")
+    model: str | None = field(None, help="model for --text (default: the SAE's)")
+    n: int = field(20, short="-n", help="features listed")
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.token is None):
+            raise ConfigError("search: give exactly one of --text or --token")
+
+
+def _analyze(job: AnalyzeJob) -> int:
+    from dictlens.analysis.collect import analyze_job
+
+    a = analyze_job(job)
+    r = a.result
+    print(f"{r.tokens:,} tokens in {r.contexts:,} contexts, {r.seconds:.1f} s ({r.tokens / r.seconds:,.0f} tok/s); "
+          f"{int((r.stats.count > 0).sum()):,} of {a.sae.n_features:,} features fired"
+          + (f"; {r.outliers:,} outlier tokens skipped" if r.outliers else ""))
+    print(f"feature database: {r.path / 'features.db'} (codes in {r.path / 'codes'})")
+    if a.report is not None:
+        print(f"report: {a.report.resolve()} (open it in a browser; `dictlens serve {job.run}` for the app)")
+    return 0
+
+
+def _report(job: Report) -> int:
+    from dictlens.app.report import write_report
+
+    index = write_report(job.path(), job.out, features=job.feature_ids())
+    print(f"report: {index.resolve()}")
+    return 0
+
+
+def _serve(job: Serve) -> int:
+    from dictlens.app.server import serve
+
+    serve(job.path(), host=job.host, port=job.port, model=job.model, device=job.device, compare=job.compare)
+    return 0
+
+
+def _search(job: Search) -> int:
+    if job.token is not None:
+        return _search_token(job, job.token)
+    from dictlens.analysis.search import features_on_text
+    from dictlens.load import load_run
+
+    run = load_run(job.run, model=job.model)
+    r = features_on_text(run.sae, run.lm, run.hook, str(job.text), max_norm=run.max_norm)
+    print(f"{len(r.features):,} features fire on the text's {len(r.tokens)} tokens; strongest first:")
+    print("| feature | max | tokens |\n|---:|---:|---:|")
+    for f in r.features[:job.n]:
+        print(f"| {f['id']} | {f['max']:.3g} | {f['tokens']} |")
+    print("\ntoken by token:")
+    for t in r.tokens:
+        print(f"  {t.text!r:>16}  " + "  ".join(f"{i}:{v:.3g}" for i, v in t.features[:6]))
+    return 0
+
+
+def _search_token(job: Search, token: str) -> int:
+    from dictlens.analysis.db import FeatureDB
+
+    db = FeatureDB(job.path())
+    hits = db.features_for_token(token, n=job.n)
+    if not hits:
+        print(f"{token!r} does not occur among the {db.meta['tokens']:,} analysed tokens")
+        return 0
+    print(f"features most active on {token!r} over its {hits[0]['occurrences']:,} occurrences:")
+    print("| feature | mean activation | fires on | top logit-lens tokens |\n|---:|---:|---:|---|")
+    for h in hits:
+        lens = " ".join(repr(t["token"]) for t in db.feature(h["id"])["logit_top"][:5])
+        print(f"| {h['id']} | {h['mean']:.3g} | {h['fires']:.1%} | {lens} |")
+    return 0
+
+
+def _compare(job: CompareJob) -> int:
+    from dictlens.analysis.compare import compare_job
+
+    c = compare_job(job)
+    for r in c.pairs:
+        print(f"{r['a']} ({r['hook_a']}, {r['features_a']:,}) ↔ {r['b']} ({r['hook_b']}, {r['features_b']:,}): "
+              f"MMCS {r['mmcs_a_to_b']:.3f} / {r['mmcs_b_to_a']:.3f}, Hungarian mean cos "
+              f"{r['hungarian_mean_cos']:.3f}, matched above 0.7: {r['matched_above_0.7']:.1%}")
+        if "splitting" in r:
+            sp = r["splitting"]
+            print(f"  splitting: {sp['wide_features']:,} wide features; their cosine and co-activation parents "
+                  f"agree for {sp['parents_agree']:.1%}; {sp['children_mean']:.2f} children per narrow feature "
+                  f"(max {sp['children_max']}), {sp['narrow_without_children']:.1%} with none")
+    print(written(c.written))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    command(sub, "analyze", "per-feature statistics, examples, logit lens: the feature database", AnalyzeJob,
+            _analyze)
+    command(sub, "report", "write the static HTML report of an analysis", Report, _report)
+    command(sub, "serve", "browse features, run text, search: the local web app", Serve, _serve)
+    command(sub, "search", "features that fire on a text (--text) or on a token (--token)", Search, _search)
+    command(sub, "compare", "match the features of SAEs (seeds, widths, layers): MMCS, Hungarian, splitting",
+            CompareJob, _compare)
