@@ -44,6 +44,11 @@ class Matching:
     def mmcs_ba(self) -> float:
         return float(self.cos_ba.mean())
 
+    def partners(self) -> dict[int, tuple[int, float]]:
+        """A feature id → (its Hungarian partner in B, their cosine), for the matched ones."""
+        return dict(zip(self.pairs[:, 0].tolist(), zip(self.pairs[:, 1].tolist(), self.pair_cos.tolist(),
+                                                       strict=True), strict=True))
+
     def summary(self, thresholds: Iterable[float] = (0.5, 0.7, 0.9)) -> dict[str, Any]:
         out: dict[str, Any] = {"features_a": len(self.best_ab), "features_b": len(self.best_ba),
                                "mmcs_a_to_b": self.mmcs_ab, "mmcs_b_to_a": self.mmcs_ba,
@@ -193,8 +198,7 @@ def write_matches(path: Path, m: Matching) -> Path:
 
     from dictlens.io import atomic_write_bytes
 
-    partner = dict(zip(m.pairs[:, 0].tolist(), zip(m.pairs[:, 1].tolist(), m.pair_cos.tolist(), strict=True),
-                       strict=True))
+    partner = m.partners()
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["feature_a", "best_b", "cos", "hungarian_b", "hungarian_cos"])

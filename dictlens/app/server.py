@@ -120,8 +120,7 @@ def create_app(analysis: str | Path, *, sae: SAE | None = None, lm: LoadedModel 
         m = comparison.matching()
         order = request.args.get("order", "cos")
         offset = max(0, request.args.get("offset", 0, type=int))
-        partner = dict(zip(m.pairs[:, 0].tolist(), zip(m.pairs[:, 1].tolist(), m.pair_cos.tolist(), strict=True),
-                           strict=True))
+        partner = m.partners()
         ids = np.argsort(-m.cos_ab, kind="stable") if order == "cos" else np.argsort(m.cos_ab, kind="stable")
         rows = [{"id": int(f), "best": int(m.best_ab[f]), "cos": float(m.cos_ab[f]),
                  "partner": partner.get(int(f))} for f in ids[offset:offset + PAGE]]

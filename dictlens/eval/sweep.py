@@ -167,9 +167,7 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
     """Train and evaluate every point of ``grid``; returns the rows (also written to ``out/sweep.csv``)."""
     from dictlens.data.store import ActivationStore, split_heldout
     from dictlens.eval.metrics import evaluate
-    from dictlens.load import check_model, load_sae
-    from dictlens.sae.config import SAEConfig
-    from dictlens.train.config import TrainConfig
+    from dictlens.load import load_sae
     from dictlens.train.trainer import CHECKPOINT, Trainer
 
     if heldout_tokens <= 0:
@@ -183,8 +181,7 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         store = ActivationStore(acts, hook, model=model)
         train_src, heldout = split_heldout(store, heldout_tokens)
         stores[hook] = (store, train_src, heldout)
-    lm = None
-    references: dict[str, Any] = {}
+    splicer = _Splicer(splice, model) if splice is not None else None
     rows: list[dict[str, Any]] = []
     for i, point in enumerate(points, 1):
         store, train_src, heldout = stores[point.hook]
@@ -215,39 +212,59 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
             seconds = previous["train_seconds"]   # trained before, only re-evaluated now: keep its time
         sae = load_sae(run)
         m = evaluate(sae, heldout.batches(4096, shuffle=False))
-        row: dict[str, Any] = {
-            "hook": store.hook, "activation": point.activation, "k": sae_cfg.k if sae_cfg.uses_k else None,
-            "coeff": None if sae_cfg.uses_k else train_cfg.penalty_coeff(sae_cfg),
-            "n_features": sae.n_features, "seed": train_cfg.seed, "l0": m.l0, "fvu": m.fvu,
-            "explained_variance": m.explained_variance, "mse_per_token": m.mse_per_token,
-            "dead_fraction": m.dead_fraction, "dense_fraction": m.dense_fraction, "cosine": m.cosine,
-            "relative_reconstruction_bias": m.relative_reconstruction_bias,
-            "train_tokens": trainer.state.tokens, "train_seconds": seconds,
-            "tokens_per_second": trainer.state.tokens / seconds if seconds > 0 else None,
-            "heldout_tokens": m.n_tokens, "run": str(run)}
-        if splice is not None:
-            from dictlens.data.models import load_model
-            from dictlens.eval.splice import sae_replacement, splice_metrics, splice_reference
-
-            if lm is None:
-                lm = load_model(model or store.model)
-            check_model(sae, run, lm, store.hook)
-            if point.hook not in references:
-                batches = splice.batches(lm)
-                references[point.hook] = splice_reference(lm, store.hook, batches,
-                                                          max_norm=sae.provenance.outlier_limit)
-            row.update(splice_metrics(lm, store.hook, sae_replacement(sae),
-                                      reference=references[point.hook]).to_dict())
-            row.pop("n_tokens", None)
+        row = _row(point, store.hook, sae, sae_cfg, train_cfg, m, trainer.state.tokens, seconds, run)
+        if splicer is not None:
+            row.update(splicer.score(sae, run, store))
         atomic_write_json(done, {"key": key, "row": row})
         rows.append(row)
         line = (f"[{i}/{len(points)}] {point.name()}: FVU {m.fvu:.4f}  L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}"
                 f"  ({seconds:.0f} s)")
-        if splice is not None:
+        if splicer is not None:
             line += f"  ΔLM {row['delta_lm_loss']:+.4f}  recovered {row['recovered_vs_mean']:.2%} vs mean"
         progress(line)
     write_csv(rows, out / "sweep.csv")
     return rows
+
+
+def _row(point: Point, hook: str, sae: Any, sae_cfg: Any, train_cfg: Any, m: Any, tokens: int, seconds: float,
+         run: Path) -> dict[str, Any]:
+    """One point's row of sweep.csv, before the splice columns."""
+    return {
+        "hook": hook, "activation": point.activation, "k": sae_cfg.k if sae_cfg.uses_k else None,
+        "coeff": None if sae_cfg.uses_k else train_cfg.penalty_coeff(sae_cfg),
+        "n_features": sae.n_features, "seed": train_cfg.seed, "l0": m.l0, "fvu": m.fvu,
+        "explained_variance": m.explained_variance, "mse_per_token": m.mse_per_token,
+        "dead_fraction": m.dead_fraction, "dense_fraction": m.dense_fraction, "cosine": m.cosine,
+        "relative_reconstruction_bias": m.relative_reconstruction_bias,
+        "train_tokens": tokens, "train_seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else None,
+        "heldout_tokens": m.n_tokens, "run": str(run)}
+
+
+class _Splicer:
+    """Splice columns of a sweep: the model loaded once, each hook's SAE-independent
+    reference (clean, zero- and mean-ablated) computed once for all of its points."""
+
+    def __init__(self, splice: SpliceConfig, model: str | None):
+        self.splice, self.model = splice, model
+        self.lm: Any = None
+        self.references: dict[str, Any] = {}
+
+    def score(self, sae: Any, run: Path, store: Any) -> dict[str, Any]:
+        from dictlens.data.models import load_model
+        from dictlens.eval.splice import sae_replacement, splice_metrics, splice_reference
+        from dictlens.load import check_model
+
+        if self.lm is None:
+            self.lm = load_model(self.model or store.model)
+        check_model(sae, run, self.lm, store.hook)
+        if store.hook not in self.references:
+            self.references[store.hook] = splice_reference(self.lm, store.hook, self.splice.batches(self.lm),
+                                                           max_norm=sae.provenance.outlier_limit)
+        scored = splice_metrics(self.lm, store.hook, sae_replacement(sae),
+                                reference=self.references[store.hook]).to_dict()
+        scored.pop("n_tokens", None)
+        return scored
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> Path:
