@@ -125,6 +125,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
             parser.add_argument(f.name, nargs=nargs, type=base, default=default, help=help_text, **extra)
             continue
         flags = [meta.get("flag") or "--" + f.name.replace("_", "-")]
+        if meta.get("flag") and "metavar" not in extra and base is not bool:
+            extra["metavar"] = flags[0].lstrip("-").replace("-", "_").upper()   # --hook HOOK, not HOOKS
         if meta.get("short"):
             flags.insert(0, meta["short"])
         if base is bool:
