@@ -34,7 +34,7 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check dictlens tests bench
 	$(VENV)/bin/mypy
-	$(VENV)/bin/mypy --strict dictlens/sae dictlens/train dictlens/data
+	$(VENV)/bin/mypy --strict dictlens/sae dictlens/train dictlens/data dictlens/formats
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) bench/harvest.py

@@ -10,6 +10,7 @@ from dictlens.data.tap import Tap  # noqa: E402
 from dictlens.data.text import iter_documents  # noqa: E402
 from dictlens.errors import DictlensError  # noqa: E402
 from dictlens.eval.metrics import Metrics, evaluate  # noqa: E402
+from dictlens.load import load_sae  # noqa: E402  (a dictlens run or any foreign format)
 from dictlens.sae import SAE, SAEConfig  # noqa: E402
 
 # `dictlens.train` stays the subpackage: use `from dictlens.train import train`.
@@ -20,5 +21,5 @@ from dictlens.train.trainer import Trainer  # noqa: E402
 __all__ = [
     "SAE", "ActivationStore", "ArraySource", "DictlensError", "HarvestConfig", "HarvestResult", "HookPoint",
     "LoadedModel", "Metrics", "SAEConfig", "SAEEstimator", "StreamingSource", "Tap", "TrainConfig", "Trainer",
-    "evaluate", "harvest", "iter_documents", "load_model", "named_hooks", "resolve_hook",
+    "evaluate", "harvest", "iter_documents", "load_model", "load_sae", "named_hooks", "resolve_hook",
 ]

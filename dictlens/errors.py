@@ -42,3 +42,7 @@ class AnalysisError(DictlensError):
 
 class ActivationError(DictlensError):
     """Activations contain NaN or Inf values."""
+
+
+class FormatError(CheckpointError):
+    """A foreign dictionary file is of an unknown layout, or holds what dictlens cannot express."""

@@ -21,6 +21,7 @@ from dictlens.errors import ConfigError, InputError
 if TYPE_CHECKING:
     from dictlens.data.models import LoadedModel
     from dictlens.data.store import ActivationStore
+    from dictlens.formats.base import ReadOptions
     from dictlens.sae.model import SAE
 
 
@@ -111,11 +112,27 @@ def open_cache(sae: SAE, run: str | Path, acts: str | Path, hook: str | None = N
     return store
 
 
-def load_sae(run: str | Path, device: str | torch.device | None = None) -> SAE:
-    """The SAE saved in ``run`` (its record converted if written by an older dictlens)."""
+def load_sae(run: str | Path, device: str | torch.device | None = None, *, fmt: str | None = None,
+             opts: ReadOptions | None = None) -> SAE:
+    """The SAE in ``run``: a dictlens run (its record converted if written by an older
+    dictlens), or a dictionary in any format :mod:`dictlens.formats` reads (``fmt`` to insist
+    on one), local or ``hf://``."""
+    from dictlens import formats
     from dictlens.sae.model import SAE
 
+    if fmt or formats.is_foreign(run):
+        return formats.read(run, fmt=fmt, opts=opts).to(device=device)
     return SAE.load(run, device=device)
+
+
+def own_directory(run: str | Path, command: str) -> Path:
+    """Where a command writes its outputs by default: into a dictlens run, never into a
+    dictionary of another format (a download, another library's folder)."""
+    from dictlens import formats
+
+    if formats.is_foreign(run):
+        raise ConfigError(f"{command}: {run} is a dictionary in another format; give --out for what {command} writes")
+    return Path(run)
 
 
 def load_runs(runs: Sequence[str | Path], model: str | None = None, device: str | None = None,

@@ -275,11 +275,11 @@ class Analysed:
 
 def analyze_job(job: AnalyzeJob, *, say: Callable[[str], None] = print) -> Analysed:
     """Load the run and its model, write the feature database (OUT/features.db, OUT/codes) and the report."""
-    from dictlens.load import load_run
+    from dictlens.load import load_run, own_directory
 
     cfg = job.analysis
     loaded = load_run(job.run, model=job.model, device=cfg.device, hook=job.hook)
-    out = Path(job.out) if job.out else Path(job.run) / "analysis"
+    out = Path(job.out) if job.out else own_directory(job.run, "analyze") / "analysis"
     say(f"analyze {job.run} at {loaded.hook} of {loaded.lm.name} over {cfg.text} ({cfg.tokens:,} tokens)")
     r = analyze(loaded.sae, loaded.lm, loaded.hook, cfg, out, run=str(job.run))
     index = None

@@ -57,13 +57,13 @@ def eval_job(job: EvalJob) -> Evaluation:
     from dictlens.eval.metrics import evaluate
     from dictlens.eval.plots import density_histogram
     from dictlens.io import atomic_write_json
-    from dictlens.load import load_sae, open_cache
+    from dictlens.load import load_sae, open_cache, own_directory
 
     sae = load_sae(job.run)
     store = open_cache(sae, job.run, job.acts, job.hook)
     source: Source = split_heldout(store, job.heldout)[1] if job.heldout else store
     m = evaluate(sae, source.batches(job.batch_size, shuffle=False))
-    out = Path(job.out) if job.out else Path(job.run)
+    out = Path(job.out) if job.out else own_directory(job.run, "eval")
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"run": str(job.run), "acts": str(job.acts), "hook": store.hook,
                               "heldout": job.heldout or "whole cache", **m.to_dict()}

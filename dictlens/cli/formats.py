@@ -1,0 +1,32 @@
+"""``dictlens convert`` and ``export``: dictionaries in other libraries' formats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dictlens.cli.common import command, written
+from dictlens.formats.jobs import ConvertJob, ExportJob
+
+
+def _convert(job: ConvertJob) -> int:
+    from dictlens.formats.jobs import convert_job
+
+    out, sae = convert_job(job)
+    p = sae.provenance
+    print(f"{job.src} ({p.source}): {sae.cfg.activation} SAE, F={sae.n_features:,}, D={sae.d_in}, "
+          f"model {p.model or 'unknown'}, hook {p.hook_in or 'unknown'}"
+          + (f" (theirs: {p.notes['saelens']['hook_name']})" if p.notes.get("saelens", {}).get("hook_name") else ""))
+    print(f"dictlens run: {out}")
+    return 0
+
+
+def _export(job: ExportJob) -> int:
+    from dictlens.formats.jobs import export_job
+
+    print(written(export_job(job)))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    command(sub, "convert", "read a dictionary in another library's format into a dictlens run", ConvertJob, _convert)
+    command(sub, "export", "write a dictionary in another library's format", ExportJob, _export)

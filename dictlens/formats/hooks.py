@@ -1,0 +1,94 @@
+"""Foreign hook names ↔ dictlens hooks.
+
+SAELens and circuit-tracer name activations as TransformerLens does (``blocks.L.hook_resid_post``);
+dictlens names them ``resid_post.L`` or by a Hugging Face module path. Where the two
+libraries' points differ, the TransformerLens point is mapped to the module that computes
+it: Gemma's ``hook_mlp_out`` / ``hook_attn_out`` come after Gemma's extra post-norms, so they
+are that norm's output, not the plain MLP / attention output dictlens's ``mlp_out.L`` reads.
+The blocks' module path is read from the model's name (GPT-2: ``transformer.h``; multimodal
+Gemma 3: ``model.language_model.layers``; otherwise ``model.layers``); loading the model
+checks it (a hook that does not resolve is refused with the valid ones).
+"""
+
+from __future__ import annotations
+
+import re
+
+from dictlens.errors import FormatError
+
+_TL = re.compile(r"^blocks\.(\d+)\.(.+)$")
+KNOWN = ("hook_resid_pre", "hook_resid_post", "hook_resid_mid", "hook_mlp_out", "hook_attn_out", "attn.hook_z",
+         "mlp.hook_in", "mlp.hook_post", "ln2.hook_normalized")
+
+
+def _family(model: str | None) -> str:
+    m = (model or "").lower()
+    if "gpt2" in m or "gpt-2" in m:
+        return "gpt2"
+    if "gemma" in m:
+        return "gemma"
+    return "llama"
+
+
+def _blocks(model: str | None) -> str:
+    m = (model or "").lower()
+    if _family(model) == "gpt2":
+        return "transformer.h"
+    if "gemma-3" in m and not any(s in m for s in ("270m", "1b")):
+        return "model.language_model.layers"   # Gemma 3 4B and up are multimodal
+    return "model.layers"
+
+
+def from_transformer_lens(name: str, model: str | None) -> str:
+    """The dictlens hook for TransformerLens hook ``name`` of ``model``; unknown ones are refused
+    with the list of known ones."""
+    m = _TL.match(name)
+    if m is None:
+        if name in ("hook_embed",):
+            return "model.embed_tokens" if _family(model) != "gpt2" else "transformer.wte"
+        raise FormatError(f"hook {name!r}: not a TransformerLens block hook (blocks.L.X with X one of "
+                          f"{', '.join(KNOWN)})")
+    layer, point = int(m.group(1)), m.group(2)
+    family, blocks = _family(model), _blocks(model)
+    block = f"{blocks}.{layer}"
+    simple = {"hook_resid_pre": f"resid_pre.{layer}", "hook_resid_post": f"resid_post.{layer}"}
+    if point in simple:
+        return simple[point]
+    if point in ("hook_mlp_out", "hook_attn_out"):
+        if family == "gemma":   # after Gemma's post-norms
+            norm = "post_feedforward_layernorm" if point == "hook_mlp_out" else "post_attention_layernorm"
+            return f"{block}.{norm}"
+        return f"{'mlp' if point == 'hook_mlp_out' else 'attn'}_out.{layer}"
+    if point == "hook_resid_mid":
+        norm = {"gpt2": "ln_2", "gemma": "pre_feedforward_layernorm"}.get(family, "post_attention_layernorm")
+        return f"{block}.{norm}:input"
+    if point == "attn.hook_z":
+        return f"{block}.attn.c_proj:input" if family == "gpt2" else f"{block}.self_attn.o_proj:input"
+    if point == "mlp.hook_in":
+        return f"{block}.mlp:input"
+    if point == "ln2.hook_normalized":
+        raise FormatError(f"hook {name!r}: TransformerLens's unweighted RMS-normalised MLP input, which no module "
+                          "of the Hugging Face model outputs (the MLP's input is weighted by the norm's gain); "
+                          "give the hook the SAE was meant for with --hook")
+    if point == "mlp.hook_post":
+        return f"{block}.mlp.c_proj:input" if family == "gpt2" else f"{block}.mlp.down_proj:input"
+    raise FormatError(f"hook {name!r}: no dictlens equivalent is known for {point!r} (known: {', '.join(KNOWN)})")
+
+
+def to_transformer_lens(hook: str, model: str | None) -> str | None:
+    """The TransformerLens name of dictlens ``hook`` (None when there is none: a module path
+    TransformerLens does not expose)."""
+    m = re.match(r"^(resid_pre|resid_post|attn_out|mlp_out)\.(\d+)$", hook)
+    if m is None:
+        layer = re.search(r"\.(\d+)\.", hook)
+        for point in KNOWN:   # a module path one of the TransformerLens names maps to
+            try:
+                if layer and from_transformer_lens(f"blocks.{layer.group(1)}.{point}", model) == hook:
+                    return f"blocks.{layer.group(1)}.{point}"
+            except FormatError:
+                continue
+        return None
+    kind, index = m.group(1), m.group(2)
+    if kind in ("attn_out", "mlp_out") and _family(model) == "gemma":
+        return None   # TransformerLens's Gemma hook_*_out is after the post-norm: another point
+    return f"blocks.{index}.hook_{kind}"

@@ -1,0 +1,60 @@
+"""``dictlens convert`` and ``dictlens export`` as library calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dictlens.config import field
+from dictlens.errors import InputError
+from dictlens.formats import NAMES
+from dictlens.formats.base import ReadOptions
+
+if TYPE_CHECKING:
+    from dictlens.sae.model import SAE
+
+
+@dataclass(kw_only=True)
+class ConvertJob:
+    """Read a dictionary in a foreign format (a folder, a file or hf://REPO/PATH) into a dictlens run."""
+
+    src: str = field(positional=True, help="the dictionary: a folder, a file, or hf://OWNER/REPO[/PATH][@REVISION]")
+    out: str = field(help="dictlens run directory to write (config.json + sae.safetensors)")
+    from_format: str | None = field(None, flag="--from", choices=NAMES, help="the format (default: detected)")
+    norm_scaling_factor: float | None = field(None, help="the normalisation factor the files do not hold "
+                                                         "(SAELens expected_average_only_in releases)")
+    model: str | None = field(None, help="the model it reads (default: the one its files name)")
+    hook: str | None = field(None, help="the dictlens hook it reads (default: mapped from its files' hook name)")
+    overwrite: bool = field(False, help="replace a dictlens run already in --out")
+
+
+@dataclass(kw_only=True)
+class ExportJob:
+    """Write a dictionary (a dictlens run or any readable format) in another library's layout."""
+
+    run: str = field(positional=True, help="a dictlens run directory, or any dictionary dictlens reads")
+    to: str = field(choices=NAMES, help="the format to write")
+    out: str = field(help="directory to write")
+    overwrite: bool = field(False, help="replace what is in --out")
+
+
+def convert_job(job: ConvertJob) -> tuple[Path, SAE]:
+    """Read ``job.src`` and save it as a dictlens run in ``job.out``; (the run, the SAE)."""
+    from dictlens.load import load_sae
+    from dictlens.sae.model import CONFIG_FILE
+
+    out = Path(job.out)
+    if (out / CONFIG_FILE).exists() and not job.overwrite:
+        raise InputError(f"{out} already holds a dictionary: choose another --out, or pass --overwrite")
+    sae = load_sae(job.src, fmt=job.from_format,
+                   opts=ReadOptions(norm_scaling_factor=job.norm_scaling_factor, model=job.model, hook=job.hook))
+    return sae.save(out), sae
+
+
+def export_job(job: ExportJob) -> list[Path]:
+    """Write ``job.run`` in format ``job.to`` into ``job.out``; the files written."""
+    from dictlens import formats
+    from dictlens.load import load_sae
+
+    return formats.write(load_sae(job.run), job.out, job.to, overwrite=job.overwrite)

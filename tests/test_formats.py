@@ -1,0 +1,284 @@
+"""Foreign formats: files written here in each library's layout, read back with the codes and
+reconstructions of a reference forward written from that library's published formulas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dictlens.errors import DictlensError, FormatError, InputError
+from dictlens.formats import read, write
+from dictlens.formats.base import ReadOptions
+from dictlens.formats.hooks import from_transformer_lens, to_transformer_lens
+
+D, F, K = 16, 64, 4
+
+
+def _tensors(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = {"W_enc": torch.randn(D, F, generator=g) / 4, "W_dec": torch.randn(F, D, generator=g) / 3,
+         "b_dec": torch.randn(D, generator=g) / 5}
+    if arch == "gated":
+        t.update(b_gate=torch.randn(F, generator=g) / 5, r_mag=torch.randn(F, generator=g) / 5,
+                 b_mag=torch.randn(F, generator=g) / 5)
+    else:
+        t["b_enc"] = torch.randn(F, generator=g) / 5
+    if arch == "jumprelu":
+        t["threshold"] = torch.rand(F, generator=g) * 0.4 + 0.1
+    return t
+
+
+def _write_saelens(path, arch, t, *, pre_bias=True, extra=None, metadata=None, flat=False):
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path / "sae_weights.safetensors"))
+    meta = {"sae_lens_version": "6.54.12", "model_name": "gpt2-small", "hook_name": "blocks.3.hook_resid_post",
+            "context_size": 128, **(metadata or {})}
+    if flat:   # a pre-6.0 config: everything at the top level
+        cfg = {"d_in": D, "d_sae": F, "apply_b_dec_to_input": pre_bias, "hook_point": meta["hook_name"],
+               "model_name": meta["model_name"], "context_size": 128, "normalize_activations": False,
+               "activation_fn_str": "topk" if arch == "topk" else "relu", "activation_fn_kwargs": {"k": K}}
+    else:
+        cfg = {"d_in": D, "d_sae": F, "dtype": "torch.float32", "device": "cpu", "apply_b_dec_to_input": pre_bias,
+               "normalize_activations": "none", "reshape_activations": "none", "architecture": arch,
+               "metadata": meta, **(extra or {})}
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    return path
+
+
+def saelens_forward(arch, t, x, *, pre_bias=True, k=K, rescale=False, s=None):
+    """SAELens v6's encode and decode, from its published formulas (codes, x̂)."""
+    x_in = x * s if s is not None else x
+    x_c = x_in - t["b_dec"] if pre_bias else x_in
+    if arch == "gated":
+        gate = (x_c @ t["W_enc"] + t["b_gate"]) > 0
+        f = gate * torch.relu(x_c @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"])
+        x_hat = f @ t["W_dec"] + t["b_dec"]
+    else:
+        pre = x_c @ t["W_enc"] + t["b_enc"]
+        n = t["W_dec"].norm(dim=1)
+        if arch == "standard":
+            f = torch.relu(pre)
+        elif arch == "jumprelu":
+            f = torch.relu(pre) * (pre > t["threshold"])
+        else:
+            ranked = pre * n if rescale else pre
+            top = ranked.topk(k, dim=1)
+            f = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+        x_hat = (f / n if arch == "topk" and rescale else f) @ t["W_dec"] + t["b_dec"]
+    return f, (x_hat / s if s is not None else x_hat)
+
+
+def _x(n=200, seed=1):
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _same(sae, codes, x_hat, x):
+    with sae.ranking("float32"):
+        assert torch.allclose(sae.encode(x), codes, atol=1e-5)
+        assert torch.allclose(sae(x), x_hat, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,pre_bias", [("standard", True), ("standard", False), ("topk", True),
+                                           ("jumprelu", False), ("gated", True)])
+def test_saelens_folders_read_with_saelens_codes(tmp_path, arch, pre_bias):
+    t = _tensors(arch)
+    extra = {"k": K} if arch == "topk" else {}
+    sae = read(_write_saelens(tmp_path / arch, arch, t, pre_bias=pre_bias, extra=extra))
+    x = _x()
+    codes, x_hat = saelens_forward(arch, t, x, pre_bias=pre_bias)
+    assert (codes > 0).any(dim=1).all()                     # the check can see codes
+    _same(sae, codes, x_hat, x)
+    assert sae.cfg.activation == {"standard": "relu", "gated": "gated"}.get(arch, arch)
+    p = sae.provenance
+    assert (p.source, p.model, p.hook_in, p.context) == ("saelens", "gpt2-small", "resid_post.3", 128)
+    assert p.notes["saelens"]["hook_name"] == "blocks.3.hook_resid_post"
+    assert sae.cfg.decoder_norm == "free"                   # their rows are not unit: kept, not renormalised
+
+
+def test_saelens_topk_with_rescaled_acts_is_folded_exactly(tmp_path):
+    t = _tensors("topk")
+    sae = read(_write_saelens(tmp_path / "r", "topk", t, extra={"k": K, "rescale_acts_by_decoder_norm": True}))
+    x = _x()
+    codes, x_hat = saelens_forward("topk", t, x, rescale=True)
+    plain, _ = saelens_forward("topk", t, x, rescale=False)
+    assert not torch.equal(codes > 0, plain > 0)            # the rescale changes which features win
+    _same(sae, codes, x_hat, x)
+    assert sae.cfg.decoder_norm == "unit"                   # the fold leaves unit rows
+
+
+def test_saelens_normalisation_factor_is_folded_as_saelens_folds_it(tmp_path):
+    t = _tensors("standard")
+    path = _write_saelens(tmp_path / "n", "standard", t)
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["normalize_activations"] = "expected_average_only_in"
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match="needs the normalisation factor.*--norm-scaling-factor"):
+        read(path)
+    x = _x()
+    codes, x_hat = saelens_forward("standard", t, x, s=2.5)
+    _same(read(path, opts=ReadOptions(norm_scaling_factor=2.5)), codes, x_hat, x)
+    (path / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 2.5}))   # a training checkpoint's
+    sae = read(path)
+    _same(sae, codes, x_hat, x)
+    assert sae.provenance.notes["saelens"]["norm_scaling_factor"] == 2.5
+
+
+def test_saelens_pre_6_flat_config(tmp_path):
+    t = _tensors("topk")
+    sae = read(_write_saelens(tmp_path / "old", "topk", t, flat=True))
+    x = _x()
+    _same(sae, *saelens_forward("topk", t, x), x)
+    assert (sae.provenance.model, sae.provenance.hook_in) == ("gpt2-small", "resid_post.3")
+
+
+def test_saelens_batchtopk_training_checkpoint(tmp_path):
+    t = _tensors("topk")
+    t["topk_threshold"] = torch.tensor(0.3, dtype=torch.float64)
+    sae = read(_write_saelens(tmp_path / "b", "batchtopk", t, extra={"k": K}))
+    x = _x()
+    pre = (x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    f = torch.relu(pre) * (pre > 0.3)                       # inference: the threshold, as SAELens saves it
+    _same(sae, f, f @ t["W_dec"] + t["b_dec"], x)
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk", "jumprelu", "batchtopk", "gated"])
+def test_dictlens_to_saelens_and_back_keeps_codes_and_provenance(tmp_path, activation):
+    from dictlens.load import load_sae
+    from dictlens.provenance import Provenance
+    from dictlens.sae import SAE, SAEConfig
+
+    k = K if activation in ("topk", "batchtopk") else None
+    sae = SAE(SAEConfig(d_in=D, n_features=F, activation=activation, k=k), seed=3,
+              provenance=Provenance.of_sae(model="smollm2-135m", hook="resid_post.15", context=128))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+        if activation == "batchtopk":
+            sae.threshold.fill_(0.2)
+        if activation == "jumprelu":
+            sae.log_threshold.uniform_(-2.5, -1.0)
+    sae.eval()
+    files = write(sae, tmp_path / "out", "saelens")
+    cfg = json.loads(files[0].read_text())
+    assert cfg["metadata"]["sae_lens_version"] >= "6" and cfg["metadata"]["hook_name"] == "blocks.15.hook_resid_post"
+    back = load_sae(tmp_path / "out")                       # the one loader detects the format
+    x = _x()
+    with sae.ranking("float32"), back.ranking("float32"):
+        assert torch.allclose(back.encode(x), sae.encode(x), atol=1e-5)
+        assert torch.allclose(back(x), sae(x), atol=1e-5)
+    assert (back.provenance.model, back.provenance.hook_in, back.provenance.source) == \
+        ("smollm2-135m", "resid_post.15", "saelens")
+    # written files are what the reference SAELens forward computes too
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "out" / "sae_weights.safetensors"))
+    codes, x_hat = saelens_forward(cfg["architecture"], t, x, pre_bias=cfg["apply_b_dec_to_input"], k=k or K)
+    _same(sae, codes, x_hat, x)
+    with pytest.raises(InputError, match="is not empty"):
+        write(sae, tmp_path / "out", "saelens")
+
+
+def test_what_saelens_cannot_hold_is_refused_by_name(tmp_path):
+    from dictlens.sae import SAE, SAEConfig
+
+    with pytest.raises(FormatError, match="SAELens has no groupmax SAE"):
+        write(SAE(SAEConfig(d_in=D, n_features=F, activation="groupmax", k=K)), tmp_path / "g", "saelens")
+    t = _tensors("standard")
+    path = _write_saelens(tmp_path / "c", "standard", t,
+                          metadata={"model_from_pretrained_kwargs": {"center_writing_weights": True}})
+    with pytest.raises(FormatError, match="center_writing_weights"):
+        read(path)
+    path = _write_saelens(tmp_path / "h", "standard", t, metadata={"hook_head_index": 3})
+    with pytest.raises(FormatError, match="one attention head"):
+        read(path)
+
+
+def test_bad_input_is_named(tmp_path):
+    t = _tensors("standard")
+    path = _write_saelens(tmp_path / "s", "standard", {**t, "W_enc": t["W_enc"].T.contiguous()})  # transposed
+    with pytest.raises(FormatError, match=r"tensor 'W_enc' has shape \[64, 16\], expected \[16, 64\]"):
+        read(path)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "weights.bin").write_bytes(b"x")
+    with pytest.raises(FormatError, match="no known dictionary layout \\(found weights.bin\\); known: saelens"):
+        read(tmp_path / "junk")
+    with pytest.raises(FormatError, match="expected one of saelens, found 'saelnes' \\(did you mean 'saelens'\\?\\)"):
+        read(path, fmt="saelnes")
+    good = _write_saelens(tmp_path / "t", "standard", t)
+    (good / "sae_weights.safetensors").write_bytes((good / "sae_weights.safetensors").read_bytes()[:200])
+    with pytest.raises(DictlensError, match="truncated or damaged"):
+        read(good)
+
+
+def test_hub_sources_offline_say_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="not in the local Hugging Face cache.*offline"):
+        read("hf://nobody-here/no-such-saes/layer_3")
+    with pytest.raises(InputError, match="expected hf://OWNER/REPO"):
+        read("hf://justone")
+
+
+def test_transformer_lens_hooks_map_to_the_module_that_computes_them():
+    assert from_transformer_lens("blocks.5.hook_resid_pre", "gpt2-small") == "resid_pre.5"
+    assert from_transformer_lens("blocks.5.hook_mlp_out", "meta-llama/Llama-3.1-8B") == "mlp_out.5"
+    # Gemma's TransformerLens mlp/attn outputs come after its post-norms
+    assert from_transformer_lens("blocks.5.hook_mlp_out", "gemma-2-2b") == "model.layers.5.post_feedforward_layernorm"
+    assert from_transformer_lens("blocks.5.hook_resid_mid", "gpt2-small") == "transformer.h.5.ln_2:input"
+    assert from_transformer_lens("blocks.5.attn.hook_z", "google/gemma-3-12b-pt") == \
+        "model.language_model.layers.5.self_attn.o_proj:input"
+    with pytest.raises(FormatError, match="no dictlens equivalent.*known: hook_resid_pre"):
+        from_transformer_lens("blocks.5.hook_unknown", "gpt2")
+    with pytest.raises(FormatError, match="unweighted RMS-normalised"):
+        from_transformer_lens("blocks.2.ln2.hook_normalized", "gemma-2-2b")
+    assert to_transformer_lens("resid_post.7", "smollm2-135m") == "blocks.7.hook_resid_post"
+    assert to_transformer_lens("model.layers.5.post_feedforward_layernorm", "gemma-2-2b") == "blocks.5.hook_mlp_out"
+    assert to_transformer_lens("mlp_out.5", "gemma-2-2b") is None
+
+
+def test_convert_export_and_a_foreign_folder_in_every_command(tiny_model_dirs, corpus, tmp_path, capsys):
+    """A dictlens SAE exported to SAELens evaluates, through the command line, exactly as the
+    original; `convert` brings it back; a foreign folder is never written into."""
+    from dictlens.cli import main
+
+    model, acts, run = str(tiny_model_dirs["llama"]), tmp_path / "acts", tmp_path / "run"
+    assert main(["harvest", "--model", model, "--hook", "resid_post.1", "--text", str(corpus), "--tokens", "3000",
+                 "--context", "64", "--shard-tokens", "500", "--out", str(acts)]) == 0
+    assert main(["train", "--acts", str(acts), "--k", "4", "--expansion", "2", "--tokens", "4096",
+                 "--batch-size", "256", "--no-plots", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--to", "saelens", "--out", str(tmp_path / "sl")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "sl"), "--acts", str(acts)]) == 2
+    assert "is a dictionary in another format; give --out" in capsys.readouterr().err
+    for src, out in ((run, tmp_path / "e1"), (tmp_path / "sl", tmp_path / "e2")):
+        assert main(["eval", str(src), "--acts", str(acts), "--out", str(out)]) == 0
+    e1, e2 = (json.loads((tmp_path / e / "eval.json").read_text()) for e in ("e1", "e2"))
+    assert e1["fvu"] == pytest.approx(e2["fvu"], abs=1e-6) and e1["l0"] == pytest.approx(e2["l0"])
+    assert main(["convert", str(tmp_path / "sl"), "--out", str(tmp_path / "back")]) == 0
+    text = capsys.readouterr().out
+    assert "(saelens): topk SAE, F=64, D=32" in text and "hook resid_post.1 (theirs: blocks.1.hook_resid_post)" in text
+    assert main(["convert", str(tmp_path / "sl"), "--out", str(tmp_path / "back")]) == 2
+    assert "already holds a dictionary" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "back"), "--acts", str(acts)]) == 0
+    assert json.loads((tmp_path / "back" / "eval.json").read_text())["fvu"] == pytest.approx(e1["fvu"], abs=1e-6)
+
+
+def test_default_model_sae_exported_and_reimported_evaluates_the_same(smollm2, tmp_path):
+    """On SmolLM2's own activations: a dictlens SAE, written as SAELens and read back, has the same FVU."""
+    import dictlens
+    from dictlens.eval.metrics import evaluate
+    from dictlens.train import train
+
+    cfg = dictlens.HarvestConfig(hooks=["resid_post.6"], out=str(tmp_path / "acts"), tokens=3000, context=64)
+    dictlens.harvest(cfg, smollm2)
+    store = dictlens.ActivationStore(tmp_path / "acts", "resid_post.6", model="smollm2-135m")
+    sae = train(dictlens.SAEConfig(activation="topk", k=16, expansion=2),
+                dictlens.TrainConfig(tokens=6000, batch_size=500, plots=False), store, tmp_path / "run")
+    write(sae, tmp_path / "sl", "saelens")
+    back = dictlens.load_sae(tmp_path / "sl")
+    with sae.ranking("float32"), back.ranking("float32"):
+        a, b = (evaluate(s, store.batches(1000, shuffle=False)) for s in (sae, back))
+    assert 0 < a.fvu < 1 and a.fvu == pytest.approx(b.fvu, abs=1e-6) and a.l0 == pytest.approx(b.l0)
+    assert back.provenance.model == "smollm2-135m" and back.provenance.hook_in == "resid_post.6"
