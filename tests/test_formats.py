@@ -205,7 +205,7 @@ def test_bad_input_is_named(tmp_path):
     (tmp_path / "junk" / "weights.bin").write_bytes(b"x")
     with pytest.raises(FormatError, match="no known dictionary layout \\(found weights.bin\\); known: saelens"):
         read(tmp_path / "junk")
-    with pytest.raises(FormatError, match="expected one of saelens, found 'saelnes' \\(did you mean 'saelens'\\?\\)"):
+    with pytest.raises(FormatError, match="expected one of saelens, .*found 'saelnes' \\(did you mean 'saelens'\\?\\)"):
         read(path, fmt="saelnes")
     good = _write_saelens(tmp_path / "t", "standard", t)
     (good / "sae_weights.safetensors").write_bytes((good / "sae_weights.safetensors").read_bytes()[:200])
@@ -282,3 +282,112 @@ def test_default_model_sae_exported_and_reimported_evaluates_the_same(smollm2, t
         a, b = (evaluate(s, store.batches(1000, shuffle=False)) for s in (sae, back))
     assert 0 < a.fvu < 1 and a.fvu == pytest.approx(b.fvu, abs=1e-6) and a.l0 == pytest.approx(b.l0)
     assert back.provenance.model == "smollm2-135m" and back.provenance.hook_in == "resid_post.6"
+
+
+def _jumprelu_reference(t, x):
+    """Gemma Scope's forward: no b_dec subtraction, relu(pre)·1[pre > θ]."""
+    pre = x @ t["W_enc"] + t["b_enc"]
+    f = torch.relu(pre) * (pre > t["threshold"])
+    return f, f @ t["W_dec"] + t["b_dec"]
+
+
+def test_gemma_scope_npz_with_model_and_hook_from_its_hub_path(tmp_path):
+    import numpy as np
+
+    t = _tensors("jumprelu")
+    folder = tmp_path / "models--google--gemma-scope-2b-pt-mlp" / "snapshots" / "abc" / "layer_12" / "width_16k" \
+        / "average_l0_82"
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", **{k: v.numpy() for k, v in t.items()})
+    sae = read(folder)
+    x = _x()
+    _same(sae, *_jumprelu_reference(t, x), x)
+    p = sae.provenance
+    assert (p.source, p.model, sae.cfg.pre_bias) == ("gemma-scope", "google/gemma-2-2b", False)
+    assert p.hook_in == "model.layers.12.post_feedforward_layernorm"   # TL hook_mlp_out: after Gemma's post-norm
+    np.savez(tmp_path / "params.npz", obj=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(FormatError, match="pickled objects, which dictlens never loads"):
+        read(tmp_path / "params.npz")
+
+
+def test_gemma_scope_2_reads_its_hook_points_and_writes_back(tmp_path):
+    t = {k.lower() if k.startswith("W_") else k: v for k, v in _tensors("jumprelu").items()}
+    path = tmp_path / "resid_post" / "layer_9_width_16k_l0_small"
+    path.mkdir(parents=True)
+    save_file(t, str(path / "params.safetensors"))
+    cfg = {"architecture": "jump_relu", "model_name": "google/gemma-3-270m-pt", "width": F, "l0": "small",
+           "hf_hook_point_in": "model.layers.9.output", "hf_hook_point_out": "model.layers.9.output",
+           "affine_connection": False, "type": "sae"}
+    (path / "config.json").write_text(json.dumps(cfg))
+    sae = read(path)
+    x = _x()
+    ref = {"W_enc": t["w_enc"], "W_dec": t["w_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"],
+           "threshold": t["threshold"]}
+    _same(sae, *_jumprelu_reference(ref, x), x)
+    assert (sae.provenance.model, sae.provenance.hook_in) == ("google/gemma-3-270m-pt", "resid_post.9")
+    # a transcoder with an affine skip is refused, not half-read
+    save_file({**t, "affine_skip_connection": torch.eye(D)}, str(path / "params.safetensors"))
+    with pytest.raises(FormatError, match="a transcoder .*affine skip connection.*no transcoders yet"):
+        read(path)
+
+
+@pytest.mark.parametrize("activation,pre_bias", [("jumprelu", True), ("relu", False), ("batchtopk", True)])
+def test_dictlens_to_gemma_scope_2_and_back(tmp_path, activation, pre_bias):
+    from dictlens.provenance import Provenance
+    from dictlens.sae import SAE, SAEConfig
+
+    sae = SAE(SAEConfig(d_in=D, n_features=F, activation=activation, pre_bias=pre_bias,
+                        k=K if activation == "batchtopk" else None), seed=5,
+              provenance=Provenance.of_sae(model="google/gemma-3-1b-pt", hook="resid_post.4"))
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.3)
+        sae.b_dec.normal_(0, 0.3)
+        if activation == "batchtopk":
+            sae.threshold.fill_(0.2)
+    sae.eval()
+    files = write(sae, tmp_path / "gs2", "gemma-scope-2")
+    assert json.loads(files[0].read_text())["hf_hook_point_in"] == "model.layers.4.output"
+    back = read(tmp_path / "gs2")
+    x = _x()
+    assert torch.allclose(back.encode(x), sae.encode(x), atol=1e-5) and torch.allclose(back(x), sae(x), atol=1e-5)
+    assert back.provenance.hook_in == "resid_post.4" and not back.cfg.pre_bias   # the pre-bias folded into b_enc
+    with pytest.raises(FormatError, match="a topk SAE cannot be written as one"):
+        write(SAE(SAEConfig(d_in=D, n_features=F, activation="topk", k=K)), tmp_path / "no", "gemma-scope-2")
+
+
+def _write_sparsify(path, t, activation="topk", **cfg):
+    path.mkdir(parents=True)
+    save_file(t, str(path / "sae.safetensors"))
+    (path / "cfg.json").write_text(json.dumps({"activation": activation, "expansion_factor": F // D,
+                                               "normalize_decoder": True, "num_latents": F, "k": K,
+                                               "multi_topk": False, "skip_connection": False, "transcode": False,
+                                               "d_in": D, **cfg}))
+    return path
+
+
+@pytest.mark.parametrize("activation", ["topk", "groupmax"])
+def test_sparsify_hookpoints_read_as_sparsify_computes(tmp_path, activation):
+    g = torch.Generator().manual_seed(7)
+    t = {"encoder.weight": torch.randn(F, D, generator=g) / 4, "encoder.bias": torch.randn(F, generator=g) / 5,
+         "W_dec": torch.randn(F, D, generator=g) / 3, "b_dec": torch.randn(D, generator=g) / 5}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "EleutherAI/pythia-160m"}))
+    sae = read(_write_sparsify(tmp_path / "run" / "layers.6.mlp", t, activation))
+    x = _x()
+    pre = torch.relu((x - t["b_dec"]) @ t["encoder.weight"].T + t["encoder.bias"])   # sparsify: relu, then select
+    if activation == "topk":
+        top = pre.topk(K, dim=1)
+        f = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+    else:   # the largest of each of k contiguous groups
+        v, i = pre.unflatten(1, (K, F // K)).max(dim=2)
+        f = torch.zeros_like(pre).scatter(1, i + torch.arange(K) * (F // K), v)
+    _same(sae, f, f @ t["W_dec"] + t["b_dec"], x)
+    assert (sae.provenance.model, sae.provenance.hook_in) == ("EleutherAI/pythia-160m", "mlp_out.6")
+    with pytest.raises(FormatError, match="holds several dictionaries \\(layers.6.mlp\\): give one"):
+        read(tmp_path / "run")
+    with pytest.raises(FormatError, match="transcode \\(a transcoder\\)"):
+        read(_write_sparsify(tmp_path / "tc", t, transcode=True))
+    back = read(write(sae, tmp_path / "out", "sparsify")[0].parent)
+    assert back.provenance.hook_in == "mlp_out.6"
+    with sae.ranking("float32"), back.ranking("float32"):
+        assert torch.allclose(back.encode(x), sae.encode(x), atol=1e-5)

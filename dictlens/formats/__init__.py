@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dictlens.errors import FormatError, InputError
-from dictlens.formats import saelens
+from dictlens.formats import gemma_scope, saelens, sparsify
 from dictlens.formats.base import Format, ReadOptions
 
 if TYPE_CHECKING:
     from dictlens.sae.model import SAE
 
-REGISTRY: dict[str, Format] = {f.name: f for f in (saelens.FORMAT,)}
+REGISTRY: dict[str, Format] = {f.name: f for f in (saelens.FORMAT, gemma_scope.FORMAT, gemma_scope.FORMAT_2,
+                                                     sparsify.FORMAT)}
 NAMES = tuple(REGISTRY)
 HF_PREFIX = "hf://"
 
@@ -83,6 +84,11 @@ def detect(path: Path) -> Format:
     for f in REGISTRY.values():
         if f.detect(path):
             return f
+    if path.is_dir():
+        inner = sorted(c.name for c in path.iterdir() if c.is_dir() and any(f.detect(c) for f in REGISTRY.values()))
+        if inner:
+            raise FormatError(f"{path} holds several dictionaries ({', '.join(inner[:8])}"
+                              + (", ..." if len(inner) > 8 else "") + f"): give one, e.g. {path / inner[0]}")
     found = sorted(p.name for p in path.iterdir())[:12] if path.is_dir() else [path.name]
     raise FormatError(f"{path}: no known dictionary layout (found {', '.join(found) or 'nothing'}); known: "
                       + "; ".join(f"{f.name}: {f.describe}" for f in REGISTRY.values()))

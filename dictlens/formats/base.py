@@ -117,3 +117,15 @@ def threshold_of(sae: SAE) -> torch.Tensor:
 
 def finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
+
+
+def written_by_dictlens(cfg: dict[str, Any], where: Path, found: Provenance) -> Provenance:
+    """``found`` (what the foreign files say), or, for files dictlens wrote, the record saved
+    under their config's ``dictlens`` entry, with ``found``'s source, origin and notes."""
+    from dictlens.provenance import Provenance
+
+    mine = cfg.get("dictlens")
+    if not (isinstance(mine, dict) and "provenance" in mine):
+        return found
+    p = Provenance.from_json(mine["provenance"], source=f"{where}: dictlens.provenance")
+    return p.replace(source=found.source, origin=found.origin, notes={**p.notes, **found.notes})

@@ -92,3 +92,57 @@ def to_transformer_lens(hook: str, model: str | None) -> str | None:
     if kind in ("attn_out", "mlp_out") and _family(model) == "gemma":
         return None   # TransformerLens's Gemma hook_*_out is after the post-norm: another point
     return f"blocks.{index}.hook_{kind}"
+
+
+_BLOCK = re.compile(r"^(?:model\.language_model\.layers|model\.layers|transformer\.h)\.(\d+)$")
+
+
+def from_module_point(point: str) -> str:
+    """The dictlens hook for a Hugging Face module point, ``PATH.output`` / ``PATH.input``
+    (Gemma Scope 2) or a bare module path (its output): a block's output is ``resid_post.L``."""
+    io = "output"
+    for suffix in (".output", ".input"):
+        if point.endswith(suffix):
+            point, io = point[: -len(suffix)], suffix[1:]
+    m = _BLOCK.match(point)
+    if m and io == "output":
+        return f"resid_post.{m.group(1)}"
+    if m:
+        return f"resid_pre.{m.group(1)}"
+    return point + (":input" if io == "input" else "")
+
+
+def from_base_model_path(path: str) -> str:
+    """The dictlens hook for a module path relative to the base model (sparsify's hookpoints:
+    ``layers.10``, ``layers.10.mlp``, ``embed_tokens``)."""
+    m = re.match(r"^(?:model\.)?layers\.(\d+)(?:\.(mlp|self_attn))?$", path)
+    if m:
+        kind = {None: "resid_post", "mlp": "mlp_out", "self_attn": "attn_out"}[m.group(2)]
+        return f"{kind}.{m.group(1)}"
+    return path if path.startswith("model.") else f"model.{path}"
+
+
+def to_base_model_path(hook: str) -> str:
+    """sparsify's hookpoint name for dictlens ``hook``."""
+    m = re.match(r"^(resid_post|mlp_out|attn_out)\.(\d+)$", hook)
+    if m:
+        return f"layers.{m.group(2)}" + {"resid_post": "", "mlp_out": ".mlp", "attn_out": ".self_attn"}[m.group(1)]
+    if re.match(r"^resid_pre\.\d+$", hook) or ":" in hook:
+        raise FormatError(f"hook {hook!r}: sparsify names a module's output relative to the base model; "
+                          "this hook is an input")
+    return hook.removeprefix("model.")
+
+
+def to_module_point(hook: str, model: str | None) -> str:
+    """Gemma Scope 2's ``PATH.output`` / ``PATH.input`` for dictlens ``hook``."""
+    m = re.match(r"^(resid_pre|resid_post|attn_out|mlp_out)\.(\d+)$", hook)
+    blocks = _blocks(model)
+    if m is None:
+        path, _, io = hook.partition(":")
+        return f"{path}.{io or 'output'}"
+    kind, layer = m.group(1), m.group(2)
+    if kind == "resid_post":
+        return f"{blocks}.{layer}.output"
+    if kind == "resid_pre":
+        return f"{blocks}.{layer}.input"
+    return f"{blocks}.{layer}.{'mlp' if kind == 'mlp_out' else 'self_attn'}.output"

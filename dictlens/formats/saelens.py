@@ -24,7 +24,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dictlens.errors import FormatError
-from dictlens.formats.base import ReadOptions, Weights, build_sae, log_threshold, need, read_safetensors
+from dictlens.formats.base import (
+    ReadOptions,
+    Weights,
+    build_sae,
+    log_threshold,
+    need,
+    read_safetensors,
+    written_by_dictlens,
+)
 from dictlens.formats.hooks import from_transformer_lens, to_transformer_lens
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -151,10 +159,10 @@ class SAELens:
                     s: float | None) -> Any:
         from dictlens.provenance import Provenance
 
-        if isinstance(raw.get("dictlens"), dict) and "provenance" in raw["dictlens"]:   # written by dictlens
-            p = Provenance.from_json(raw["dictlens"]["provenance"], source=f"{path / CFG}: dictlens.provenance")
+        if isinstance(raw.get("dictlens"), dict):   # written by dictlens: its own record, and the name SAELens uses
             theirs = {"hook_name": cfg["metadata"].get("hook_name")} if cfg["metadata"].get("hook_name") else {}
-            return p.replace(source="saelens", origin=str(path), notes={**p.notes, "saelens": theirs})
+            found = Provenance.of_sae(source="saelens", origin=str(path), notes={"saelens": theirs})
+            return written_by_dictlens(raw, path / CFG, found)
         meta = cfg["metadata"]
         kwargs = meta.get("model_from_pretrained_kwargs") or {}
         if kwargs.get("center_writing_weights"):

@@ -1,0 +1,92 @@
+"""EleutherAI sparsify: one folder per hookpoint, ``cfg.json`` + ``sae.safetensors``.
+
+Feature-major like dictlens (``encoder.weight [F, D]``, ``encoder.bias``, ``W_dec [F, D]``,
+``b_dec``), ``b_dec`` subtracted from the input (unless a transcoder), ``relu`` then TopK
+or group-max (k contiguous groups, the largest of each): dictlens's topk and groupmax, an
+identity mapping. The hookpoint is the folder's name, a module path relative to the base
+model (``layers.10`` is the output of block 10: ``resid_post.10``); the model comes from
+``--model`` or a ``model`` entry in the run's ``config.json`` beside the hookpoints.
+Transcoders, skip connections and ``multi_topk`` are refused until dictlens has them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dictlens.errors import FormatError
+from dictlens.formats.base import ReadOptions, Weights, build_sae, need, read_safetensors, written_by_dictlens
+from dictlens.formats.hooks import from_base_model_path, to_base_model_path
+from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    from dictlens.sae.model import SAE
+
+CFG, WEIGHTS = "cfg.json", "sae.safetensors"
+
+
+class Sparsify:
+    name = "sparsify"
+    describe = "EleutherAI sparsify hookpoint folder (cfg.json + sae.safetensors)"
+    writes = True
+
+    def detect(self, path: Path) -> bool:
+        return path.is_dir() and (path / CFG).is_file() and (path / WEIGHTS).is_file()
+
+    def read(self, path: Path, opts: ReadOptions) -> SAE:
+        cfg: dict[str, Any] = read_json(path / CFG)
+        where = str(path / WEIGHTS)
+        for flag, what in (("transcode", "a transcoder"), ("skip_connection", "a skip connection"),
+                           ("multi_topk", "the multi-TopK loss's decoding"), ("signed", "signed latents")):
+            if cfg.get(flag):
+                raise FormatError(f"{path / CFG}: {flag} ({what}), which dictlens cannot express yet")
+        activation = str(cfg.get("activation", "topk"))
+        if activation not in ("topk", "groupmax"):
+            raise FormatError(f"{path / CFG}: activation {activation!r} (readable: topk, groupmax)")
+        t = read_safetensors(path / WEIGHTS)
+        if "encoder.weight" not in t:
+            raise FormatError(f"{where}: no tensor 'encoder.weight' (found {', '.join(sorted(t))})")
+        F, D = t["encoder.weight"].shape
+        w = Weights(W_enc=need(t, "encoder.weight", (F, D), where), W_dec=need(t, "W_dec", (F, D), where),
+                    b_enc=need(t, "encoder.bias", (F,), where), b_dec=need(t, "b_dec", (D,), where))
+        model = opts.model
+        run_cfg = path.parent / "config.json"
+        if model is None and run_cfg.is_file():
+            run = read_json(run_cfg)
+            model = run.get("model") if isinstance(run, dict) else None
+        from dictlens.provenance import Provenance
+
+        notes: dict[str, object] = {"hookpoint": path.name,
+                                    **{k: cfg[k] for k in ("k", "num_latents", "expansion_factor") if k in cfg}}
+        prov = Provenance.of_sae(model=model, hook=opts.hook or from_base_model_path(path.name), source=self.name,
+                                 origin=str(path), normalization="none", notes={self.name: notes})
+        return build_sae(activation, w, pre_bias=True, k=int(cfg["k"]),
+                         provenance=written_by_dictlens(cfg, path / CFG, prov))
+
+    def write(self, sae: SAE, out: Path) -> list[Path]:
+        """Into ``out/<hookpoint>/`` (the folder sparsify's ``load_many`` reads)."""
+        from safetensors.torch import save
+
+        name = sae.cfg.activation
+        if name not in ("topk", "groupmax"):
+            raise FormatError(f"sparsify holds TopK and group-max SAEs; a {name} SAE cannot be written as one")
+        state = {k: v.detach().cpu().to(torch.float32) for k, v in sae.folded_state().items()}
+        W_enc = state.get("W_enc_", state["W_dec"])
+        # sparsify always subtracts b_dec: fold it into the bias of an SAE that does not
+        b_enc = state["b_enc"] if sae.cfg.pre_bias else state["b_enc"] + W_enc @ state["b_dec"]
+        p = sae.provenance
+        folder = out / (to_base_model_path(p.hook_in) if p.hook_in else "sae")
+        tensors = {"encoder.weight": W_enc.contiguous(), "encoder.bias": b_enc, "W_dec": state["W_dec"].contiguous(),
+                   "b_dec": state["b_dec"]}
+        cfg = {"activation": name, "expansion_factor": sae.n_features // sae.d_in, "normalize_decoder": True,
+               "num_latents": sae.n_features, "k": sae.cfg.k, "multi_topk": False, "skip_connection": False,
+               "transcode": False, "d_in": sae.d_in, "dictlens": {"provenance": p.to_json()}}
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / WEIGHTS, save(tensors))
+        atomic_write_json(folder / CFG, cfg)
+        return [folder / CFG, folder / WEIGHTS]
+
+
+FORMAT = Sparsify()
