@@ -391,3 +391,166 @@ def test_sparsify_hookpoints_read_as_sparsify_computes(tmp_path, activation):
     assert back.provenance.hook_in == "mlp_out.6"
     with sae.ranking("float32"), back.ranking("float32"):
         assert torch.allclose(back.encode(x), sae.encode(x), atol=1e-5)
+
+
+def _dl_state(cls, g):
+    r = lambda *shape: torch.randn(*shape, generator=g) / 4   # noqa: E731
+    if cls == "AutoEncoder":
+        return {"bias": r(D), "encoder.weight": r(F, D), "encoder.bias": r(F), "decoder.weight": r(D, F)}
+    if cls == "AutoEncoderNew":
+        return {"encoder.weight": r(F, D), "encoder.bias": r(F), "decoder.weight": r(D, F), "decoder.bias": r(D)}
+    if cls == "GatedAutoEncoder":
+        return {"encoder.weight": r(F, D), "decoder.weight": r(D, F), "decoder_bias": r(D), "r_mag": r(F),
+                "gate_bias": r(F), "mag_bias": r(F)}
+    if cls == "JumpReluAutoEncoder":
+        return {"W_enc": r(D, F), "b_enc": r(F), "W_dec": r(F, D), "b_dec": r(D),
+                "threshold": torch.rand(F, generator=g) * 0.3 + 0.05}
+    if cls == "MatryoshkaBatchTopKSAE":
+        return {"W_enc": r(D, F), "b_enc": r(F), "W_dec": r(F, D), "b_dec": r(D), "k": torch.tensor(K),
+                "threshold": torch.tensor(0.15), "group_sizes": torch.tensor([16, 16, 32])}
+    return {"encoder.weight": r(F, D), "encoder.bias": r(F), "decoder.weight": r(D, F), "b_dec": r(D),
+            "k": torch.tensor(K, dtype=torch.int32),
+            "threshold": torch.tensor(0.15 if cls == "BatchTopKSAE" else -1.0)}
+
+
+def dictionary_learning_forward(cls, s, x):
+    """dictionary_learning's encode / decode of each class, from its source's formulas."""
+    if cls == "AutoEncoder":
+        f = torch.relu((x - s["bias"]) @ s["encoder.weight"].T + s["encoder.bias"])
+        return f, f @ s["decoder.weight"].T + s["bias"]
+    if cls == "AutoEncoderNew":
+        f = torch.relu(x @ s["encoder.weight"].T + s["encoder.bias"])
+        return f, f @ s["decoder.weight"].T + s["decoder.bias"]
+    if cls == "GatedAutoEncoder":
+        x_enc = (x - s["decoder_bias"]) @ s["encoder.weight"].T
+        f = (x_enc + s["gate_bias"] > 0) * torch.relu(s["r_mag"].exp() * x_enc + s["mag_bias"])
+        return f, f @ s["decoder.weight"].T + s["decoder_bias"]
+    if cls == "JumpReluAutoEncoder":
+        pre = x @ s["W_enc"] + s["b_enc"]
+        f = torch.relu(pre * (pre > s["threshold"]))
+        return f, f @ s["W_dec"] + s["b_dec"]
+    if cls == "MatryoshkaBatchTopKSAE":
+        post = torch.relu((x - s["b_dec"]) @ s["W_enc"] + s["b_enc"])
+        f = post * (post > s["threshold"])
+        return f, f @ s["W_dec"] + s["b_dec"]
+    post = torch.relu((x - s["b_dec"]) @ s["encoder.weight"].T + s["encoder.bias"])
+    if cls == "BatchTopKSAE":
+        f = post * (post > s["threshold"])
+    else:
+        top = post.topk(K, dim=1)
+        f = torch.zeros_like(post).scatter(1, top.indices, top.values)
+    return f, f @ s["decoder.weight"].T + s["b_dec"]
+
+
+@pytest.mark.parametrize("cls", ["AutoEncoder", "AutoEncoderNew", "GatedAutoEncoder", "JumpReluAutoEncoder",
+                                 "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE"])
+def test_dictionary_learning_classes_read_as_the_library_computes(tmp_path, cls):
+    s = _dl_state(cls, torch.Generator().manual_seed(11))
+    path = tmp_path / "trainer_0"
+    path.mkdir()
+    torch.save(s, path / "ae.pt")
+    (path / "config.json").write_text(json.dumps({"trainer": {
+        "dict_class": cls, "activation_dim": D, "dict_size": F, "lm_name": "EleutherAI/pythia-70m-deduped",
+        "layer": 3, "submodule_name": "resid_post_layer_3", "norm_factor": 7.0}}))   # already applied: not again
+    sae = read(path)
+    x = _x()
+    codes, x_hat = dictionary_learning_forward(cls, s, x)
+    assert (codes > 0).any()
+    _same(sae, codes, x_hat, x)
+    assert (sae.provenance.model, sae.provenance.hook_in) == ("EleutherAI/pythia-70m-deduped", "resid_post.3")
+    if cls == "MatryoshkaBatchTopKSAE":
+        assert sae.cfg.matryoshka == [16, 32, 64]
+    back = read(write(sae, tmp_path / "out", "dictionary-learning")[0])   # and back (the ae.pt path works too)
+    with sae.ranking("float32"), back.ranking("float32"):
+        assert torch.allclose(back.encode(x), codes, atol=1e-5) and torch.allclose(back(x), x_hat, atol=1e-5)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["trainer"]["dict_class"] == \
+        ("AutoEncoderTopK" if cls == "AutoEncoderTopK" else cls)
+
+
+def test_dictionary_learning_backup_gets_its_norm_factor_once_and_pickles_are_refused(tmp_path):
+    s = _dl_state("AutoEncoderTopK", torch.Generator().manual_seed(12))
+    path = tmp_path / "live"
+    path.mkdir()
+    nf = 3.0
+    unscaled = {k: (v / nf if k in ("encoder.bias", "b_dec") else v) for k, v in s.items()}
+    torch.save({"step": 100, "ae": unscaled, "norm_factor": nf}, path / "ae.pt")   # the backup of a live run
+    (path / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoderTopK"}}))
+    sae = read(path)
+    x = _x()
+    _same(sae, *dictionary_learning_forward("AutoEncoderTopK", s, x), x)
+    assert sae.provenance.notes["dictionary-learning"]["norm_factor_applied"] == nf
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    torch.save({"ae": Evil()}, path / "ae.pt")
+    with pytest.raises(FormatError, match="not a weights-only file.*refuses to execute it"):
+        read(path)
+
+
+def test_llama_scope_standardised_and_decoder_folded_as_lm_saes_does(tmp_path):
+    """The training-units forward, with codes reported in lm_saes's inference units
+    (f = z·‖W_dec‖/s, gated by f > θ): dictlens's folded SAE gives the same."""
+    g = torch.Generator().manual_seed(13)
+    enc, dec = torch.randn(F, D, generator=g) / 4, torch.randn(D, F, generator=g) * 1.5   # non-unit decoder columns
+    b_enc, b_dec = torch.randn(F, generator=g) / 5, torch.randn(D, generator=g) / 5
+    t = {"encoder.weight": enc, "encoder.bias": b_enc, "decoder.weight": dec, "decoder.bias": b_dec}
+    t = {k: v.to(torch.bfloat16) for k, v in t.items()}                                      # released as bf16
+    path = tmp_path / "Llama3_1-8B-Base-L15R-8x"
+    (path / "checkpoints").mkdir(parents=True)
+    save_file(t, str(path / "checkpoints" / "final.safetensors"))
+    avg, theta = 3.0, 0.4
+    (path / "hyperparams.json").write_text(json.dumps({
+        "d_model": D, "d_sae": F, "act_fn": "jumprelu", "jump_relu_threshold": theta, "norm_activation": "dataset-wise",
+        "dataset_average_activation_norm": {"in": avg, "out": avg}, "hook_point_in": "blocks.15.hook_resid_post",
+        "hook_point_out": "blocks.15.hook_resid_post", "apply_decoder_bias_to_pre_encoder": True,
+        "sparsity_include_decoder_norm": True, "use_decoder_bias": True}))
+    sae = read(path)
+    t = {k: v.to(torch.float32) for k, v in t.items()}
+    s = D ** 0.5 / avg
+    x = _x() * 2
+    z = (x * s - t["decoder.bias"]) @ t["encoder.weight"].T + t["encoder.bias"]        # training units
+    n = t["decoder.weight"].norm(dim=0)
+    f_inf = z * n / s
+    f = f_inf * (f_inf > theta)
+    x_hat = ((f * s / n) @ t["decoder.weight"].T + t["decoder.bias"]) / s
+    assert (f > 0).sum(1).float().mean() < F / 2                                          # the threshold acts
+    with sae.ranking("float32"):
+        assert torch.allclose(sae.encode(x), f, atol=1e-4) and torch.allclose(sae(x), x_hat, atol=1e-4)
+    assert sae.cfg.decoder_norm == "unit"
+    assert (sae.provenance.model, sae.provenance.hook_in) == ("meta-llama/Llama-3.1-8B", "resid_post.15")
+
+
+def test_openai_relu_autoencoders_and_the_layer_norm_ones_refused(tmp_path):
+    g = torch.Generator().manual_seed(14)
+    s = {"pre_bias": torch.randn(D, generator=g) / 5, "encoder.weight": torch.randn(F, D, generator=g) / 4,
+         "latent_bias": torch.randn(F, generator=g) / 5, "decoder.weight": torch.randn(D, F, generator=g) / 3,
+         "stats_last_nonzero": torch.zeros(F, dtype=torch.int64), "activation": "ReLU", "activation_state_dict": {}}
+    path = tmp_path / "gpt2-small" / "resid_delta_mlp_v4" / "autoencoders"
+    path.mkdir(parents=True)
+    torch.save(s, path / "5.pt")
+    sae = read(path / "5.pt")
+    x = _x()
+    f = torch.relu((x - s["pre_bias"]) @ s["encoder.weight"].T + s["latent_bias"])
+    _same(sae, f, f @ s["decoder.weight"].T + s["pre_bias"], x)
+    assert (sae.provenance.model, sae.provenance.hook_in, sae.provenance.context) == ("gpt2", "mlp_out.5", 64)
+    torch.save({**s, "activation": "TopK", "activation_state_dict": {"k": 32}}, path / "6.pt")
+    with pytest.raises(FormatError, match="layer-normalises every token"):
+        read(path / "6.pt")
+
+
+def test_goodfire_pth(tmp_path):
+    g = torch.Generator().manual_seed(15)
+    s = {"encoder_linear.weight": torch.randn(F, D, generator=g) / 4,
+         "encoder_linear.bias": torch.randn(F, generator=g) / 5,
+         "decoder_linear.weight": torch.randn(D, F, generator=g) / 3,
+         "decoder_linear.bias": torch.randn(D, generator=g)}
+    path = tmp_path / "Llama-3.1-8B-Instruct-SAE-l19"
+    path.mkdir()
+    torch.save(s, path / "Llama-3.1-8B-Instruct-SAE-l19.pth")
+    sae = read(path)
+    x = _x()
+    f = torch.relu(x @ s["encoder_linear.weight"].T + s["encoder_linear.bias"])
+    _same(sae, f, f @ s["decoder_linear.weight"].T + s["decoder_linear.bias"], x)
+    assert (sae.provenance.model, sae.provenance.hook_in) == ("meta-llama/Llama-3.1-8B-Instruct", "resid_post.19")

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dictlens.errors import FormatError, InputError
-from dictlens.formats import gemma_scope, saelens, sparsify
+from dictlens.formats import dictionary_learning, gemma_scope, goodfire, llama_scope, openai, saelens, sparsify
 from dictlens.formats.base import Format, ReadOptions
 
 if TYPE_CHECKING:
     from dictlens.sae.model import SAE
 
 REGISTRY: dict[str, Format] = {f.name: f for f in (saelens.FORMAT, gemma_scope.FORMAT, gemma_scope.FORMAT_2,
-                                                     sparsify.FORMAT)}
+                                                     sparsify.FORMAT, dictionary_learning.FORMAT, llama_scope.FORMAT,
+                                                     openai.FORMAT, goodfire.FORMAT)}
 NAMES = tuple(REGISTRY)
 HF_PREFIX = "hf://"
 

@@ -129,3 +129,17 @@ def written_by_dictlens(cfg: dict[str, Any], where: Path, found: Provenance) -> 
         return found
     p = Provenance.from_json(mine["provenance"], source=f"{where}: dictlens.provenance")
     return p.replace(source=found.source, origin=found.origin, notes={**p.notes, **found.notes})
+
+
+def load_torch(path: Path) -> Any:
+    """A ``.pt`` / ``.pth`` file read with ``weights_only=True`` only: a file that would run
+    code to load is refused (and never executed), a truncated one is named."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise FormatError(f"{path}: not a weights-only file (it would run code to load: {str(e)[:120]}); "
+                          "dictlens refuses to execute it") from None
+    except (EOFError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or damaged ({e})") from None
