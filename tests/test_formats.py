@@ -554,3 +554,76 @@ def test_goodfire_pth(tmp_path):
     f = torch.relu(x @ s["encoder_linear.weight"].T + s["encoder_linear.bias"])
     _same(sae, f, f @ s["decoder_linear.weight"].T + s["decoder_linear.bias"], x)
     assert (sae.provenance.model, sae.provenance.hook_in) == ("meta-llama/Llama-3.1-8B-Instruct", "resid_post.19")
+
+
+def test_preflight_on_the_model_refuses_transposed_weights(tiny_model_dirs, corpus, tmp_path, capsys):
+    """`dictlens convert --check`: the dictionary on the model's own activations at its hook."""
+    from safetensors.torch import load_file
+
+    from dictlens.cli import main
+
+    model, acts, run = str(tiny_model_dirs["llama"]), tmp_path / "acts", tmp_path / "run"
+    assert main(["harvest", "--model", model, "--hook", "resid_post.1", "--text", str(corpus), "--tokens", "6000",
+                 "--context", "64", "--out", str(acts)]) == 0
+    assert main(["train", "--acts", str(acts), "--k", "8", "--expansion", "1", "--tokens", "20000",   # F = D: square
+                 "--batch-size", "256", "--no-plots", "--out", str(run)]) == 0
+    assert main(["export", str(run), "--to", "saelens", "--out", str(tmp_path / "good")]) == 0
+    check = ["--check", "--check-text", str(corpus), "--check-tokens", "2000"]
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "good"), "--out", str(tmp_path / "c0"), *check]) == 0
+    assert "preflight on 2,000 tokens: FVU 0." in capsys.readouterr().out
+    assert json.loads((tmp_path / "c0" / "config.json").read_text())["provenance"]["notes"]["preflight"]["fvu"] < 1
+    good = load_file(str(tmp_path / "good" / "sae_weights.safetensors"))
+    bad = tmp_path / "t"
+    bad.mkdir()
+    save_file({**good, "W_enc": good["W_enc"].T.contiguous(), "W_dec": good["W_dec"].T.contiguous()},
+              str(bad / "sae_weights.safetensors"))
+    (bad / "cfg.json").write_text((tmp_path / "good" / "cfg.json").read_text())
+    assert main(["convert", str(bad), "--out", str(tmp_path / "ot"), *check]) == 2
+    err = capsys.readouterr().err
+    assert "refused after the preflight" in err and "likely transposed weights" in err and "--force" in err, err
+    assert not (tmp_path / "ot").exists()                                  # nothing written
+    assert main(["convert", str(bad), "--out", str(tmp_path / "forced"), *check, "--force"]) == 0
+    assert "FORCED past" in capsys.readouterr().out
+
+
+def test_preflight_names_a_missing_and_a_doubled_normalisation_factor(tmp_path):
+    """On data with known features, offset like a residual stream and far from unit scale."""
+    from safetensors.torch import load_file
+
+    from dictlens.data.store import ArraySource
+    from dictlens.eval.synthetic import generate, setting
+    from dictlens.formats.preflight import preflight
+    from dictlens.provenance import Provenance
+    from dictlens.sae import SAEConfig
+    from dictlens.train import Trainer
+    from dictlens.train.config import TrainConfig
+
+    data = generate(setting("sharkey", d=D, features=F, samples=40_000, mean_active=3))
+    offset = torch.randn(D, generator=torch.Generator().manual_seed(3)) * 3
+    x = (data.x + offset) * 40                                               # mean norm far from √D
+    trainer = Trainer(SAEConfig(activation="topk", k=K, expansion=F / D), TrainConfig(tokens=200_000, batch_size=1024,
+                      plots=False), ArraySource(x[:-4000]), tmp_path / "run", progress=False,
+                      provenance=Provenance.of_sae(model="m", hook="resid_post.1"))
+    sae = trainer.fit()
+    held = x[-4000:]
+    assert preflight(sae, held, where="trained").problem is None              # a sound SAE passes
+    write(sae, tmp_path / "good", "saelens")
+    good = load_file(str(tmp_path / "good" / "sae_weights.safetensors"))
+    scale = sae.provenance.input_scale
+    cfg = json.loads((tmp_path / "good" / "cfg.json").read_text())
+
+    def variant(name, tensors, **changes):
+        path = tmp_path / name
+        path.mkdir()
+        save_file(tensors, str(path / "sae_weights.safetensors"))
+        (path / "cfg.json").write_text(json.dumps({**cfg, **changes}))
+        return path
+
+    missing = read(variant("m", {**good, "b_enc": good["b_enc"] * scale, "b_dec": good["b_dec"] * scale}))
+    with pytest.raises(FormatError, match="likely a missing normalisation factor"):
+        preflight(missing, held, where="m")
+    doubled = read(variant("d", good, normalize_activations="expected_average_only_in"),
+                   opts=ReadOptions(norm_scaling_factor=scale))
+    with pytest.raises(FormatError, match="likely a normalisation factor applied twice"):
+        preflight(doubled, held, where="d")

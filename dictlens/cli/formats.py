@@ -11,12 +11,14 @@ from dictlens.formats.jobs import ConvertJob, ExportJob
 def _convert(job: ConvertJob) -> int:
     from dictlens.formats.jobs import convert_job
 
-    out, sae = convert_job(job)
-    p = sae.provenance
+    c = convert_job(job)
+    sae, p = c.sae, c.sae.provenance
     print(f"{job.src} ({p.source}): {sae.cfg.activation} SAE, F={sae.n_features:,}, D={sae.d_in}, "
           f"model {p.model or 'unknown'}, hook {p.hook_in or 'unknown'}"
           + (f" (theirs: {p.notes['saelens']['hook_name']})" if p.notes.get("saelens", {}).get("hook_name") else ""))
-    print(f"dictlens run: {out}")
+    if c.preflight is not None:
+        print(c.preflight.line() + (f"; FORCED past: {c.preflight.problem}" if c.preflight.problem else ""))
+    print(f"dictlens run: {c.out}")
     return 0
 
 

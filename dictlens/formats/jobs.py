@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,6 +10,7 @@ from dictlens.config import field
 from dictlens.errors import InputError
 from dictlens.formats import NAMES
 from dictlens.formats.base import ReadOptions
+from dictlens.formats.preflight import Preflight, preflight, sample
 
 if TYPE_CHECKING:
     from dictlens.sae.model import SAE
@@ -27,6 +28,20 @@ class ConvertJob:
     model: str | None = field(None, help="the model it reads (default: the one its files name)")
     hook: str | None = field(None, help="the dictlens hook it reads (default: mapped from its files' hook name)")
     overwrite: bool = field(False, help="replace a dictlens run already in --out")
+    check: bool = field(False, help="run it on real activations of the model at its hook first (the preflight); "
+                                    "refuse an impossible result, naming the likely cause")
+    check_tokens: int = field(4096, help="tokens of --check-text the preflight reconstructs")
+    check_text: str = field("default", help="text the preflight runs through the model")
+    force: bool = field(False, help="convert even when the preflight finds the result impossible")
+
+
+@dataclass
+class Converted:
+    """The dictlens run written, its SAE, and the preflight's measurement (with --check)."""
+
+    out: Path
+    sae: SAE
+    preflight: Preflight | None
 
 
 @dataclass(kw_only=True)
@@ -39,8 +54,8 @@ class ExportJob:
     overwrite: bool = field(False, help="replace what is in --out")
 
 
-def convert_job(job: ConvertJob) -> tuple[Path, SAE]:
-    """Read ``job.src`` and save it as a dictlens run in ``job.out``; (the run, the SAE)."""
+def convert_job(job: ConvertJob) -> Converted:
+    """Read ``job.src``, check it on the model with ``job.check``, save it as a dictlens run in ``job.out``."""
     from dictlens.load import load_sae
     from dictlens.sae.model import CONFIG_FILE
 
@@ -49,7 +64,23 @@ def convert_job(job: ConvertJob) -> tuple[Path, SAE]:
         raise InputError(f"{out} already holds a dictionary: choose another --out, or pass --overwrite")
     sae = load_sae(job.src, fmt=job.from_format,
                    opts=ReadOptions(norm_scaling_factor=job.norm_scaling_factor, model=job.model, hook=job.hook))
-    return sae.save(out), sae
+    report = None
+    if job.check:
+        report = check_on_model(sae, job.src, tokens=job.check_tokens, text=job.check_text, force=job.force)
+        sae.provenance = sae.provenance.replace(notes={**sae.provenance.notes, "preflight": asdict(report)})
+    return Converted(sae.save(out), sae, report)
+
+
+def check_on_model(sae: SAE, src: str, *, tokens: int, text: str, force: bool) -> Preflight:
+    """The preflight on the model and hook the dictionary records."""
+    from dictlens.data.models import load_model
+    from dictlens.load import check_model, hook_of, model_of
+
+    lm = load_model(model_of(sae, src))
+    hook = hook_of(sae, src)
+    check_model(sae, src, lm, hook)
+    x = sample(lm, hook, tokens=tokens, text=text, max_norm=sae.provenance.outlier_limit)
+    return preflight(sae, x, where=src, force=force)
 
 
 def export_job(job: ExportJob) -> list[Path]:
