@@ -136,10 +136,13 @@ def own_directory(run: str | Path, command: str) -> Path:
 
 
 def load_runs(runs: Sequence[str | Path], model: str | None = None, device: str | None = None,
-              check: Callable[[dict[str, SAE]], None] | None = None, hook: str | None = None) -> LoadedRuns:
+              check: Callable[[dict[str, SAE]], None] | None = None, hook: str | None = None,
+              force: bool = False) -> LoadedRuns:
     """Load the SAEs in ``runs`` (one per hook) and the model they were trained on, on one
     device. ``check(saes)`` runs before the model loads (e.g. that edited features exist).
-    ``hook``: for a single run, the hook it reads (it must be the recorded one, if any)."""
+    ``hook``: for a single run, the hook it reads (it must be the recorded one, if any).
+    A dictionary of another format passes the preflight on the model first (its result is
+    in ``provenance.notes["preflight"]``), unless ``force``."""
     from dictlens.data.models import default_device, load_model
 
     if not runs:
@@ -161,17 +164,31 @@ def load_runs(runs: Sequence[str | Path], model: str | None = None, device: str 
     lm = load_model(names.pop(), device=device)
     for at, sae in saes.items():
         check_model(sae, paths[at], lm, at)
+        _preflight_if_foreign(sae, paths[at], lm, at, force)
     return LoadedRuns(lm, saes, {h: s.provenance.outlier_limit for h, s in saes.items()}, paths)
 
 
+def _preflight_if_foreign(sae: SAE, run: str, lm: LoadedModel, hook: str, force: bool) -> None:
+    from dataclasses import asdict
+
+    from dictlens import formats
+    from dictlens.formats.preflight import preflight, sample
+
+    if not formats.is_foreign(run):
+        return
+    x = sample(lm, hook, max_norm=sae.provenance.outlier_limit).to(sae.device)
+    report = preflight(sae, x, where=run, force=force)
+    sae.provenance = sae.provenance.replace(notes={**sae.provenance.notes, "preflight": asdict(report)})
+
+
 def load_run(run: str | Path, model: str | None = None, device: str | None = None,
-             check: Callable[[SAE], None] | None = None, hook: str | None = None) -> Loaded:
+             check: Callable[[SAE], None] | None = None, hook: str | None = None, force: bool = False) -> Loaded:
     """Load the SAE in ``run`` and its model (``model`` defaults to the one it was trained on).
     ``check(sae)`` runs before the model loads; ``hook``, when given, must be the SAE's."""
     def check_one(saes: dict[str, SAE]) -> None:
         if check is not None:
             check(next(iter(saes.values())))
 
-    r = load_runs([run], model, device, check_one, hook=hook)
+    r = load_runs([run], model, device, check_one, hook=hook, force=force)
     h, sae = next(iter(r.saes.items()))
     return Loaded(sae, r.lm, h, r.max_norm[h])

@@ -585,6 +585,22 @@ def test_preflight_on_the_model_refuses_transposed_weights(tiny_model_dirs, corp
     assert not (tmp_path / "ot").exists()                                  # nothing written
     assert main(["convert", str(bad), "--out", str(tmp_path / "forced"), *check, "--force"]) == 0
     assert "FORCED past" in capsys.readouterr().out
+    # every command that loads the model runs the preflight on a foreign dictionary
+    assert main(["search", str(tmp_path / "good"), "--text", "the cat sat on the mat"]) == 0
+    assert "features fire on the text" in capsys.readouterr().out
+    assert main(["search", str(bad), "--text", "the cat sat on the mat"]) == 2
+    assert "likely transposed weights" in capsys.readouterr().err
+    assert main(["search", str(bad), "--text", "the cat sat on the mat", "--force"]) == 0
+    # a foreign dictionary's analysis, and the app's live text over it
+    assert main(["analyze", str(tmp_path / "good"), "--text", str(corpus), "--tokens", "1000", "--context", "64",
+                 "--no-report"]) == 2
+    assert "give --out" in capsys.readouterr().err                         # never into the foreign folder
+    assert main(["analyze", str(tmp_path / "good"), "--text", str(corpus), "--tokens", "1000", "--context", "64",
+                 "--no-report", "--out", str(tmp_path / "an")]) == 0
+    from dictlens.app.server import create_app
+
+    reply = create_app(tmp_path / "an").test_client().post("/api/text", json={"text": "the cat sat on the mat"})
+    assert reply.status_code == 200 and reply.get_json()["tokens"]
 
 
 def test_preflight_names_a_missing_and_a_doubled_normalisation_factor(tmp_path):

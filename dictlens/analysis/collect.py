@@ -26,6 +26,7 @@ from dictlens.analysis.lens import coactivation, logit_lens, nearest, unembeddin
 from dictlens.analysis.stats import CollectedStats, FeatureCollector
 from dictlens.config import check, field, to_dict
 from dictlens.errors import ActivationError, InputError
+from dictlens.formats.preflight import FORCE_HELP
 from dictlens.io import atomic_write_json
 
 if TYPE_CHECKING:
@@ -259,6 +260,7 @@ class AnalyzeJob:
     hook: str | None = field(None, help="hook (default: the one the SAE was trained on)")
     out: str | None = field(None, help="analysis directory (default: RUN/analysis)")
     report: bool = field(True, help="write the HTML report (OUT/report) after the database")
+    force: bool = field(False, help=FORCE_HELP)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig, help="the pass")
 
 
@@ -278,7 +280,7 @@ def analyze_job(job: AnalyzeJob, *, say: Callable[[str], None] = print) -> Analy
     from dictlens.load import load_run, own_directory
 
     cfg = job.analysis
-    loaded = load_run(job.run, model=job.model, device=cfg.device, hook=job.hook)
+    loaded = load_run(job.run, model=job.model, device=cfg.device, hook=job.hook, force=job.force)
     out = Path(job.out) if job.out else own_directory(job.run, "analyze") / "analysis"
     say(f"analyze {job.run} at {loaded.hook} of {loaded.lm.name} over {cfg.text} ({cfg.tokens:,} tokens)")
     r = analyze(loaded.sae, loaded.lm, loaded.hook, cfg, out, run=str(job.run))

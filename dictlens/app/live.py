@@ -38,7 +38,7 @@ class LiveEncoder:
 
         if self.sae is None:
             run = self.meta.get("sae")
-            if not run or not (Path(run) / "sae.safetensors").is_file():
+            if not run or not (str(run).startswith("hf://") or Path(run).exists()):   # a run or any format
                 raise InputError(f"the SAE of this analysis ({run}) is not on disk; this page needs it")
             self.sae = load_sae(run)
         return self.sae

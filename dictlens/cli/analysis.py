@@ -12,6 +12,7 @@ from dictlens.analysis.compare import CompareJob
 from dictlens.cli.common import command, written
 from dictlens.config import field
 from dictlens.errors import ConfigError
+from dictlens.formats.preflight import FORCE_HELP
 
 
 @dataclass(kw_only=True)
@@ -72,6 +73,7 @@ class Search(Analysis):
     token: str | None = field(None, help="a token of the analysed text, e.g. the")
     model: str | None = field(None, help="model for --text (default: the SAE's)")
     n: int = field(20, short="-n", help="features listed")
+    force: bool = field(False, help=FORCE_HELP)
 
     def __post_init__(self) -> None:
         if (self.text is None) == (self.token is None):
@@ -113,7 +115,7 @@ def _search(job: Search) -> int:
     from dictlens.analysis.search import features_on_text
     from dictlens.load import load_run
 
-    run = load_run(job.run, model=job.model)
+    run = load_run(job.run, model=job.model, force=job.force)
     r = features_on_text(run.sae, run.lm, run.hook, str(job.text), max_norm=run.max_norm)
     print(f"{len(r.features):,} features fire on the text's {len(r.tokens)} tokens; strongest first:")
     print("| feature | max | tokens |\n|---:|---:|---:|")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from dictlens.sae.model import SAE
 
 TOKENS = 4096
+FORCE_HELP = "use a dictionary of another format even when the preflight on the model finds it impossible"
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from dictlens.config import field
 from dictlens.errors import ConfigError, InputError
+from dictlens.formats.preflight import FORCE_HELP
 from dictlens.use.steer import GenerateConfig
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class ModelChoice:
 
     model: str | None = field(None, help="model (default: the one the SAE was trained on; another is refused)")
     device: str | None = field(None, help="cpu or cuda (default: cuda when there is one, else cpu)")
+    force: bool = field(False, help=FORCE_HELP)
 
 
 # ---- generate ----------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def generate_job(job: GenerateJob) -> Steered:
 
     edits = job.edits()
     by_hook: dict[str, list[Edit]] = {}
-    r = load_runs(job.runs, model=job.model, device=job.device,
+    r = load_runs(job.runs, model=job.model, device=job.device, force=job.force,
                   check=lambda saes: by_hook.update(edits_by_hook(edits, saes)))
     ids = prompt_ids(r.lm, job.prompt, job.generation)
     acts = Tap(r.lm, list(r.saes))(ids)
@@ -151,7 +153,7 @@ def ablate_job(job: AblateJob) -> AblationResult:
     from dictlens.load import load_run
     from dictlens.use.ablate import ablate, prompt_batches
 
-    run = load_run(job.run, model=job.model, device=job.device)
+    run = load_run(job.run, model=job.model, device=job.device, force=job.force)
     batches = (prompt_batches(run.lm, [job.prompt]) if job.prompt is not None else
                text_batches(run.lm, str(job.text), tokens=job.tokens, context=job.context,
                             skip_tokens=job.skip_tokens))
@@ -222,7 +224,7 @@ def monitor_job(job: MonitorJob, *, stdin: TextIO | None = None, stdout: TextIO 
     from dictlens.use.splice import Edit, check_edits
 
     watches = [parse_watch(s) for s in job.feature]
-    run = load_run(job.run, model=job.model, device=job.device,
+    run = load_run(job.run, model=job.model, device=job.device, force=job.force,
                    check=lambda sae: check_edits(sae, [Edit(w.feature, "zero") for w in watches]))
     monitor = Monitor(run.lm, run.sae, run.hook, watches, window=job.window, max_norm=run.max_norm)
     out = open(job.out, "w", encoding="utf-8") if job.out else (stdout or sys.stdout)  # noqa: SIM115
@@ -275,7 +277,7 @@ def attribute_job(job: AttributeJob) -> Attributed:
     from dictlens.load import load_runs
     from dictlens.use.attribute import attribute, make_metric, plot_graph
 
-    loaded = load_runs(job.runs, model=job.model, device=job.device)
+    loaded = load_runs(job.runs, model=job.model, device=job.device, force=job.force)
     metric = make_metric(loaded.lm, job.metric, job.token)
     r = attribute(loaded.lm, loaded.saes, job.prompt, metric, top=job.top, check=job.check, edges=job.edges,
                   max_norm=loaded.max_norm)
