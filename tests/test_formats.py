@@ -93,7 +93,8 @@ def test_saelens_folders_read_with_saelens_codes(tmp_path, arch, pre_bias):
     _same(sae, codes, x_hat, x)
     assert sae.cfg.activation == {"standard": "relu", "gated": "gated"}.get(arch, arch)
     p = sae.provenance
-    assert (p.source, p.model, p.hook_in, p.context) == ("saelens", "gpt2-small", "resid_post.3", 128)
+    assert (p.source, p.model, p.hook_in, p.context) == ("saelens", "openai-community/gpt2", "resid_post.3", 128)
+    assert p.notes["saelens"]["model_name"] == "gpt2-small"                 # TransformerLens's name, kept
     assert p.notes["saelens"]["hook_name"] == "blocks.3.hook_resid_post"
     assert sae.cfg.decoder_norm == "free"                   # their rows are not unit: kept, not renormalised
 
@@ -131,7 +132,7 @@ def test_saelens_pre_6_flat_config(tmp_path):
     sae = read(_write_saelens(tmp_path / "old", "topk", t, flat=True))
     x = _x()
     _same(sae, *saelens_forward("topk", t, x), x)
-    assert (sae.provenance.model, sae.provenance.hook_in) == ("gpt2-small", "resid_post.3")
+    assert (sae.provenance.model, sae.provenance.hook_in) == ("openai-community/gpt2", "resid_post.3")
 
 
 def test_saelens_batchtopk_training_checkpoint(tmp_path):
@@ -643,3 +644,38 @@ def test_preflight_names_a_missing_and_a_doubled_normalisation_factor(tmp_path):
                    opts=ReadOptions(norm_scaling_factor=scale))
     with pytest.raises(FormatError, match="likely a normalisation factor applied twice"):
         preflight(doubled, held, where="d")
+
+
+def test_saelens_registry_releases_resolve_to_their_hub_files_format_and_factor(monkeypatch):
+    import importlib.util
+
+    from dictlens.formats import registry
+
+    releases = {"gpt2-small-res-jb": {"repo_id": "jbloom/GPT2-Small-SAEs-Reformatted", "model": "gpt2-small",
+                                      "saes": [{"id": "blocks.8.hook_resid_pre", "path": "blocks.8.hook_resid_pre"}]},
+                "gemma-scope-2b-pt-res": {"repo_id": "google/gemma-scope-2b-pt-res", "model": "gemma-2-2b",
+                                          "conversion_func": "gemma_2",
+                                          "saes": [{"id": "layer_12/width_16k/average_l0_82",
+                                                    "path": "layer_12/width_16k/average_l0_82"}]},
+                "llama_scope_lxr_8x": {"repo_id": "fnlp/Llama3_1-8B-Base-LXR-8x", "model": "Llama-3.1-8B",
+                                       "conversion_func": "llama_scope",
+                                       "saes": [{"id": "l15r_8x", "path": "Llama3_1-8B-Base-L15R-8x",
+                                                 "norm_scaling_factor": 0.25}]},
+                "odd": {"repo_id": "x/y", "conversion_func": "deepseek_r1", "saes": [{"id": "a", "path": "a"}]}}
+    src, fmt, opts = registry.resolve("saelens:gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82",
+                                      ReadOptions(), releases)
+    assert (src, fmt, opts.model) == ("hf://google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82",
+                                      "gemma-scope", "google/gemma-2-2b")
+    src, fmt, opts = registry.resolve("saelens:llama_scope_lxr_8x/l15r_8x", ReadOptions(), releases)
+    assert (fmt, opts.norm_scaling_factor, opts.model) == ("llama-scope", 0.25, "meta-llama/Llama-3.1-8B")
+    assert registry.resolve("saelens:gpt2-small-res-jb/blocks.8.hook_resid_pre", ReadOptions(), releases)[1] == \
+        "saelens"
+    with pytest.raises(InputError, match="no release 'gpt2-smal' .*did you mean 'gpt2-small-res-jb'"):
+        registry.resolve("saelens:gpt2-smal/blocks.8.hook_resid_pre", ReadOptions(), releases)
+    with pytest.raises(InputError, match="has no SAE 'blocks.9.hook_resid_pre'"):
+        registry.resolve("saelens:gpt2-small-res-jb/blocks.9.hook_resid_pre", ReadOptions(), releases)
+    with pytest.raises(FormatError, match="'deepseek_r1', a format dictlens has no reader for"):
+        registry.resolve("saelens:odd/a", ReadOptions(), releases)
+    if importlib.util.find_spec("sae_lens") is None:                      # CI: the optional extra is absent
+        with pytest.raises(InputError, match="pip install sae-lens"):
+            read("saelens:gpt2-small-res-jb/blocks.8.hook_resid_pre")

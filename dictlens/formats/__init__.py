@@ -37,7 +37,7 @@ def is_foreign(src: str | Path) -> bool:
     """Whether ``src`` is something other than a dictlens run directory."""
     from dictlens.sae.model import CONFIG_FILE
 
-    if str(src).startswith(HF_PREFIX):
+    if str(src).startswith((HF_PREFIX, "saelens:")):
         return True
     cfg = Path(src) / CONFIG_FILE
     if not cfg.is_file():
@@ -96,7 +96,12 @@ def detect(path: Path) -> Format:
 
 
 def read(src: str | Path, *, fmt: str | None = None, opts: ReadOptions | None = None) -> SAE:
-    """The dictionary in ``src`` (any known format, or ``fmt``), as a dictlens SAE."""
+    """The dictionary in ``src`` (any known format, or ``fmt``), as a dictlens SAE; ``src`` may be
+    ``saelens:RELEASE/SAE_ID`` (SAELens's registry, with the sae-lens package)."""
+    from dictlens.formats import registry
+
+    if str(src).startswith(registry.PREFIX):
+        src, fmt, opts = registry.resolve(str(src), opts or ReadOptions())
     path = resolve(src)
     f = get(fmt) if fmt else detect(path)
     if fmt and not f.detect(path):

@@ -146,3 +146,23 @@ def to_module_point(hook: str, model: str | None) -> str:
     if kind == "resid_pre":
         return f"{blocks}.{layer}.input"
     return f"{blocks}.{layer}.{'mlp' if kind == 'mlp_out' else 'self_attn'}.output"
+
+
+_HF_ORGS = (("gemma", "google"), ("pythia", "EleutherAI"), ("llama", "meta-llama"), ("qwen", "Qwen"),
+            ("mistral", "mistralai"))
+
+
+def hf_model_name(name: str | None) -> str | None:
+    """The Hugging Face id of a TransformerLens model name (``gpt2-small`` → ``openai-community/gpt2``,
+    ``gemma-2-2b`` → ``google/gemma-2-2b``); ids and paths are returned as they are."""
+    if not name or "/" in name:
+        return name
+    if name in ("gpt2", "gpt2-small"):
+        return "openai-community/gpt2"
+    if name.startswith("gpt2-"):
+        return "openai-community/" + {"medium": "gpt2-medium", "large": "gpt2-large", "xl": "gpt2-xl"}.get(
+            name[5:], name)
+    for key, org in _HF_ORGS:
+        if name.lower().startswith(key):
+            return f"{org}/{name}"
+    return name

@@ -33,7 +33,7 @@ from dictlens.formats.base import (
     read_safetensors,
     written_by_dictlens,
 )
-from dictlens.formats.hooks import from_transformer_lens, to_transformer_lens
+from dictlens.formats.hooks import from_transformer_lens, hf_model_name, to_transformer_lens
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 
 if TYPE_CHECKING:
@@ -171,10 +171,10 @@ class SAELens:
         if meta.get("hook_head_index") is not None:
             raise FormatError(f"{path / CFG}: the SAE reads one attention head (hook_head_index "
                               f"{meta['hook_head_index']}); dictlens has no per-head hooks")
-        model = opts.model or meta.get("model_name")
+        model = opts.model or hf_model_name(meta.get("model_name"))   # TransformerLens names → hub ids
         source_hook = meta.get("hook_name")
         hook = opts.hook or (from_transformer_lens(source_hook, model) if source_hook else None)
-        notes = {k: meta[k] for k in ("hook_name", "dataset_path", "neuronpedia_id", "prepend_bos",
+        notes = {k: meta[k] for k in ("model_name", "hook_name", "dataset_path", "neuronpedia_id", "prepend_bos",
                                       "sae_lens_version", "sae_lens_training_version") if meta.get(k) is not None}
         if s is not None:
             notes["norm_scaling_factor"] = s
