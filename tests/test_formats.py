@@ -679,3 +679,58 @@ def test_saelens_registry_releases_resolve_to_their_hub_files_format_and_factor(
     if importlib.util.find_spec("sae_lens") is None:                      # CI: the optional extra is absent
         with pytest.raises(InputError, match="pip install sae-lens"):
             read("saelens:gpt2-small-res-jb/blocks.8.hook_resid_pre")
+
+
+# the fields Neuronpedia's importer reads (its convert-saedashboard-to-neuronpedia-export)
+NP_FEATURE = {"modelId", "layer", "index", "creatorId", "createdAt", "hasVector", "vector", "vectorLabel", "hookName",
+              "topkCosSimIndices", "topkCosSimValues", "neuron_alignment_indices", "neuron_alignment_values",
+              "neuron_alignment_l1", "correlated_neurons_indices", "correlated_neurons_pearson",
+              "correlated_neurons_l1", "correlated_features_indices", "correlated_features_pearson",
+              "correlated_features_l1", "neg_str", "neg_values", "pos_str", "pos_values", "frac_nonzero",
+              "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "logits_hist_data_bar_heights",
+              "logits_hist_data_bar_values", "decoder_weights_dist", "maxActApprox", "vectorDefaultSteerStrength"}
+NP_ACTIVATION = {"id", "tokens", "modelId", "layer", "index", "maxValue", "maxValueTokenIndex", "minValue", "values",
+                 "dfaValues", "dfaTargetIndex", "dfaMaxValue", "creatorId", "createdAt", "lossValues",
+                 "logitContributions", "binMin", "binMax", "binContains", "qualifyingTokenIndex", "dataIndex",
+                 "dataSource"}
+
+
+def test_neuronpedia_export_of_an_analysis(tiny_model_dirs, corpus, tmp_path, capsys):
+    import gzip
+
+    from dictlens.analysis.db import FeatureDB
+    from dictlens.cli import main
+    from dictlens.load import load_sae
+
+    model, acts, run = str(tiny_model_dirs["llama"]), tmp_path / "acts", tmp_path / "run"
+    assert main(["harvest", "--model", model, "--hook", "resid_post.1", "--text", str(corpus), "--tokens", "3000",
+                 "--context", "64", "--out", str(acts)]) == 0
+    assert main(["train", "--acts", str(acts), "--k", "4", "--expansion", "2", "--tokens", "4096",
+                 "--batch-size", "256", "--no-plots", "--out", str(run)]) == 0
+    assert main(["analyze", str(run), "--text", str(corpus), "--tokens", "1500", "--context", "64",
+                 "--no-report"]) == 0
+    assert main(["export", str(run), "--to", "neuronpedia", "--source-set", "tiny-res", "--out",
+                 str(tmp_path / "np")]) == 0
+    root = tmp_path / "np" / "1-tiny-res"
+    for name in ("release.jsonl", "model.jsonl", "sourceset.jsonl", "source.jsonl"):
+        assert json.loads((root / name).read_text())
+    features = [json.loads(line) for line in gzip.decompress((root / "features" / "batch-0.jsonl.gz").read_bytes())
+                .decode().splitlines()]
+    activations = [json.loads(line) for line in
+                   gzip.decompress((root / "activations" / "batch-0.jsonl.gz").read_bytes()).decode().splitlines()]
+    db, sae = FeatureDB(run / "analysis"), load_sae(run)
+    assert len(features) == 64 and all(set(f) == NP_FEATURE for f in features)
+    assert activations and all(set(a) == NP_ACTIVATION for a in activations)
+    f = max(features, key=lambda r: r["frac_nonzero"])
+    assert f["frac_nonzero"] == pytest.approx(db.feature(f["index"])["density"])
+    assert f["vector"] == pytest.approx(sae.W_dec[f["index"]].tolist(), abs=1e-6)
+    assert f["hookName"] == "blocks.1.hook_resid_post" and f["layer"] == "1-tiny-res"
+    assert f["pos_str"] == [t["token"] for t in db.feature(f["index"])["logit_top"]]
+    mine = [a for a in activations if a["index"] == f["index"]]
+    assert mine and all(a["maxValue"] == max(a["values"]) and a["values"][a["maxValueTokenIndex"]] == a["maxValue"]
+                        for a in mine)
+    assert {a["binMin"] for a in mine if "-top-" in a["id"]} == {-1.0}                    # SAEDashboard: top = bin -1
+    assert any(a["binMin"] >= 0 for a in mine)                                             # and the quantile bins
+    assert main(["export", str(run), "--to", "neuronpedia", "--source-set", "bad name!", "--out",
+                 str(tmp_path / "np2")]) == 2
+    assert "letters, digits and hyphens" in capsys.readouterr().err

@@ -47,7 +47,7 @@ CREATE TABLE vocab(id INTEGER PRIMARY KEY, text TEXT NOT NULL);
 """
 
 
-def write_db(path: Path, meta: dict[str, Any], features: Iterable[tuple], examples: Iterable[tuple],
+def write_db(path: Path, meta: dict[str, Any], features: Iterable[tuple[Any, ...]], examples: Iterable[tuple[Any, ...]],
              vocab: Sequence[str]) -> Path:
     """Write the database to ``path`` atomically. ``features`` rows follow the column order
     of the features table (list columns already JSON); ``examples`` rows that of examples."""
@@ -168,7 +168,7 @@ class FeatureDB:
         left = int(self.meta.get("window_left", 24)) if left is None else left
         right = int(self.meta.get("window_right", 8)) if right is None else right
         q = "SELECT kind, grp, rank, position, value FROM examples WHERE feature = ?"
-        args: tuple = (f,)
+        args: tuple[Any, ...] = (f,)
         if kind is not None:
             q += " AND kind = ?"
             args = (f, kind)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class CollectedStats:
         """Mean activation when firing (0 for a feature that never fired)."""
         return np.where(self.count > 0, self.total / np.maximum(self.count, 1), 0.0)
 
-    def quantile_groups(self, feature: int, groups: int, examples: int) -> list[dict]:
+    def quantile_groups(self, feature: int, groups: int, examples: int) -> list[dict[str, Any]]:
         """``groups`` groups of about equal firing mass (bin resolution), each with a uniform
         sample of up to ``examples`` firings: [{lo, hi, fraction, positions, values}], from
         the lowest activations to the highest; empty groups are left out."""

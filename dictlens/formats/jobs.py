@@ -48,10 +48,13 @@ class Converted:
 class ExportJob:
     """Write a dictionary (a dictlens run or any readable format) in another library's layout."""
 
-    run: str = field(positional=True, help="a dictlens run directory, or any dictionary dictlens reads")
-    to: str = field(choices=NAMES, help="the format to write")
+    run: str = field(positional=True, help="a dictlens run directory, or any dictionary dictlens reads "
+                                           "(neuronpedia: a run with an analysis, or the analysis directory)")
+    to: str = field(choices=(*NAMES, "neuronpedia"), help="the format to write (neuronpedia: the analysis)")
     out: str = field(help="directory to write")
     overwrite: bool = field(False, help="replace what is in --out")
+    source_set: str = field("dictlens", help="neuronpedia: the source set's name (the source is LAYER-SET)")
+    model_id: str | None = field(None, help="neuronpedia: the model's id there (default: the model's name)")
 
 
 def convert_job(job: ConvertJob) -> Converted:
@@ -88,4 +91,15 @@ def export_job(job: ExportJob) -> list[Path]:
     from dictlens import formats
     from dictlens.load import load_sae
 
+    if job.to == "neuronpedia":
+        from dictlens.analysis.db import DB_FILE
+        from dictlens.formats import neuronpedia
+
+        out = Path(job.out)
+        if out.exists() and any(out.iterdir()) and not job.overwrite:
+            raise InputError(f"{out} is not empty: choose another --out, or pass --overwrite")
+        analysis = next((p for p in (Path(job.run), Path(job.run) / "analysis") if (p / DB_FILE).is_file()), None)
+        if analysis is None:
+            raise InputError(f"no analysis in {job.run}: run `dictlens analyze {job.run}` first")
+        return neuronpedia.export(analysis, out, source_set=job.source_set, model_id=job.model_id)
     return formats.write(load_sae(job.run), job.out, job.to, overwrite=job.overwrite)

@@ -1,0 +1,213 @@
+"""Interop with the real libraries (outside CI): each library writes dictionaries with its own
+code and dictlens reads them; dictlens writes and each library loads the files. Codes and
+reconstructions are compared on the same random inputs (max |difference|).
+
+    bash bench/setup_peers.sh                      # once: .bench-venv with sae-lens, eai-sparsify, dictionary-learning
+    HF_HUB_OFFLINE=1 .bench-venv/bin/python bench/interop.py [--json docs/interop.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from dictlens.formats import read, write
+from dictlens.provenance import Provenance
+from dictlens.sae import SAE, SAEConfig
+
+D, F, K = 64, 256, 8
+ROWS: list[dict[str, object]] = []
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(512, D, generator=torch.Generator().manual_seed(0))
+
+
+Check = Callable[[Path], tuple[torch.Tensor, ...]]   # → (their codes, ours, their x̂, ours)
+
+
+def _record(library: str, direction: str, kind: str, fn: Check) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            theirs_f, ours_f, theirs_x, ours_x = fn(Path(tmp))
+            row = {"library": library, "direction": direction, "kind": kind,
+                   "codes_max_abs_diff": float((theirs_f.float() - ours_f.float()).abs().max()),
+                   "recon_max_abs_diff": float((theirs_x.float() - ours_x.float()).abs().max()),
+                   "l0": float((ours_f > 0).sum(1).float().mean())}
+        except Exception as e:   # a check that cannot run is reported, not hidden
+            row = {"library": library, "direction": direction, "kind": kind,
+                   "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            traceback.print_exc()
+    ROWS.append(row)
+    print(row, flush=True)
+
+
+def _perturb(module: torch.nn.Module, names: tuple[str, ...], scale: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if any(n.endswith(k) for k in names):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _ours(activation: str, **cfg: object) -> SAE:
+    sae = SAE(SAEConfig(d_in=D, n_features=F, activation=activation, **cfg), seed=2,   # type: ignore[arg-type]
+              provenance=Provenance.of_sae(model="gpt2", hook="resid_post.3", context=128))
+    _perturb(sae, ("b_enc", "b_dec"))
+    with torch.no_grad():
+        if activation == "jumprelu":
+            sae.log_threshold.fill_(-1.5)
+        if activation == "batchtopk":
+            sae.threshold.fill_(0.3)
+    return sae.eval()
+
+
+def _dense(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with sae.ranking("float32"), torch.no_grad():
+        return sae.encode(x), sae(x)
+
+
+# ---- SAELens -------------------------------------------------------------------------
+def saelens() -> None:
+    import sae_lens
+
+    kinds = {"standard": ("StandardSAE", "StandardSAEConfig", {}), "topk": ("TopKSAE", "TopKSAEConfig", {"k": K}),
+             "jumprelu": ("JumpReLUSAE", "JumpReLUSAEConfig", {}), "gated": ("GatedSAE", "GatedSAEConfig", {})}
+    for kind, (cls_name, cfg_name, extra) in kinds.items():
+        def theirs_to_ours(tmp: Path, cls_name: str = cls_name, cfg_name: str = cfg_name, extra: dict = extra
+                           ) -> tuple[torch.Tensor, ...]:
+            cfg = getattr(sae_lens, cfg_name)(d_in=D, d_sae=F, **extra)
+            sae = getattr(sae_lens, cls_name)(cfg)
+            _perturb(sae, ("b_enc", "b_dec", "b_gate", "b_mag", "r_mag", "W_enc", "W_dec"))
+            if hasattr(sae, "threshold"):
+                with torch.no_grad():
+                    sae.threshold.fill_(0.2)
+            sae.save_model(str(tmp))
+            x = _x()
+            with torch.no_grad():
+                f = sae.encode(x)
+                xh = sae.decode(f)
+            of, ox = _dense(read(tmp), x)
+            return f, of, xh, ox
+        _record("sae-lens", "theirs → dictlens", kind, theirs_to_ours)
+    for activation in ("relu", "topk", "jumprelu", "batchtopk", "gated"):
+        def ours_to_theirs(tmp: Path, activation: str = activation) -> tuple[torch.Tensor, ...]:
+            ours = _ours(activation, k=K if activation in ("topk", "batchtopk") else None)
+            write(ours, tmp / "sl", "saelens")
+            sae = sae_lens.SAE.load_from_disk(str(tmp / "sl"))
+            x = _x()
+            with torch.no_grad():
+                f = sae.encode(x)
+                of, ox = _dense(ours, x)
+                return f, of, sae.decode(f), ox
+        _record("sae-lens", "dictlens → theirs", activation, ours_to_theirs)
+
+
+# ---- sparsify -----------------------------------------------------------------------------
+def sparsify() -> None:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    def dense(sc: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = sc.encode(x)   # type: ignore[attr-defined]
+        f = torch.zeros(len(x), F).scatter(1, out.top_indices, out.top_acts)
+        return f, sc.decode(out.top_acts, out.top_indices)   # type: ignore[attr-defined]
+
+    def theirs_to_ours(tmp: Path) -> tuple[torch.Tensor, ...]:
+        sc = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K), device="cpu")
+        _perturb(sc, ("encoder.bias", "b_dec"))
+        sc.save_to_disk(tmp / "layers.3")
+        x = _x()
+        with torch.no_grad():
+            f, xh = dense(sc, x)
+        of, ox = _dense(read(tmp / "layers.3"), x)
+        return f, of, xh, ox
+
+    def ours_to_theirs(tmp: Path) -> tuple[torch.Tensor, ...]:
+        ours = _ours("topk", k=K)
+        files = write(ours, tmp, "sparsify")
+        sc = SparseCoder.load_from_disk(files[0].parent, device="cpu")
+        x = _x()
+        with torch.no_grad():
+            f, xh = dense(sc, x)
+        of, ox = _dense(ours, x)
+        return f, of, xh, ox
+
+    _record("eai-sparsify", "theirs → dictlens", "topk", theirs_to_ours)
+    _record("eai-sparsify", "dictlens → theirs", "topk", ours_to_theirs)
+
+
+# ---- dictionary_learning --------------------------------------------------------------------
+def dictionary_learning() -> None:
+    import importlib
+
+    classes = {"AutoEncoder": ("dictionary_learning.dictionary", {}),
+               "AutoEncoderNew": ("dictionary_learning.dictionary", {}),
+               "GatedAutoEncoder": ("dictionary_learning.dictionary", {}),
+               "JumpReluAutoEncoder": ("dictionary_learning.dictionary", {}),
+               "AutoEncoderTopK": ("dictionary_learning.trainers.top_k", {"k": K}),
+               "BatchTopKSAE": ("dictionary_learning.trainers.batch_top_k", {"k": K})}
+    for name, (module, extra) in classes.items():
+        def theirs_to_ours(tmp: Path, name: str = name, module: str = module, extra: dict = extra
+                           ) -> tuple[torch.Tensor, ...]:
+            cls = getattr(importlib.import_module(module), name)
+            ae = cls(D, F, **extra)
+            _perturb(ae, ("bias", "b_enc", "b_dec", "gate_bias", "mag_bias", "r_mag"))
+            if hasattr(ae, "threshold"):
+                with torch.no_grad():
+                    ae.threshold.fill_(0.1)
+            torch.save(ae.state_dict(), tmp / "ae.pt")
+            (tmp / "config.json").write_text(json.dumps({"trainer": {"dict_class": name, "activation_dim": D,
+                                                                     "dict_size": F, "k": extra.get("k")}}))
+            x = _x()
+            with torch.no_grad():
+                f = ae.encode(x)
+                xh = ae.decode(f)
+            of, ox = _dense(read(tmp), x)
+            return f, of, xh, ox
+        _record("dictionary-learning", "theirs → dictlens", name, theirs_to_ours)
+    for activation, name in (("relu", "AutoEncoder"), ("topk", "AutoEncoderTopK"), ("jumprelu", "JumpReluAutoEncoder"),
+                             ("gated", "GatedAutoEncoder"), ("batchtopk", "BatchTopKSAE")):
+        def ours_to_theirs(tmp: Path, activation: str = activation, name: str = name) -> tuple[torch.Tensor, ...]:
+            module, extra = classes[name]
+            ours = _ours(activation, k=K if activation in ("topk", "batchtopk") else None)
+            write(ours, tmp, "dictionary-learning")
+            cls = getattr(importlib.import_module(module), name)
+            ae = cls(D, F, **extra)
+            ae.load_state_dict(torch.load(tmp / "ae.pt", weights_only=True))
+            x = _x()
+            with torch.no_grad():
+                f = ae.encode(x)
+                xh = ae.decode(f)
+            of, ox = _dense(ours, x)
+            return f, of, xh, ox
+        _record("dictionary-learning", "dictlens → theirs", activation, ours_to_theirs)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+    for lib in (saelens, sparsify, dictionary_learning):
+        try:
+            lib()
+        except ImportError as e:
+            ROWS.append({"library": lib.__name__, "error": f"not installed: {e}"})
+    print("\n| library | direction | kind | max Δ codes | max Δ x̂ | L0 |\n|---|---|---|---:|---:|---:|")
+    for r in ROWS:
+        if "error" in r:
+            print(f"| {r['library']} | {r.get('direction', '')} | {r.get('kind', '')} | error: {r['error']} | | |")
+        else:
+            print(f"| {r['library']} | {r['direction']} | {r['kind']} | {r['codes_max_abs_diff']:.2e} | "
+                  f"{r['recon_max_abs_diff']:.2e} | {r['l0']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(ROWS, indent=1))
+
+
+if __name__ == "__main__":
+    main()
