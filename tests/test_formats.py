@@ -306,6 +306,7 @@ def test_gemma_scope_npz_with_model_and_hook_from_its_hub_path(tmp_path):
     p = sae.provenance
     assert (p.source, p.model, sae.cfg.pre_bias) == ("gemma-scope", "google/gemma-2-2b", False)
     assert p.hook_in == "model.layers.12.post_feedforward_layernorm"   # TL hook_mlp_out: after Gemma's post-norm
+    assert p.notes["recorded_l0"] == 82                               # for the preflight
     np.savez(tmp_path / "params.npz", obj=np.array([{"a": 1}], dtype=object))
     with pytest.raises(FormatError, match="pickled objects, which dictlens never loads"):
         read(tmp_path / "params.npz")
@@ -640,6 +641,10 @@ def test_preflight_names_a_missing_and_a_doubled_normalisation_factor(tmp_path):
     missing = read(variant("m", {**good, "b_enc": good["b_enc"] * scale, "b_dec": good["b_dec"] * scale}))
     with pytest.raises(FormatError, match="likely a missing normalisation factor"):
         preflight(missing, held, where="m")
+    recorded = sae.provenance.replace(notes={"recorded_l0": 40})      # published with ten times the L0 measured
+    sae.provenance = recorded
+    with pytest.raises(FormatError, match="L0 4.0 is far from the 40 recorded with the weights"):
+        preflight(sae, held, where="recorded")
     doubled = read(variant("d", good, normalize_activations="expected_average_only_in"),
                    opts=ReadOptions(norm_scaling_factor=scale))
     with pytest.raises(FormatError, match="likely a normalisation factor applied twice"):
@@ -660,14 +665,14 @@ def test_saelens_registry_releases_resolve_to_their_hub_files_format_and_factor(
                 "llama_scope_lxr_8x": {"repo_id": "fnlp/Llama3_1-8B-Base-LXR-8x", "model": "Llama-3.1-8B",
                                        "conversion_func": "llama_scope",
                                        "saes": [{"id": "l15r_8x", "path": "Llama3_1-8B-Base-L15R-8x",
-                                                 "norm_scaling_factor": 0.25}]},
+                                                 "norm_scaling_factor": 0.25, "l0": 30.5}]},
                 "odd": {"repo_id": "x/y", "conversion_func": "deepseek_r1", "saes": [{"id": "a", "path": "a"}]}}
-    src, fmt, opts = registry.resolve("saelens:gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82",
-                                      ReadOptions(), releases)
+    src, fmt, opts, _ = registry.resolve("saelens:gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82",
+                                         ReadOptions(), releases)
     assert (src, fmt, opts.model) == ("hf://google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82",
                                       "gemma-scope", "google/gemma-2-2b")
-    src, fmt, opts = registry.resolve("saelens:llama_scope_lxr_8x/l15r_8x", ReadOptions(), releases)
-    assert (fmt, opts.norm_scaling_factor, opts.model) == ("llama-scope", 0.25, "meta-llama/Llama-3.1-8B")
+    src, fmt, opts, l0 = registry.resolve("saelens:llama_scope_lxr_8x/l15r_8x", ReadOptions(), releases)
+    assert (fmt, opts.norm_scaling_factor, opts.model, l0) == ("llama-scope", 0.25, "meta-llama/Llama-3.1-8B", 30.5)
     assert registry.resolve("saelens:gpt2-small-res-jb/blocks.8.hook_resid_pre", ReadOptions(), releases)[1] == \
         "saelens"
     with pytest.raises(InputError, match="no release 'gpt2-smal' .*did you mean 'gpt2-small-res-jb'"):

@@ -100,13 +100,17 @@ def read(src: str | Path, *, fmt: str | None = None, opts: ReadOptions | None = 
     ``saelens:RELEASE/SAE_ID`` (SAELens's registry, with the sae-lens package)."""
     from dictlens.formats import registry
 
+    l0 = None
     if str(src).startswith(registry.PREFIX):
-        src, fmt, opts = registry.resolve(str(src), opts or ReadOptions())
+        src, fmt, opts, l0 = registry.resolve(str(src), opts or ReadOptions())
     path = resolve(src)
     f = get(fmt) if fmt else detect(path)
     if fmt and not f.detect(path):
         raise FormatError(f"{path}: not in the {f.name} layout ({f.describe})")
-    return f.read(path, opts or ReadOptions())
+    sae = f.read(path, opts or ReadOptions())
+    if l0 is not None:   # the registry's L0, for the preflight
+        sae.provenance = sae.provenance.replace(notes={**sae.provenance.notes, "recorded_l0": l0})
+    return sae
 
 
 def write(sae: SAE, out: str | Path, to: str, *, overwrite: bool = False) -> list[Path]:

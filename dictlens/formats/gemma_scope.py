@@ -88,7 +88,10 @@ class GemmaScope:
         w, theta = _weights(tensors, str(f))
         w.extra["log_threshold"] = log_threshold(theta)
         model, hook, notes = self._where(f, opts)
-        return build_sae("jumprelu", w, pre_bias=False, provenance=_provenance(self.name, f, model, hook, notes))
+        prov = _provenance(self.name, f, model, hook, notes)
+        if "recorded_l0" in notes:   # where the preflight looks for it
+            prov = prov.replace(notes={**prov.notes, "recorded_l0": notes["recorded_l0"]})
+        return build_sae("jumprelu", w, pre_bias=False, provenance=prov)
 
     def _where(self, f: Path, opts: ReadOptions) -> tuple[str | None, str | None, dict[str, object]]:
         text = f.as_posix().replace("models--google--", "google/")
@@ -102,6 +105,9 @@ class GemmaScope:
                                if repo else None)
         hook = opts.hook
         notes: dict[str, object] = {}
+        l0 = re.search(r"average_l0_(\d+)", text)
+        if l0:
+            notes["recorded_l0"] = int(l0.group(1))
         if hook is None and repo and layer:
             point = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}[repo.group(3)]
             notes["hook_name"] = f"blocks.{layer.group(1)}.{point}"

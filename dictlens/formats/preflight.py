@@ -5,7 +5,8 @@ transposed, a normalisation factor missing or applied twice, ``b_dec`` subtracte
 source does not, the wrong hook or model. Each still gives codes, only meaningless ones. So
 whenever a model is at hand, the dictionary reconstructs a sample of that model's
 activations at its hook; an impossible result (FVU above 1: worse than predicting the mean;
-more than half of the features on per token; none at all) is refused unless forced, with
+more than half of the features on per token; none at all; an L0 far from the one
+published with the weights) is refused unless forced, with
 the likely cause named: the variants that would explain it (inputs scaled by
 √D / their mean norm or its inverse, the weights transposed, the pre-bias the other way)
 are tried on the same sample, and the one that fits is reported.
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from dictlens.sae.model import SAE
 
 TOKENS = 4096
+L0_FACTOR = 3.0   # a measured L0 beyond ×/÷ this of the recorded one is impossible on the same hook
 FORCE_HELP = "use a dictionary of another format even when the preflight on the model finds it impossible"
 
 
@@ -72,7 +74,17 @@ def _impossible(sae: SAE, fvu: float, l0: float) -> str | None:
         return f"{l0:,.0f} of {sae.n_features:,} features are on per token"
     if l0 == 0:
         return "no feature fires"
+    recorded = recorded_l0(sae)
+    if recorded and not recorded / L0_FACTOR <= l0 <= recorded * L0_FACTOR:
+        return f"L0 {l0:,.1f} is far from the {recorded:g} recorded with the weights"
     return None
+
+
+def recorded_l0(sae: SAE) -> float | None:
+    """The L0 its publisher recorded with the weights (Gemma Scope's ``average_l0_N``, SAELens's
+    registry ``l0``), when known and numeric."""
+    value = sae.provenance.notes.get("recorded_l0")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def _variant(sae: SAE, *, transpose: bool = False, flip_pre_bias: bool = False) -> SAE:

@@ -32,8 +32,9 @@ def registry() -> dict[str, Any]:
     return dict(data.get("SAE_LOOKUP", data))
 
 
-def resolve(ref: str, opts: ReadOptions, releases: dict[str, Any] | None = None) -> tuple[str, str, ReadOptions]:
-    """(``hf://`` source, format, options) of ``saelens:RELEASE/SAE_ID``."""
+def resolve(ref: str, opts: ReadOptions, releases: dict[str, Any] | None = None
+            ) -> tuple[str, str, ReadOptions, float | None]:
+    """(``hf://`` source, format, options, the L0 the registry records) of ``saelens:RELEASE/SAE_ID``."""
     body = ref[len(PREFIX):]
     releases = registry() if releases is None else releases
     release = next((r for r in sorted(releases, key=len, reverse=True) if body.startswith(r + "/")), None)
@@ -56,4 +57,6 @@ def resolve(ref: str, opts: ReadOptions, releases: dict[str, Any] | None = None)
     factor = opts.norm_scaling_factor if opts.norm_scaling_factor is not None else sae.get("norm_scaling_factor")
     model = opts.model or hf_model_name(entry.get("model"))
     src = f"hf://{entry['repo_id']}/{sae['path']}".rstrip("/")
-    return src, CONVERSIONS[conversion], ReadOptions(norm_scaling_factor=factor, model=model, hook=opts.hook)
+    l0 = sae.get("l0")
+    return (src, CONVERSIONS[conversion], ReadOptions(norm_scaling_factor=factor, model=model, hook=opts.hook),
+            float(l0) if isinstance(l0, (int, float)) else None)
