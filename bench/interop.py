@@ -192,6 +192,11 @@ def dictionary_learning() -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--trained", action="store_true", help="also train with each library's own trainer on "
+                                                          "SmolLM2 activations (harvested if missing)")
+    p.add_argument("--acts", default=str(Path(__file__).resolve().parent.parent / "runs" / "bench" / "acts"))
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--heldout", type=int, default=16384)
     args = p.parse_args()
     for lib in (saelens, sparsify, dictionary_learning):
         try:
@@ -205,8 +210,68 @@ def main() -> None:
         else:
             print(f"| {r['library']} | {r['direction']} | {r['kind']} | {r['codes_max_abs_diff']:.2e} | "
                   f"{r['recon_max_abs_diff']:.2e} | {r['l0']:.1f} |")
+    trained_rows = trained(Path(args.acts), args.tokens, args.heldout) if args.trained else []
+    if trained_rows:
+        print("\n| library | held-out FVU, its own forward | dictlens reading its files | L0 theirs / dictlens |"
+              "\n|---|---:|---:|---:|")
+        for r in trained_rows:
+            print(f"| {r['library']} | error: {r['error']} | | |" if "error" in r else
+                  f"| {r['library']} | {r['fvu_theirs']:.6f} | {r['fvu_dictlens']:.6f} | "
+                  f"{r['l0_theirs']:.2f} / {r['l0_dictlens']:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(ROWS, indent=1))
+        Path(args.json).write_text(json.dumps({"constructed": ROWS, "trained": trained_rows}, indent=1))
+
+
+
+# ---- trained by each library's own trainer on SmolLM2 activations ---------------------------
+def trained(acts: Path, tokens: int, heldout: int) -> list[dict[str, object]]:
+    """Each library trains a TopK SAE with its own trainer on the same SmolLM2-135M resid_post.15
+    rows (bench/train.py's protocol), saves it with its own code; dictlens reads the files.
+    FVU on the held-out rows: the library's own forward beside dictlens's ``evaluate``."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train as bt
+
+    from dictlens.eval.metrics import evaluate
+
+    train_f, held_f = bt.prepare(acts, tokens, heldout)
+    held = torch.from_numpy(np.load(held_f))
+    rows: list[dict[str, object]] = []
+    savers = {
+        "sae-lens": (lambda: bt.run_saelens(train_f, tokens),
+                     lambda m, d: m.save_inference_model(str(d)) if hasattr(m, "save_inference_model")
+                     else m.save_model(str(d))),
+        "eai-sparsify": (lambda: bt.run_sparsify(train_f, tokens, "signum"),
+                         lambda m, d: m.save_to_disk(d / "layers.15")),
+        "dictionary-learning": (lambda: bt.run_dictionary_learning(train_f, tokens), _save_dictionary_learning),
+    }
+    for library, (train_it, save) in savers.items():
+        try:
+            torch.manual_seed(0)
+            run = train_it()
+            theirs = bt.metrics(run.encode, run.decode, held_f)
+            with tempfile.TemporaryDirectory() as tmp:
+                save(run.model, Path(tmp))
+                src = Path(tmp) / "layers.15" if library == "eai-sparsify" else Path(tmp)
+                ours = evaluate(read(src), held.split(4096))
+            rows.append({"library": library, "trained_tokens": tokens, "heldout_tokens": len(held),
+                         "fvu_theirs": theirs["fvu"], "fvu_dictlens": ours.fvu, "l0_theirs": theirs["l0"],
+                         "l0_dictlens": ours.l0})
+        except Exception as e:
+            traceback.print_exc()
+            rows.append({"library": library, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _save_dictionary_learning(ae: object, out: Path) -> None:
+    torch.save(ae.state_dict(), out / "ae.pt")   # type: ignore[attr-defined]
+    (out / "config.json").write_text(json.dumps({"trainer": {
+        "dict_class": "AutoEncoderTopK", "activation_dim": ae.activation_dim, "dict_size": ae.dict_size,   # type: ignore[attr-defined]
+        "k": int(ae.k), "lm_name": "smollm2-135m", "layer": 15, "submodule_name": "resid_post_layer_15"}}))   # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

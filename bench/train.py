@@ -21,6 +21,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -33,6 +34,20 @@ D, F, K, B = 576, 9216, 32, 4096
 PUBLISHED_LR = 2e-4 / (F / 2**14) ** 0.5
 METHODS = ["dictlens", "dictlens-auxk", "dictlens-signsgd", "dictlens-adam", "dense", "sparsify-adam",
            "sparsify-signum", "saelens", "dictionary-learning"]
+
+
+@dataclass
+class Run:
+    """A trained method: its training seconds, encode and decode (raw rows in, raw rows out), and
+    the trained object itself (the library's SAE; None for the dense reference)."""
+
+    seconds: float
+    encode: Any
+    decode: Any
+    model: Any
+
+    def __iter__(self) -> Any:
+        return iter((self.seconds, self.encode, self.decode, self.model))
 
 
 # ---- data -------------------------------------------------------------------------------
@@ -104,7 +119,7 @@ def run_dictlens(train_f, tokens, variant):
         trainer.step(x)  # what fit() runs: metrics measured and logged every 10 steps
     sae = trainer.finish()
     seconds = time.perf_counter() - t
-    return seconds, sae.encode, sae.decode
+    return Run(seconds, sae.encode, sae.decode, sae)
 
 
 def run_dense(train_f, tokens):
@@ -138,7 +153,7 @@ def run_dense(train_f, tokens):
         opt.step()
         with torch.no_grad():
             W_dec /= W_dec.norm(dim=1, keepdim=True)
-    return time.perf_counter() - t, lambda x: encode(x).detach(), lambda f: decode(f).detach()
+    return Run(time.perf_counter() - t, lambda x: encode(x).detach(), lambda f: decode(f).detach(), None)
 
 
 class _FakeLM(torch.nn.Module):
@@ -186,7 +201,7 @@ def run_sparsify(train_f, tokens, optimizer):
         out = sae.encode(x)
         return torch.zeros(len(x), F).scatter(1, out.top_indices, out.top_acts)
 
-    return seconds, encode, lambda f: f @ sae.W_dec + sae.b_dec
+    return Run(seconds, encode, lambda f: f @ sae.W_dec + sae.b_dec, sae)
 
 
 def run_saelens(train_f, tokens):
@@ -201,7 +216,7 @@ def run_saelens(train_f, tokens):
     t = time.perf_counter()
     trained = trainer.fit()
     seconds = time.perf_counter() - t
-    return seconds, lambda x: trained.encode(x).detach(), lambda f: trained.decode(f).detach()
+    return Run(seconds, lambda x: trained.encode(x).detach(), lambda f: trained.decode(f).detach(), trained)
 
 
 def run_dictionary_learning(train_f, tokens):
@@ -215,7 +230,7 @@ def run_dictionary_learning(train_f, tokens):
         trainer.update(step, x)
     seconds = time.perf_counter() - t
     ae = trainer.ae
-    return seconds, lambda x: ae.encode(x).detach(), lambda f: ae.decode(f).detach()
+    return Run(seconds, lambda x: ae.encode(x).detach(), lambda f: ae.decode(f).detach(), ae)
 
 
 def worker(method: str, train_f: Path, held_f: Path, tokens: int) -> dict[str, Any]:
@@ -231,7 +246,7 @@ def worker(method: str, train_f: Path, held_f: Path, tokens: int) -> dict[str, A
         "saelens": lambda: run_saelens(train_f, tokens),
         "dictionary-learning": lambda: run_dictionary_learning(train_f, tokens),
     }
-    seconds, encode, decode = runners[method]()
+    seconds, encode, decode, _ = runners[method]()
     n = tokens // B * B
     result = {"method": method, "seconds": seconds, "tokens": n, "tokens_per_s": n / seconds,
               **metrics(encode, decode, held_f),

@@ -739,3 +739,31 @@ def test_neuronpedia_export_of_an_analysis(tiny_model_dirs, corpus, tmp_path, ca
     assert main(["export", str(run), "--to", "neuronpedia", "--source-set", "bad name!", "--out",
                  str(tmp_path / "np2")]) == 2
     assert "letters, digits and hyphens" in capsys.readouterr().err
+
+
+def test_a_saelens_unit_sae_and_a_dictlens_unit_sae_give_the_same_reconstruction(tmp_path):
+    """One SAE trained on x·s, held two ways: dictlens folds s into the biases (codes in raw
+    units), SAELens keeps normalised-unit weights and folds s into W_enc, W_dec, b_dec on load
+    (codes in normalised units). Same x̂; codes differ by exactly s."""
+    from dictlens.provenance import Provenance
+    from dictlens.sae import SAE, SAEConfig
+
+    s = 7.5
+    norm = SAE(SAEConfig(d_in=D, n_features=F, activation="jumprelu"), seed=4, provenance=Provenance.of_sae())
+    with torch.no_grad():
+        norm.b_enc.normal_(0, 0.3)
+        norm.b_dec.normal_(0, 0.3)
+        norm.log_threshold.uniform_(-2.5, -1.0)
+        norm.input_scale.fill_(s)                       # trained on x·s: dictlens's fold happens on save
+    dictlens_units = SAE.load(norm.eval().save(tmp_path / "dl"))
+    st = {k: v.detach() for k, v in norm.state_dict().items()}
+    path = _write_saelens(tmp_path / "sl", "jumprelu", {"W_enc": st["W_enc_"].T.contiguous(), "W_dec": st["W_dec"],
+                                                        "b_enc": st["b_enc"], "b_dec": st["b_dec"],
+                                                        "threshold": st["log_threshold"].exp()})
+    cfg = json.loads((path / "cfg.json").read_text())
+    (path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
+    saelens_units = read(path, opts=ReadOptions(norm_scaling_factor=s))
+    x = _x() / s * 3
+    assert torch.allclose(saelens_units(x), dictlens_units(x), atol=1e-5)
+    codes = dictlens_units.encode(x)
+    assert (codes > 0).any() and torch.allclose(saelens_units.encode(x), codes * s, atol=1e-4)
