@@ -98,3 +98,19 @@ def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(default_documents()[:40]))
     return path
+
+
+@pytest.fixture
+def analysed_run(tiny_model_dirs, corpus, tmp_path: Path) -> Path:
+    """A TopK SAE (F = 64) trained through the command line on the tiny Llama's resid_post.1,
+    with its analysis (RUN/analysis) over the corpus."""
+    from dictlens.cli import main
+
+    model, acts, run = str(tiny_model_dirs["llama"]), tmp_path / "acts", tmp_path / "run"
+    assert main(["harvest", "--model", model, "--hook", "resid_post.1", "--text", str(corpus), "--tokens", "3000",
+                 "--context", "64", "--out", str(acts)]) == 0
+    assert main(["train", "--acts", str(acts), "--k", "4", "--expansion", "2", "--tokens", "4096",
+                 "--batch-size", "256", "--no-plots", "--out", str(run)]) == 0
+    assert main(["analyze", str(run), "--text", str(corpus), "--tokens", "1500", "--context", "64",
+                 "--no-report"]) == 0
+    return run

@@ -700,20 +700,14 @@ NP_ACTIVATION = {"id", "tokens", "modelId", "layer", "index", "maxValue", "maxVa
                  "dataSource"}
 
 
-def test_neuronpedia_export_of_an_analysis(tiny_model_dirs, corpus, tmp_path, capsys):
+def test_neuronpedia_export_of_an_analysis(analysed_run, tmp_path, capsys):
     import gzip
 
     from dictlens.analysis.db import FeatureDB
     from dictlens.cli import main
     from dictlens.load import load_sae
 
-    model, acts, run = str(tiny_model_dirs["llama"]), tmp_path / "acts", tmp_path / "run"
-    assert main(["harvest", "--model", model, "--hook", "resid_post.1", "--text", str(corpus), "--tokens", "3000",
-                 "--context", "64", "--out", str(acts)]) == 0
-    assert main(["train", "--acts", str(acts), "--k", "4", "--expansion", "2", "--tokens", "4096",
-                 "--batch-size", "256", "--no-plots", "--out", str(run)]) == 0
-    assert main(["analyze", str(run), "--text", str(corpus), "--tokens", "1500", "--context", "64",
-                 "--no-report"]) == 0
+    run = analysed_run
     assert main(["export", str(run), "--to", "neuronpedia", "--source-set", "tiny-res", "--out",
                  str(tmp_path / "np")]) == 0
     root = tmp_path / "np" / "1-tiny-res"

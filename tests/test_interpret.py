@@ -59,18 +59,11 @@ def test_another_features_explanation_scores_near_chance():
     assert explain_tokens([Window([" a", " b"], [0.0, 0.0])]).sentence() == "never fires in its examples"
 
 
-def test_explains_the_features_of_a_real_analysis(tiny_model_dirs, corpus, tmp_path):
+def test_explains_the_features_of_a_real_analysis(analysed_run):
     from dictlens.analysis.db import FeatureDB
-    from dictlens.cli import main
     from dictlens.interpret.patterns import windows
 
-    model, acts, run = str(tiny_model_dirs["llama"]), tmp_path / "acts", tmp_path / "run"
-    assert main(["harvest", "--model", model, "--hook", "resid_post.1", "--text", str(corpus), "--tokens", "3000",
-                 "--context", "64", "--out", str(acts)]) == 0
-    assert main(["train", "--acts", str(acts), "--k", "4", "--expansion", "2", "--tokens", "4096",
-                 "--batch-size", "256", "--no-plots", "--out", str(run)]) == 0
-    assert main(["analyze", str(run), "--text", str(corpus), "--tokens", "1500", "--context", "64",
-                 "--no-report"]) == 0
+    run = analysed_run
     db = FeatureDB(run / "analysis")
     f = max(range(db.n_features), key=lambda i: db.feature(i)["count"])
     ws = windows(db, f)
