@@ -143,3 +143,20 @@ def load_torch(path: Path) -> Any:
                           "dictlens refuses to execute it") from None
     except (EOFError, RuntimeError, OSError) as e:
         raise CheckpointError(f"{path} is truncated or damaged ({e})") from None
+
+
+def export_state(sae: SAE) -> dict[str, torch.Tensor]:
+    """What every writer starts from: the SAE's folded weights in float32 on the CPU, with
+    ``W_enc`` [F, D] resolved (the decoder for a tied SAE)."""
+    state = {k: v.detach().cpu().to(torch.float32) for k, v in sae.folded_state().items()}
+    state["W_enc"] = state.pop("W_enc_", state["W_dec"])
+    return state
+
+
+def encoder_bias_for(sae: SAE, state: dict[str, torch.Tensor], *, subtracts_b_dec: bool) -> torch.Tensor:
+    """``b_enc`` for a format that does (or does not) subtract ``b_dec`` from the input: the
+    pre-bias folds either way exactly, ``W (x − b) + b_enc = W x + (b_enc − W b)``."""
+    if sae.cfg.pre_bias == subtracts_b_dec:
+        return state["b_enc"]
+    shift = state["W_enc"] @ state["b_dec"]
+    return state["b_enc"] - shift if sae.cfg.pre_bias else state["b_enc"] + shift

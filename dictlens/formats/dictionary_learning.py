@@ -25,7 +25,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dictlens.errors import FormatError
-from dictlens.formats.base import ReadOptions, Weights, build_sae, load_torch, log_threshold, need, written_by_dictlens
+from dictlens.formats.base import (
+    ReadOptions,
+    Weights,
+    build_sae,
+    encoder_bias_for,
+    export_state,
+    load_torch,
+    log_threshold,
+    need,
+    written_by_dictlens,
+)
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 
 if TYPE_CHECKING:
@@ -135,39 +145,38 @@ class DictionaryLearning:
         return "batchtopk", w, True, int(k), prefixes
 
     def write(self, sae: SAE, out: Path) -> list[Path]:
-        st = {k: v.detach().cpu().to(torch.float32) for k, v in sae.folded_state().items()}
-        W_enc, W_dec, b_enc, b_dec = st.get("W_enc_", st["W_dec"]), st["W_dec"], st["b_enc"], st["b_dec"]
-        name, pre = sae.cfg.activation, sae.cfg.pre_bias
-        F = sae.n_features
-        if name == "relu" and pre:
-            cls, state = "AutoEncoder", {"bias": b_dec, "encoder.weight": W_enc, "encoder.bias": b_enc,
-                                         "decoder.weight": W_dec.T}
-        elif name == "relu":
-            cls, state = "AutoEncoderNew", {"encoder.weight": W_enc, "encoder.bias": b_enc, "decoder.weight": W_dec.T,
-                                            "decoder.bias": b_dec}
-        elif name == "jumprelu":
-            cls, state = "JumpReluAutoEncoder", {"W_enc": W_enc.T, "b_enc": b_enc - W_enc @ b_dec if pre else b_enc,
-                                                 "W_dec": W_dec, "b_dec": b_dec, "threshold": st["log_threshold"].exp()}
-        elif name == "gated":
-            shift = torch.zeros(F) if pre else W_enc @ b_dec   # gated always subtracts b_dec: fold it back in
+        st = export_state(sae)
+        W_enc, W_dec, b_dec = st["W_enc"], st["W_dec"], st["b_dec"]
+        kind, F = sae.activation, sae.n_features
+        if kind.form == "relu":   # AutoEncoder subtracts its pre-bias; AutoEncoderNew has none
+            cls, state = ("AutoEncoder", {"bias": b_dec, "encoder.weight": W_enc, "encoder.bias": st["b_enc"],
+                                          "decoder.weight": W_dec.T}) if sae.cfg.pre_bias else \
+                ("AutoEncoderNew", {"encoder.weight": W_enc, "encoder.bias": st["b_enc"], "decoder.weight": W_dec.T,
+                                    "decoder.bias": b_dec})
+        elif kind.form == "gated":   # GatedAutoEncoder always subtracts b_dec: fold a missing pre-bias in
+            shift = torch.zeros(F) if sae.cfg.pre_bias else W_enc @ b_dec
             cls, state = "GatedAutoEncoder", {"encoder.weight": W_enc, "decoder.weight": W_dec.T, "decoder_bias": b_dec,
-                                              "r_mag": st["r_mag"], "gate_bias": b_enc + shift,
+                                              "r_mag": st["r_mag"], "gate_bias": st["b_enc"] + shift,
                                               "mag_bias": st["b_mag"] + st["r_mag"].exp() * shift}
-        elif name in ("topk", "batchtopk"):
-            b_enc = b_enc if pre else b_enc + W_enc @ b_dec   # both classes subtract b_dec: fold it back in
-            thr = st["threshold"] if name == "batchtopk" else torch.tensor(-1.0)
-            if name == "batchtopk" and sae.cfg.matryoshka:
+        elif kind.form == "threshold" and not kind.scalar_threshold:
+            cls, state = "JumpReluAutoEncoder", {
+                "W_enc": W_enc.T, "b_enc": encoder_bias_for(sae, st, subtracts_b_dec=False), "W_dec": W_dec,
+                "b_dec": b_dec, "threshold": kind.inference_threshold(st, F)}
+        elif kind.form in ("topk", "threshold"):   # TopK, or BatchTopK's one threshold: both subtract b_dec
+            b_enc = encoder_bias_for(sae, st, subtracts_b_dec=True)
+            thr = kind.inference_threshold(st, F)[0] if kind.form == "threshold" else torch.tensor(-1.0)
+            if kind.form == "threshold" and sae.cfg.matryoshka:
                 sizes = torch.diff(torch.tensor([0, *sae.cfg.matryoshka]))
                 cls, state = "MatryoshkaBatchTopKSAE", {"W_enc": W_enc.T, "b_enc": b_enc, "W_dec": W_dec,
                                                         "b_dec": b_dec, "k": torch.tensor(sae.cfg.k),
                                                         "threshold": thr, "group_sizes": sizes}
             else:
-                cls = "AutoEncoderTopK" if name == "topk" else "BatchTopKSAE"
+                cls = "AutoEncoderTopK" if kind.form == "topk" else "BatchTopKSAE"
                 state = {"encoder.weight": W_enc, "encoder.bias": b_enc, "decoder.weight": W_dec.T, "b_dec": b_dec,
                          "k": torch.tensor(sae.cfg.k, dtype=torch.int32), "threshold": thr}
         else:
-            raise FormatError(f"dictionary_learning has no {name} SAE (writable: relu, jumprelu, gated, topk, "
-                              "batchtopk)")
+            raise FormatError(f"dictionary_learning has no {sae.cfg.activation} SAE ({kind.form} codes; writable: "
+                              "ReLU, TopK, thresholded and gated codes)")
         p = sae.provenance
         m = re.match(r"^(resid_post|resid_pre|mlp_out|attn_out)\.(\d+)$", p.hook_in or "")
         trainer = {"dict_class": cls, "activation_dim": sae.d_in, "dict_size": F, "k": sae.cfg.k,

@@ -28,6 +28,8 @@ from dictlens.formats.base import (
     ReadOptions,
     Weights,
     build_sae,
+    encoder_bias_for,
+    export_state,
     log_threshold,
     need,
     read_safetensors,
@@ -152,21 +154,14 @@ class GemmaScope2:
     def write(self, sae: SAE, out: Path) -> list[Path]:
         from safetensors.torch import save
 
-        state = {k: v.detach().cpu().to(torch.float32) for k, v in sae.folded_state().items()}
-        name = sae.cfg.activation
-        if name == "jumprelu":
-            theta = state["log_threshold"].exp()
-        elif name == "relu":
-            theta = torch.zeros(sae.n_features)
-        elif name == "batchtopk":
-            theta = torch.full((sae.n_features,), max(float(state["threshold"]), 0.0))
-        else:
-            raise FormatError(f"Gemma Scope 2 holds JumpReLU SAEs; a {name} SAE cannot be written as one "
-                              "(writable: jumprelu, relu, batchtopk)")
-        W_enc = state.get("W_enc_", state["W_dec"])
-        b_enc = state["b_enc"] - W_enc @ state["b_dec"] if sae.cfg.pre_bias else state["b_enc"]
-        tensors = {"w_enc": W_enc.T.contiguous(), "w_dec": state["W_dec"].contiguous(), "b_enc": b_enc,
-                   "b_dec": state["b_dec"], "threshold": theta}
+        state = export_state(sae)
+        kind = sae.activation
+        if kind.form not in ("threshold", "relu"):   # ReLU: θ = 0
+            raise FormatError(f"Gemma Scope 2 holds JumpReLU SAEs; a {sae.cfg.activation} SAE cannot be written as "
+                              f"one ({kind.form} codes; writable: ReLU and thresholded codes)")
+        tensors = {"w_enc": state["W_enc"].T.contiguous(), "w_dec": state["W_dec"].contiguous(),
+                   "b_enc": encoder_bias_for(sae, state, subtracts_b_dec=False), "b_dec": state["b_dec"],
+                   "threshold": kind.inference_threshold(state, sae.n_features)}
         p = sae.provenance
         point = to_module_point(p.hook_in, p.model) if p.hook_in else None
         cfg = {"architecture": "jump_relu", "model_name": p.model, "hf_hook_point_in": point,

@@ -28,6 +28,7 @@ from dictlens.formats.base import (
     ReadOptions,
     Weights,
     build_sae,
+    export_state,
     log_threshold,
     need,
     read_safetensors,
@@ -185,25 +186,23 @@ class SAELens:
     def write(self, sae: SAE, out: Path) -> list[Path]:
         from safetensors.torch import save
 
-        state = {k: v.detach().cpu().to(torch.float32) for k, v in sae.folded_state().items()}
-        name = sae.cfg.activation
-        tensors = {"W_enc": state["W_enc_" if "W_enc_" in state else "W_dec"].T.contiguous(), "W_dec": state["W_dec"],
-                   "b_dec": state["b_dec"]}
+        state = export_state(sae)
+        kind = sae.activation
+        tensors = {"W_enc": state["W_enc"].T.contiguous(), "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
         extra: dict[str, Any] = {}
-        if name == "relu":
+        if kind.form == "relu":
             arch = "standard"
-        elif name == "topk":
+        elif kind.form == "topk":
             arch, extra = "topk", {"k": sae.cfg.k, "rescale_acts_by_decoder_norm": False}
-        elif name in ("jumprelu", "batchtopk"):
+        elif kind.form == "threshold":   # BatchTopK too: SAELens saves it as jumprelu, θ per feature
             arch = "jumprelu"
-            theta = state["log_threshold"].exp() if name == "jumprelu" else \
-                torch.full((sae.n_features,), max(float(state["threshold"]), 0.0))
-            tensors["threshold"] = theta
-        elif name == "gated":
+            tensors["threshold"] = kind.inference_threshold(state, sae.n_features)
+        elif kind.form == "gated":
             arch = "gated"
             tensors.update(b_gate=state["b_enc"], r_mag=state["r_mag"], b_mag=state["b_mag"])
         else:
-            raise FormatError(f"SAELens has no {name} SAE (writable: relu, topk, jumprelu, batchtopk, gated)")
+            raise FormatError(f"SAELens has no {sae.cfg.activation} SAE ({kind.form} codes; writable: ReLU, TopK, "
+                              "thresholded and gated codes)")
         if arch != "gated":
             tensors["b_enc"] = state["b_enc"]
         p = sae.provenance
@@ -215,7 +214,7 @@ class SAELens:
         cfg = {"d_in": sae.d_in, "d_sae": sae.n_features, "dtype": "float32", "device": "cpu",
                "apply_b_dec_to_input": sae.cfg.pre_bias, "normalize_activations": "none",
                "reshape_activations": "none", "architecture": arch, **extra, "metadata": metadata,
-               "dictlens": {"activation": name, "k": sae.cfg.k, "provenance": p.to_json()}}
+               "dictlens": {"activation": sae.cfg.activation, "k": sae.cfg.k, "provenance": p.to_json()}}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / WEIGHTS, save({k: v.contiguous() for k, v in tensors.items()}))
         atomic_write_json(out / CFG, cfg)

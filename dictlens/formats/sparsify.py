@@ -14,10 +14,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from dictlens.errors import FormatError
-from dictlens.formats.base import ReadOptions, Weights, build_sae, need, read_safetensors, written_by_dictlens
+from dictlens.formats.base import (
+    ReadOptions,
+    Weights,
+    build_sae,
+    encoder_bias_for,
+    export_state,
+    need,
+    read_safetensors,
+    written_by_dictlens,
+)
 from dictlens.formats.hooks import from_base_model_path, to_base_model_path
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -69,18 +76,17 @@ class Sparsify:
         """Into ``out/<hookpoint>/`` (the folder sparsify's ``load_many`` reads)."""
         from safetensors.torch import save
 
-        name = sae.cfg.activation
-        if name not in ("topk", "groupmax"):
-            raise FormatError(f"sparsify holds TopK and group-max SAEs; a {name} SAE cannot be written as one")
-        state = {k: v.detach().cpu().to(torch.float32) for k, v in sae.folded_state().items()}
-        W_enc = state.get("W_enc_", state["W_dec"])
-        # sparsify always subtracts b_dec: fold it into the bias of an SAE that does not
-        b_enc = state["b_enc"] if sae.cfg.pre_bias else state["b_enc"] + W_enc @ state["b_dec"]
+        form = sae.activation.form
+        if form not in ("topk", "groupmax"):
+            raise FormatError(f"sparsify holds TopK and group-max SAEs; a {sae.cfg.activation} SAE cannot be "
+                              "written as one")
+        state = export_state(sae)
+        b_enc = encoder_bias_for(sae, state, subtracts_b_dec=True)   # sparsify always subtracts b_dec
         p = sae.provenance
         folder = out / (to_base_model_path(p.hook_in) if p.hook_in else "sae")
-        tensors = {"encoder.weight": W_enc.contiguous(), "encoder.bias": b_enc, "W_dec": state["W_dec"].contiguous(),
-                   "b_dec": state["b_dec"]}
-        cfg = {"activation": name, "expansion_factor": sae.n_features // sae.d_in, "normalize_decoder": True,
+        tensors = {"encoder.weight": state["W_enc"].contiguous(), "encoder.bias": b_enc,
+                   "W_dec": state["W_dec"].contiguous(), "b_dec": state["b_dec"]}
+        cfg = {"activation": form, "expansion_factor": sae.n_features // sae.d_in, "normalize_decoder": True,
                "num_latents": sae.n_features, "k": sae.cfg.k, "multi_topk": False, "skip_connection": False,
                "transcode": False, "d_in": sae.d_in, "dictlens": {"provenance": p.to_json()}}
         folder.mkdir(parents=True, exist_ok=True)

@@ -72,6 +72,12 @@ class Activation:
     supports_pre_act: ClassVar[bool] = False
     #: state-dict keys this activation adds to the SAE's (checked on load)
     owned_keys: ClassVar[tuple[str, ...]] = ()
+    #: its inference codes in the terms other libraries' formats use (dictlens.formats writes by
+    #: it): "relu" relu(pre); "topk" the k largest of pre, ReLU'd; "threshold" pre·1[pre > θ_f]
+    #: with θ_f ≥ 0 from :meth:`inference_threshold`; "gated"; "groupmax"
+    form: ClassVar[str] = "relu"
+    #: for the "threshold" form: one θ for every feature (BatchTopK's), not one each
+    scalar_threshold: ClassVar[bool] = False
 
     # ---- configuration ------------------------------------------------------------
     @classmethod
@@ -114,6 +120,10 @@ class Activation:
         """Last step of training, on a few normalised batches (BatchTopK calibrates here)."""
 
     # ---- save -------------------------------------------------------------------------
+    def inference_threshold(self, state: dict[str, torch.Tensor], n_features: int) -> torch.Tensor:
+        """θ_f [F] of the "threshold" form from a (folded) state dict; 0 for the others."""
+        return torch.zeros(n_features)
+
     def fold_scale(self, state: dict[str, torch.Tensor], scale: float) -> None:
         """Fold the input scale into this activation's own entries of ``state`` (in place).
 

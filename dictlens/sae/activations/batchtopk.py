@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 
 class BatchTopK(Activation):
     name = "batchtopk"
+    form = "threshold"
+    scalar_threshold = True
+
+    def inference_threshold(self, state: dict[str, torch.Tensor], n_features: int) -> torch.Tensor:
+        return torch.full((n_features,), max(float(state["threshold"]), 0.0))   # ≤ 0: unset, plain ReLU
     help = "the k·B largest pre-activations of the batch in training, a learned threshold at inference"
     uses_k = True
     default_dead = "boost"

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 class Gated(Activation):
     name = "gated"
+    form = "gated"
     help = "a gate picks the active features, a rescaled magnitude path their values; L1 on the gate"
     default_penalty = "l1"
     owned_keys = ("r_mag", "b_mag")

@@ -27,6 +27,7 @@ CHUNK = 1024
 
 class GroupMax(Activation):
     name = "groupmax"
+    form = "groupmax"
     help = "k groups of F/k adjacent features; each token activates the largest of every group"
     uses_k = True
     default_dead = "boost"

@@ -71,6 +71,10 @@ def heaviside(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
 
 class JumpReLU(Activation):
     name = "jumprelu"
+    form = "threshold"
+
+    def inference_threshold(self, state: dict[str, torch.Tensor], n_features: int) -> torch.Tensor:
+        return state["log_threshold"].exp()
     help = "pre-activations above a learned per-feature threshold; sparsity from an L0 penalty"
     default_penalty = "l0"
     supports_l0 = True

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 class TopK(Activation):
     name = "topk"
+    form = "topk"
     help = "the k largest pre-activations of each token (ReLU'd)"
     uses_k = True
     default_dead = "boost"
