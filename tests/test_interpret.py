@@ -71,3 +71,241 @@ def test_explains_the_features_of_a_real_analysis(analysed_run):
     fired = {t for w in ws for t, a in zip(w.texts, w.acts, strict=True) if a > 0}
     assert p.tokens and {t for t, _, _ in p.tokens} <= fired and 0 < p.coverage <= 1 + 1e-9
     assert p.windows == len(ws) and simulation_score(p, ws) > 0   # its own examples: better than nothing
+
+
+# --- scores on planted features -------------------------------------------------------------
+
+def _sample(fire, feature: int = 0, seed: int = 10):
+    from dictlens.interpret.scores import Context, Sample
+
+    rng = random.Random(seed)
+    active, negatives = [], []
+    while len(active) < 20 or len(negatives) < 15:
+        t = _text(rng)
+        acts = [fire(t, i) * rng.uniform(2, 4) for i in range(len(t))]
+        if any(acts) and len(active) < 20:
+            active.append(Context(t, acts, "activating", len(active) % 5))
+        elif not any(acts) and len(negatives) < 15:
+            negatives.append(Context(t, acts, "random"))
+    return Sample(feature, active, negatives)
+
+
+def _explanation(fire, feature: int = 0, seed: int = 0):
+    from dictlens.interpret.store import Explanation
+
+    p = explain_tokens(_planted(fire, seed=seed))
+    return Explanation(feature, "tokens", p.sentence(), p.to_json(), "", "tokens-v1", {})
+
+
+def test_planted_features_score_near_one_and_a_shuffled_explanation_near_chance():
+    from dictlens.interpret.scores import PatternJudge, score
+
+    judge = PatternJudge()
+    for fire in (on_cat, mat_after_the):
+        s = score(judge, _explanation(fire), _sample(fire), draws=200)
+        assert s["detection"].value == pytest.approx(1.0) and s["detection_auc"].value == pytest.approx(1.0)
+        assert s["fuzzing"].value == pytest.approx(1.0)
+        assert s["simulation"].value > 0.9
+        lo, hi = s["simulation"].low, s["simulation"].high
+        assert lo <= s["simulation"].value <= hi and s["detection"].n == 35
+    dog = lambda t, i: float(t[i] == " dog")  # noqa: E731
+    lent = score(judge, _explanation(dog), _sample(on_cat), draws=200)   # the cat feature, explained as "dog"
+    assert abs(lent["detection"].value - 0.5) < 0.2 and abs(lent["simulation"].value) < 0.2
+    assert lent["detection"].low < 0.5 + 0.25
+
+
+def test_bootstrap_interval_and_derangement():
+    import numpy as np
+
+    from dictlens.interpret.scores import bootstrap, derangement
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.3, 1.0, 400)
+    v, lo, hi = bootstrap(lambda i: float(x[i].mean()), len(x), rng, 500)
+    assert lo < v < hi and hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.25)   # ≈ ±1.96 σ/√n
+    for n in (2, 3, 10):
+        p = derangement(n, rng)
+        assert sorted(p) == list(range(n)) and not any(p == np.arange(n))
+    assert bootstrap(lambda i: None, 5, rng) == (None, None, None)
+
+
+# --- the tables in the feature database -------------------------------------------------------
+
+def test_explanations_scores_labels_live_in_the_feature_db_and_survive_reanalysis(analysed_run, tmp_path):
+    import json
+    import shutil
+    import sqlite3
+
+    from dictlens.analysis.db import DB_FILE, write_db
+    from dictlens.errors import InputError
+    from dictlens.interpret.store import Explanation, Interpretations, Label, Score
+
+    path = tmp_path / "analysis"
+    shutil.copytree(analysed_run / "analysis", path)
+    with Interpretations(path, readonly=True) as ro:
+        assert ro.explanations() == [] and ro.labels() == []          # no tables yet: reads as empty
+    with Interpretations(path) as st:
+        st.put_explanations([Explanation(3, "tokens", "fires on '<b>' & <script>", {"tokens": []}, "", "p", {})])
+        st.put_scores([Score(3, "tokens", "pattern", "detection", "", 0.9, 0.8, 1.0, 30, {"positives": 20})])
+        st.put_labels([Label(3, "ada", "bold tag", 4, {"0": True, "1": False})])
+        with pytest.raises(InputError, match="ratings go from 1 to 5"):
+            st.put_labels([Label(3, "ada", "x", 7, {})])
+        with pytest.raises(InputError, match="out of range"):
+            st.put_labels([Label(10_000, "ada", "x", 3, {})])
+        assert st.con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert [e.feature for e in st.search("<SCRIPT>")] == [3] and st.search("50%") == []
+    # re-analysis of the same SAE writes a new file: the tables come along
+    con = sqlite3.connect(path / DB_FILE)
+    meta = {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+    feats = con.execute("SELECT * FROM features").fetchall()
+    vocab = [t for (t,) in con.execute("SELECT text FROM vocab ORDER BY id")]
+    con.close()
+    write_db(path / DB_FILE, meta, feats, [], vocab)
+    with Interpretations(path, readonly=True) as ro:
+        assert [lab.label for lab in ro.labels()] == ["bold tag"] and ro.scores()[0].value == 0.9
+        assert ro.explanations()[0].text == "fires on '<b>' & <script>"
+    write_db(path / DB_FILE, {**meta, "sae": "another"}, feats, [], vocab)    # another SAE: nothing carried
+    with Interpretations(path, readonly=True) as ro:
+        assert ro.labels() == [] and not ro.present
+
+
+# --- dictlens explain / score -----------------------------------------------------------------
+
+def test_explain_and_score_a_real_analysis_resumably(analysed_run, capsys):
+    import json
+
+    from dictlens.cli import main
+    from dictlens.interpret.store import Interpretations
+
+    run = analysed_run
+    assert main(["explain", str(run), "--max-features", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens: 12 features explained, 0 already were" in out and "fires on" in out
+    assert main(["explain", str(run), "--max-features", "12"]) == 0       # the same sample: nothing to do
+    assert "0 features explained, 12 already were" in capsys.readouterr().out
+    assert main(["score", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| detection | own explanation |" in out and "| simulation | shuffled |" in out
+    summary = json.loads((run / "analysis" / "scores-tokens-pattern.json").read_text())
+    rows = {(r["scorer"], r["control"]): r for r in summary["table"]}
+    own, lent = rows[("detection_auc", "own explanation")], rows[("detection_auc", "shuffled")]
+    assert own["features"] == 12 and own["mean"] > lent["mean"] and own["mean"] > 0.6
+    assert rows[("simulation", "own explanation")]["mean"] > rows[("simulation", "shuffled")]["mean"]
+    assert (run / "analysis" / "scores-tokens-pattern.png").stat().st_size > 0
+    with Interpretations(run / "analysis", readonly=True) as st:
+        s = [x for x in st.scores() if x.scorer == "detection" and x.control == ""]
+        assert len(s) == 12 and all(x.low <= x.value <= x.high for x in s if x.low is not None)
+        assert all(x.details["negatives"] > 0 for x in s)
+    assert main(["score", str(run), "--explainer", "llm:nothing"]) == 2
+    assert "no 'llm:nothing' explanations to score (explainers here: tokens)" in capsys.readouterr().err
+    assert main(["score", str(run), "--scorers", "detection,smell"]) == 2
+    assert "unknown 'smell'" in capsys.readouterr().err
+
+
+def test_auc_is_sklearns():
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from dictlens.interpret.scores import _auc
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 60)
+    s = np.round(rng.normal(size=60) + y, 1)      # with ties
+    assert _auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+# --- chat models: prompts, replies, the HTTP client against a misbehaving local server ------
+
+def test_prompts_are_versioned_files_and_replies_are_read():
+    from dictlens.interpret.asking import explain_messages, marked, read_activations, read_explanation
+    from dictlens.interpret.llm import prompt
+
+    p = prompt("explain")
+    assert p.version >= 1 and p.id.startswith(f"explain-v{p.version}@")
+    msgs = explain_messages([Window([" the", " cat", " sat"], [0, 2.0, 0])], p)
+    assert msgs[0]["role"] == "system" and "1.  the <<cat>> sat" in msgs[1]["content"]
+    assert marked([" a", "\n", " b"], [2]) == " a\\n <<b>>"
+    assert read_explanation("Sure!\nExplanation: the word 'cat'.") == "the word 'cat'."
+    assert read_explanation("**animal nouns**") == "animal nouns"
+    assert read_activations("1: 10\n3: 5\n9: 7\nnone", 4) == [0.0, 1.0, 0.0, 0.5]
+
+
+class _Endpoint:
+    """A real HTTP server on 127.0.0.1 answering /v1/chat/completions from a script of faults."""
+
+    def __init__(self, script):
+        import http.server
+        import json
+        import threading
+
+        self.script, self.seen = list(script), []
+        outer = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.seen.append((self.path, self.headers.get("Authorization"), body))
+                step = outer.script.pop(0) if outer.script else "ok"
+                if step in (429, 500, 503):
+                    self.send_response(step)
+                    if step == 429:
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    return
+                if step == 400:
+                    self.send_response(400)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "bad model"}')
+                    return
+                data = b"{not json" if step == "garbage" else json.dumps(
+                    {"choices": [{"message": {"content": "Explanation: cats" if body["max_tokens"] > 1 else "Yes"},
+                                  "logprobs": {"content": [{"top_logprobs": [
+                                      {"token": "Yes", "logprob": -0.2231}, {"token": "No", "logprob": -1.6094}]}]}
+                                  if body.get("logprobs") else None}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_http_client_retries_faults_then_reports_them(monkeypatch, tmp_path):
+    from dictlens.interpret.llm import Cached, HTTPChat, LLMError
+
+    monkeypatch.setenv("TEST_KEY", "sk-test")
+    ep = _Endpoint([500, "garbage", 429, "ok"])
+    try:
+        waits = []
+        chat = HTTPChat(ep.url, "m", key_env="TEST_KEY", retries=3, sleep=waits.append)
+        msgs = [{"role": "user", "content": "hi"}]
+        assert chat.complete(msgs, temperature=0, seed=1, max_tokens=20) == "Explanation: cats"
+        assert len(ep.seen) == 4 and waits == [1.0, 2.0, 0.0]       # backoff, then Retry-After: 0
+        path, auth, body = ep.seen[-1]
+        assert path == "/v1/chat/completions" and auth == "Bearer sk-test" and body["seed"] == 1
+        assert chat.yes(msgs, seed=0) == pytest.approx(0.8 / (0.8 + 0.2), abs=1e-3)  # from the log-probabilities
+        ep.script = [503] * 5
+        with pytest.raises(LLMError, match=r"no answer after 4 tries \(last: HTTP 503"):
+            chat.complete(msgs, temperature=0, seed=1, max_tokens=20)
+        ep.script = [400]
+        with pytest.raises(LLMError, match="HTTP 400.*bad model"):
+            chat.complete(msgs, temperature=0, seed=1, max_tokens=20)
+        cached = Cached(chat, tmp_path / "cache")
+        n = len(ep.seen)
+        assert cached.complete(msgs, temperature=0, seed=2, max_tokens=20) == "Explanation: cats"
+        assert cached.complete(msgs, temperature=0, seed=2, max_tokens=20) == "Explanation: cats"
+        assert len(ep.seen) == n + 1 and (cached.hits, cached.misses) == (1, 1)
+    finally:
+        ep.close()
+    down = HTTPChat(ep.url, "m", retries=1, sleep=lambda s: None, timeout=2)    # the server is gone
+    with pytest.raises(LLMError, match="no answer after 2 tries"):
+        down.complete([{"role": "user", "content": "hi"}], temperature=0, seed=0, max_tokens=5)

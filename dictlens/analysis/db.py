@@ -12,7 +12,10 @@ Tables:
   example are read from the code store (:mod:`dictlens.analysis.codes`);
 - ``vocab(id, text)``: each token id decoded on its own, for display.
 
-The file is written under a temporary name and renamed into place.
+The file is written under a temporary name and renamed into place. Tables that other
+steps add to the database (explanations, scores and labels: :mod:`dictlens.interpret.store`)
+are carried over into the new file when it is the same SAE's (same ``sae`` and
+``n_features``), so that re-analysing loses no labels.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from dictlens.analysis.codes import CodeStore
-from dictlens.errors import AnalysisError, InputError
+from dictlens.config import field
+from dictlens.errors import AnalysisError, ConfigError, InputError
 
 DB_FILE = "features.db"
 CODES_DIR = "codes"
@@ -45,6 +49,35 @@ CREATE TABLE examples(feature INTEGER NOT NULL, kind TEXT NOT NULL, grp INTEGER 
 CREATE INDEX examples_feature ON examples(feature, kind, grp, rank);
 CREATE TABLE vocab(id INTEGER PRIMARY KEY, text TEXT NOT NULL);
 """
+
+
+@dataclass(kw_only=True)
+class AnalysisDir:
+    """Where an analysis is: RUN itself, RUN/analysis, or --analysis."""
+
+    run: str = field(positional=True, help="run directory (its analysis/ is read) or analysis directory")
+    analysis: str | None = field(None, help="analysis directory (default: RUN or RUN/analysis)")
+
+    def path(self) -> Path:
+        for cand in ([Path(self.analysis)] if self.analysis else [Path(self.run), Path(self.run) / "analysis"]):
+            if (cand / DB_FILE).is_file():
+                return cand
+        raise AnalysisError(f"no feature database in {self.analysis or self.run}: run `dictlens analyze "
+                            f"{self.run}` first")
+
+
+def feature_ranges(spec: str | None) -> list[int] | None:
+    """'0-99,120,7' → ids (None: no selection)."""
+    if not spec:
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+        except ValueError:
+            raise ConfigError(f"features: expected numbers and ranges like 0-99,120, found {part!r}") from None
+    return out
 
 
 def write_db(path: Path, meta: dict[str, Any], features: Iterable[tuple[Any, ...]], examples: Iterable[tuple[Any, ...]],
@@ -62,12 +95,43 @@ def write_db(path: Path, meta: dict[str, Any], features: Iterable[tuple[Any, ...
         con.executemany("INSERT INTO examples VALUES (?,?,?,?,?,?)", examples)
         con.executemany("INSERT INTO vocab VALUES (?, ?)", enumerate(vocab))
         con.commit()
+        if path.is_file():
+            _carry_over(path, con, meta)
     finally:
         con.close()
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    for suffix in ("-wal", "-shm"):   # a WAL-mode predecessor's files must not meet the new database
+        Path(str(path) + suffix).unlink(missing_ok=True)
     os.replace(tmp, path)
     return path
+
+
+def _carry_over(old: Path, con: sqlite3.Connection, meta: dict[str, Any]) -> None:
+    """Copy into ``con`` the tables of ``old`` that :data:`SCHEMA` does not define, when
+    ``old`` describes the same SAE; checkpoint ``old``'s write-ahead log first."""
+    ours = {"meta", "features", "examples", "vocab"}
+    try:
+        prev = sqlite3.connect(old)
+        prev.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        prev.execute("PRAGMA journal_mode = DELETE")
+        same = {k: json.loads(v) for k, v in prev.execute("SELECT key, value FROM meta WHERE key IN "
+                                                           "('sae', 'n_features')")}
+        tables = [(n, sql) for n, sql in prev.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'")
+                  if n not in ours and not n.startswith("sqlite_")]
+        prev.close()
+    except sqlite3.DatabaseError:
+        return                              # not a database we can read: nothing to keep
+    if not tables or same != {"sae": meta.get("sae"), "n_features": meta.get("n_features")}:
+        return
+    con.execute("ATTACH DATABASE ? AS old", (str(old),))
+    try:
+        for name, sql in tables:
+            con.execute(sql)
+            con.execute(f'INSERT INTO "{name}" SELECT * FROM old."{name}"')
+        con.commit()
+    finally:
+        con.execute("DETACH DATABASE old")
 
 
 @dataclass

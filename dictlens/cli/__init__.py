@@ -18,13 +18,13 @@ from dictlens.errors import DictlensError
 
 def build_parser() -> argparse.ArgumentParser:
     from dictlens import __version__
-    from dictlens.cli import analysis, data, demo, evaluate, formats, train, use
+    from dictlens.cli import analysis, data, demo, evaluate, formats, interpret, train, use
 
     parser = argparse.ArgumentParser(prog="dictlens", allow_abbrev=False,
                                      description="Dictionary learning on neural-network activations.")
     parser.add_argument("--version", action="version", version=f"dictlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (data, train, evaluate, analysis, use, formats, demo):
+    for group in (data, train, evaluate, analysis, interpret, use, formats, demo):
         group.add_parsers(sub)
     return parser
 

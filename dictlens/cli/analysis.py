@@ -4,11 +4,11 @@ its report and app, and matching dictionaries."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dictlens.analysis.collect import AnalyzeJob
 from dictlens.analysis.compare import CompareJob
+from dictlens.analysis.db import AnalysisDir, feature_ranges
 from dictlens.cli.common import command, written
 from dictlens.config import field
 from dictlens.errors import ConfigError
@@ -16,46 +16,18 @@ from dictlens.formats.preflight import FORCE_HELP
 
 
 @dataclass(kw_only=True)
-class Analysis:
-    """Where an analysis is: RUN itself, RUN/analysis, or --analysis."""
-
-    run: str = field(positional=True, help="run directory (its analysis/ is read) or analysis directory")
-    analysis: str | None = field(None, help="analysis directory (default: RUN or RUN/analysis)")
-
-    def path(self) -> Path:
-        from dictlens.analysis.db import DB_FILE
-        from dictlens.errors import AnalysisError
-
-        for cand in ([Path(self.analysis)] if self.analysis else [Path(self.run), Path(self.run) / "analysis"]):
-            if (cand / DB_FILE).is_file():
-                return cand
-        raise AnalysisError(f"no feature database in {self.analysis or self.run}: run `dictlens analyze "
-                            f"{self.run}` first")
-
-
-@dataclass(kw_only=True)
-class Report(Analysis):
+class Report(AnalysisDir):
     """The static HTML report of an analysis: an index and one page per feature."""
 
     out: str | None = field(None, help="report directory (default: ANALYSIS/report)")
     features: str | None = field(None, help="only these features' pages, e.g. 0-99,120 (default: all)")
 
     def feature_ids(self) -> list[int] | None:
-        """'0-99,120,7' → ids."""
-        if not self.features:
-            return None
-        out: list[int] = []
-        for part in self.features.split(","):
-            lo, _, hi = part.strip().partition("-")
-            try:
-                out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-            except ValueError:
-                raise ConfigError(f"features: expected numbers and ranges like 0-99,120, found {part!r}") from None
-        return out
+        return feature_ranges(self.features)
 
 
 @dataclass(kw_only=True)
-class Serve(Analysis):
+class Serve(AnalysisDir):
     """The local web app over an analysis: features, live text, token search, steering."""
 
     host: str = field("127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
@@ -66,7 +38,7 @@ class Serve(Analysis):
 
 
 @dataclass(kw_only=True)
-class Search(Analysis):
+class Search(AnalysisDir):
     """The features that fire on a text (run live), or that are most active on a token (analysed text)."""
 
     text: str | None = field(None, help="a text to run through the model and the SAE")

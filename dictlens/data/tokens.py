@@ -11,7 +11,7 @@ so a position is "kept" by the same rule everywhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,6 +44,15 @@ def not_special(tokenizer: Any, ids: torch.Tensor) -> torch.Tensor:
     return keep_mask(ids, special_ids(tokenizer))
 
 
+def chat_ids(lm: LoadedModel, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The ids of ``messages`` (role, content) in ``lm``'s chat template, ready for the reply."""
+    tok = lm.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"chat: the tokenizer of {lm.name} has no chat template")
+    out = tok.apply_chat_template(list(messages), add_generation_prompt=True)
+    return list(out) if isinstance(out, list) else list(out["input_ids"])
+
+
 def text_ids(lm: LoadedModel, text: str, *, max_tokens: int | None = None, new_tokens: int = 0,
              chat: bool = False, what: str = "text") -> torch.Tensor:
     """[1, T] ids of one text on ``lm``'s device: BOS first when the tokenizer has one (as
@@ -53,10 +62,7 @@ def text_ids(lm: LoadedModel, text: str, *, max_tokens: int | None = None, new_t
         raise InputError(f"the {what} is empty")
     tok = lm.tokenizer
     if chat:
-        if not getattr(tok, "chat_template", None):
-            raise ConfigError(f"chat: the tokenizer of {lm.name} has no chat template")
-        out = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = list(out) if isinstance(out, list) else list(out["input_ids"])
+        ids = chat_ids(lm, [{"role": "user", "content": text}])
     else:
         ids = tok(text, add_special_tokens=False).input_ids
         if resolve_prepend_bos(tok, "auto"):

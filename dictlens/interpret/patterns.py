@@ -67,6 +67,13 @@ class TokenPattern:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TokenPattern:
+        before = d.get("before")
+        return cls([(str(t), float(s), float(m)) for t, s, m in d["tokens"]],
+                   None if before is None else (str(before[0]), float(before[1])),
+                   float(d["coverage"]), int(d["windows"]), int(d["firings"]), dict(d.get("notes", {})))
+
 
 def explain_tokens(windows: Sequence[Window]) -> TokenPattern:
     """The pattern of the activations in ``windows``."""
