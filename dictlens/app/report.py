@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dictlens.analysis.db import FeatureDB
-from dictlens.app.render import environment, feature_page, index_page, static_dir
+from dictlens.app.render import environment, feature_page, index_page, interpretation, static_dir
 
 
 def feature_file(feature: int) -> str:
@@ -38,9 +38,12 @@ def write_report(analysis: str | Path, out: str | Path | None = None, features: 
         for name in ("style.css", "dictlens.js"):
             shutil.copyfile(static_dir() / name, tmp / name)
         page = env.get_template("feature.html")
+        explained = interpretation(db)
         for f in tqdm(ids, desc="report", unit="page", disable=not progress):
-            (tmp / feature_file(f)).write_text(page.render(**common, **feature_page(db, f)), encoding="utf-8")
-        (tmp / "index.html").write_text(env.get_template("index.html").render(**common, **index_page(db)),
+            (tmp / feature_file(f)).write_text(page.render(**common, **feature_page(db, f, explained)),
+                                               encoding="utf-8")
+        (tmp / "index.html").write_text(env.get_template("index.html").render(**common,
+                                                                              **index_page(db, explained)),
                                         encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,15 @@ from flask import Flask, abort, jsonify, redirect, render_template, request, url
 
 from dictlens.analysis.db import FeatureDB
 from dictlens.app.live import LiveEncoder
-from dictlens.app.render import environment, feature_page, index_page, show_token, svg_bars
+from dictlens.app.render import (
+    environment,
+    explained_rows,
+    feature_page,
+    index_page,
+    interpretation,
+    show_token,
+    svg_bars,
+)
 from dictlens.errors import DictlensError, InputError
 
 if TYPE_CHECKING:
@@ -94,9 +102,10 @@ def create_app(analysis: str | Path, *, sae: SAE | None = None, lm: LoadedModel 
     def index() -> ResponseReturnValue:
         order = request.args.get("order", "id")
         offset = max(0, request.args.get("offset", 0, type=int))
-        data = index_page(db)
-        data["rows"] = [{**r, "logit_top": [show_token(t) for t in r["logit_top"]]}
-                        for r in db.features(order=order, limit=PAGE, offset=offset)]
+        explained = interpretation(db)
+        data = index_page(db, explained)
+        data["rows"] = explained_rows([{**r, "logit_top": [show_token(t) for t in r["logit_top"]]}
+                                       for r in db.features(order=order, limit=PAGE, offset=offset)], explained)
         more = offset + PAGE < db.n_features
         data["more_url"] = url_for("index", order=order, offset=offset + PAGE) if more else None
         return render_template("index.html", **common(), **data, order=order)

@@ -39,17 +39,19 @@ class Serve(AnalysisDir):
 
 @dataclass(kw_only=True)
 class Search(AnalysisDir):
-    """The features that fire on a text (run live), or that are most active on a token (analysed text)."""
+    """The features that fire on a text (run live), that are most active on a token (analysed
+    text), or whose explanation says something."""
 
     text: str | None = field(None, help="a text to run through the model and the SAE")
     token: str | None = field(None, help="a token of the analysed text, e.g. the")
+    explanation: str | None = field(None, help="words of an explanation (`dictlens explain`), e.g. 'after the'")
     model: str | None = field(None, help="model for --text (default: the SAE's)")
     n: int = field(20, short="-n", help="features listed")
     force: bool = field(False, help=FORCE_HELP)
 
     def __post_init__(self) -> None:
-        if (self.text is None) == (self.token is None):
-            raise ConfigError("search: give exactly one of --text or --token")
+        if sum(x is not None for x in (self.text, self.token, self.explanation)) != 1:
+            raise ConfigError("search: give exactly one of --text, --token or --explanation")
 
 
 def _analyze(job: AnalyzeJob) -> int:
@@ -84,6 +86,8 @@ def _serve(job: Serve) -> int:
 def _search(job: Search) -> int:
     if job.token is not None:
         return _search_token(job, job.token)
+    if job.explanation is not None:
+        return _search_explanation(job, job.explanation)
     from dictlens.analysis.search import features_on_text
     from dictlens.load import load_run
 
@@ -112,6 +116,30 @@ def _search_token(job: Search, token: str) -> int:
     for h in hits:
         lens = " ".join(repr(t["token"]) for t in db.feature(h["id"])["logit_top"][:5])
         print(f"| {h['id']} | {h['mean']:.3g} | {h['fires']:.1%} | {lens} |")
+    return 0
+
+
+def _search_explanation(job: Search, words: str) -> int:
+    from dictlens.analysis.db import FeatureDB
+    from dictlens.app.render import interpretation
+    from dictlens.interpret.store import Interpretations
+
+    path = job.path()
+    db = FeatureDB(path)
+    with Interpretations(path, readonly=True) as st:
+        hits = st.search(words, limit=job.n)
+    if not hits:
+        print(f"no explanation says {words!r}" + ("" if st.present else " (nothing is explained yet: run "
+                                                  "`dictlens explain` first)"))
+        return 0
+    explained = interpretation(db, [e.feature for e in hits])
+    print(f"explanations that say {words!r}:")
+    print("| feature | density | explainer | explanation | detection AUC |\n|---:|---:|---|---|---:|")
+    for e in hits:
+        auc = next((s["value"] for x in explained.get(e.feature, []) if x["explainer"] == e.explainer
+                    for s in x["scores"] if s["scorer"] == "detection auc"), None)
+        print(f"| {e.feature} | {db.feature(e.feature)['density']:.2%} | {e.explainer} | {e.text} | "
+              f"{'–' if auc is None else f'{auc:.3f}'} |")
     return 0
 
 

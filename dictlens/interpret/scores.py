@@ -130,7 +130,8 @@ class PatternJudge:
 
     def detect(self, explanation: Explanation, contexts: Sequence[Window]) -> list[float]:
         p = self.pattern(explanation)
-        return [float(max(p.predict(c.texts), default=0.0) > 0) for c in contexts]
+        # above 0.5 exactly when the pattern fires somewhere; ordered by its strongest prediction
+        return [0.5 + 0.5 * m if (m := max(p.predict(c.texts), default=0.0)) > 0 else 0.0 for c in contexts]
 
     def fuzz(self, explanation: Explanation, items: Sequence[tuple[Window, Sequence[int]]]) -> list[float]:
         p = self.pattern(explanation)
@@ -156,48 +157,79 @@ class Value:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-def _balanced_accuracy(y: np.ndarray, s: np.ndarray) -> float | None:
-    if y.min() == y.max():
-        return None
-    pred = s >= 0.5
-    return float((pred[y == 1].mean() + (~pred[y == 0]).mean()) / 2)
+# Metrics take resample weights W [B, n] (how often each of the n items is drawn; a row of
+# ones is the sample itself) and return [B] values (NaN where undefined), so that a
+# bootstrap is a few array operations instead of B Python calls.
+
+def _balanced_accuracy(y: np.ndarray, s: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    hit = np.where(y == 1, s >= 0.5, s < 0.5).astype(np.float64)
+
+    def metric(W: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tpr = (W * hit * (y == 1)).sum(1) / (W * (y == 1)).sum(1)
+            tnr = (W * hit * (y == 0)).sum(1) / (W * (y == 0)).sum(1)
+        return np.asarray((tpr + tnr) / 2)
+    return metric
 
 
-def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
-    """ROC AUC as the Mann–Whitney statistic (ties count half), fast enough to bootstrap."""
-    if y.min() == y.max():
-        return None
-    from scipy.stats import rankdata
+def _auc(y: np.ndarray, s: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """ROC AUC as the Mann–Whitney statistic (ties count half), weighted by the draws."""
+    pos, neg = y == 1, y == 0
+    M = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
 
-    r = rankdata(s)
-    pos = y == 1
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    return float((r[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def _pearson(pred: np.ndarray, true: np.ndarray) -> float | None:
-    if len(true) < 2 or pred.std() == 0 or true.std() == 0:
-        return 0.0 if len(true) >= 2 else None
-    return float(np.corrcoef(pred, true)[0, 1])
+    def metric(W: np.ndarray) -> np.ndarray:
+        wp, wn = W[:, pos], W[:, neg]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.asarray(np.einsum("bi,ij,bj->b", wp, M, wn) / (wp.sum(1) * wn.sum(1)))
+    return metric
 
 
-def bootstrap(metric: Callable[[np.ndarray], float | None], n: int, rng: np.random.Generator,
+def _pearson(pred: Sequence[np.ndarray], true: Sequence[np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Pearson correlation over all tokens of the drawn contexts (0 when either side is constant)."""
+    S = np.array([[len(p), p.sum(), t.sum(), (p * p).sum(), (t * t).sum(), (p * t).sum()]
+                  for p, t in zip(pred, true, strict=True)], np.float64).reshape(-1, 6)
+
+    def metric(W: np.ndarray) -> np.ndarray:
+        n, sp, st, spp, stt, spt = (W @ S).T
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cov = spt - sp * st / n
+            vp, vt = spp - sp * sp / n, stt - st * st / n
+            r = cov / np.sqrt(vp * vt)
+        flat = (vp <= 1e-12 * np.maximum(spp, 1)) | (vt <= 1e-12 * np.maximum(stt, 1))
+        return np.asarray(np.where(n < 2, np.nan, np.where(flat, 0.0, np.clip(r, -1, 1))))
+    return metric
+
+
+def _mean(v: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    def metric(W: np.ndarray) -> np.ndarray:
+        return np.asarray(W @ v / W.sum(1))
+    return metric
+
+
+def bootstrap(metric: Callable[[np.ndarray], np.ndarray], n: int, rng: np.random.Generator,
               draws: int = BOOTSTRAP) -> tuple[float | None, float | None, float | None]:
-    """``metric`` of all ``n`` items and its 95% percentile interval over ``draws`` resamples
-    of the items (resamples where it is undefined are left out)."""
-    value = metric(np.arange(n)) if n else None
-    if value is None:
+    """``metric`` of all ``n`` items and its 95% percentile interval over ``draws``
+    resamples of the items (resamples where it is undefined are left out)."""
+    if n == 0:
         return None, None, None
-    got = [v for v in (metric(rng.integers(0, n, n)) for _ in range(draws)) if v is not None]
-    if not got:
+    value = float(metric(np.ones((1, n)))[0])
+    if not np.isfinite(value):
+        return None, None, None
+    idx = rng.integers(0, n, (draws, n))
+    W = np.zeros((draws, n))
+    np.add.at(W, (np.repeat(np.arange(draws), n), idx.ravel()), 1.0)
+    got = metric(W)
+    got = got[np.isfinite(got)]
+    if len(got) == 0:
         return value, None, None
     lo, hi = np.percentile(got, [2.5, 97.5])
     return value, float(lo), float(hi)
 
 
 def _classification(y: np.ndarray, s: np.ndarray, rng: np.random.Generator,
-                    metric: Callable[[np.ndarray, np.ndarray], float | None], draws: int) -> Value:
-    v, lo, hi = bootstrap(lambda i: metric(y[i], s[i]), len(y), rng, draws)
+                    metric: Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]],
+                    draws: int) -> Value:
+    v, lo, hi = bootstrap(metric(y, s), len(y), rng, draws)
     return Value(v, lo, hi, len(y), {"positives": int(y.sum()), "negatives": int(len(y) - y.sum())})
 
 
@@ -247,10 +279,7 @@ def simulation(judge: Judge, explanation: Explanation, sample: Sample, rng: np.r
         if len(p) != len(c.texts):
             raise InputError(f"judge {judge.name}: {len(p)} predictions for a context of {len(c.texts)} tokens")
 
-    def corr(idx: np.ndarray) -> float | None:
-        return _pearson(np.concatenate([pred[i] for i in idx]), np.concatenate([true[i] for i in idx]))
-
-    v, lo, hi = bootstrap(corr, len(contexts), rng, draws)
+    v, lo, hi = bootstrap(_pearson(pred, true), len(contexts), rng, draws)
     return {"simulation": Value(v, lo, hi, len(contexts), {"tokens": int(sum(len(t) for t in true))})}
 
 
@@ -282,5 +311,5 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 def summary(values: Sequence[float | None], rng: np.random.Generator, draws: int = BOOTSTRAP) -> dict[str, Any]:
     """Mean over features with its 95% bootstrap interval over features, and the count."""
     v = np.asarray([x for x in values if x is not None], np.float64)
-    mean, lo, hi = bootstrap(lambda i: float(v[i].mean()), len(v), rng, draws)
+    mean, lo, hi = bootstrap(_mean(v), len(v), rng, draws)
     return {"mean": mean, "low": lo, "high": hi, "features": int(len(v))}
