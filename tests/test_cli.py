@@ -196,6 +196,7 @@ def test_demo_through_the_command_line(smollm2, tmp_path, capsys):
     text = capsys.readouterr().out
     for step in ("demo 1/4", "demo 2/4", "demo 3/4"):
         assert step in text
+    assert "features by their tokens" in text and "| detection auc | own explanation |" in text
     import re
 
     held = re.search(r"held-out \(([\d,]+) tokens\): FVU", text)

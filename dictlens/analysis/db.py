@@ -243,6 +243,12 @@ class FeatureDB:
                                acts.tolist(), center))
         return out
 
+    def example_positions(self, feature: int, kind: str) -> list[int]:
+        """The positions of ``feature``'s stored examples of one ``kind``, in rank order (no windows read)."""
+        f = self.check_feature(feature)
+        return [p for (p,) in self.con.execute("SELECT position FROM examples WHERE feature = ? AND kind = ? "
+                                               "ORDER BY grp, rank", (f, kind))]
+
     def count(self, alive_only: bool = False) -> int:
         where = " WHERE count > 0" if alive_only else ""
         return int(self.con.execute(f"SELECT COUNT(*) FROM features{where}").fetchone()[0])

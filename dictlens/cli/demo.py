@@ -1,5 +1,5 @@
 """``dictlens demo``: the main job on the embedded default model and text, composed of the
-library's steps: harvest, train (with a held-out tail), analyze with its report, steer."""
+library's steps: harvest, train (with a held-out tail), analyze, explain and score, the report, steer."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ class Demo:
     tokens: int = field(100_000, help="tokens to harvest")
     train_tokens: int = field(1_000_000, help="SAE training tokens")
     analyze_tokens: int = field(40_000, help="tokens analysed for the report, after the harvested ones")
+    scored: int = field(1_000, help="features whose explanations are scored (a random sample; all are explained)")
     report: bool = field(True, help="write the HTML report (one page per feature)")
 
 
@@ -85,12 +86,26 @@ def _step_analyze(job: Demo, sae: SAE, run: Path) -> tuple[LoadedModel, Path]:
                  run / "analysis", run=str(run))
     print(f"{an.tokens:,} tokens at {an.tokens / an.seconds:,.0f} tok/s; "
           f"{int((an.stats.count > 0).sum()):,} of {sae.n_features:,} features fired")
+    _step_explain(job, sae, run)
     if job.report:
         from dictlens.app.report import write_report
 
         print(f"report: {write_report(an.path).resolve()}")
     print(f"(browse it with `dictlens serve {run}`: live text, search by token, steering)")
     return lm, an.path
+
+
+def _step_explain(job: Demo, sae: SAE, run: Path) -> None:
+    """Step 3, continued: every feature explained by the offline pattern explainer; a sample's
+    explanations scored by their own patterns, beside the shuffled control."""
+    from dictlens.cli.interpret import print_scores
+    from dictlens.interpret.jobs import ExplainJob, ScoreJob, explain_job, score_job
+
+    e = explain_job(ExplainJob(run=str(run), max_features=sae.n_features))
+    print(f"explained {len(e.explained) + len(e.kept):,} features by their tokens ({e.seconds:.1f} s); "
+          f"scoring {min(job.scored, len(e.explained) + len(e.kept)):,} of them:")
+    print_scores(score_job(ScoreJob(run=str(run), max_features=job.scored)))
+    print(f"(`dictlens score {run} --judge llm --llm-url URL --llm-model NAME` has a chat model judge them)")
 
 
 def _step_steer(sae: SAE, lm: LoadedModel, analysis: Path, run: Path) -> None:

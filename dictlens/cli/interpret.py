@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dictlens.cli.common import command, written
-from dictlens.interpret.jobs import ExplainJob, ScoreJob
+from dictlens.interpret.jobs import ExplainJob, Scored, ScoreJob
 
 
 def _interval(row: dict[str, Any]) -> str:
@@ -47,6 +47,13 @@ def _score(job: ScoreJob) -> int:
     from dictlens.interpret.jobs import score_job
 
     r = score_job(job)
+    print_scores(r)
+    print(written(r.written))
+    return _errors(r.errors, "scored")
+
+
+def print_scores(r: Scored) -> None:
+    """The summary table of ``dictlens score`` (and of the demo)."""
     n = len({s.feature for s in r.scores})
     print(f"{r.explainer} explanations judged by {r.judge}: {n:,} features ({r.seconds:.1f} s); mean over features "
           f"with 95% bootstrap intervals:")
@@ -54,8 +61,6 @@ def _score(job: ScoreJob) -> int:
     for row in r.table:
         print(f"| {row['scorer'].replace('_', ' ')} | {row['control']} | {_interval(row)} | {row['features']:,} | "
               f"{row['chance']:g} |")
-    print(written(r.written))
-    return _errors(r.errors, "scored")
 
 
 def add_parsers(sub: Any) -> None:

@@ -76,22 +76,23 @@ def explaining_windows(db: Any, feature: int) -> list[Window]:
 def scoring_sample(db: Any, feature: int, hard_negatives: int = HARD_NEGATIVES) -> Sample:
     """The feature's scoring contexts (see the module's doc), from a
     :class:`~dictlens.analysis.db.FeatureDB`."""
-    top = {e.position for e in db.examples(feature, kind="top")}
+    top = set(db.example_positions(feature, "top"))
     active = [Context(e.texts, e.acts, "activating", e.group) for e in db.examples(feature, kind="quantile")
               if e.position not in top and max(e.acts, default=0.0) > 0]
-    negatives = [Context(e.texts, e.acts, "random") for e in db.examples(feature, kind="random")]
-    seen = {e.position for e in db.examples(feature, kind="random")}
+    randoms = db.examples(feature, kind="random")
+    negatives = [Context(e.texts, e.acts, "random") for e in randoms]
+    seen = {e.position for e in randoms}
     left, right = int(db.meta.get("window_left", 24)), int(db.meta.get("window_right", 8))
     hard = 0
     for other, _ in db.feature(feature)["neighbours"]:
         if hard >= hard_negatives:
             break
-        for e in db.examples(other, kind="top"):
-            if e.position in seen:
+        for pos in db.example_positions(other, "top"):
+            if pos in seen:
                 continue
-            toks, acts, _ = db.codes.window(feature, e.position, left, right)
+            toks, acts, _ = db.codes.window(feature, pos, left, right)
             if not np.any(acts > 0):
-                seen.add(e.position)
+                seen.add(pos)
                 negatives.append(Context([db.token_text(int(t)) for t in toks], acts.tolist(), "neighbour"))
                 hard += 1
                 break
