@@ -365,3 +365,25 @@ def test_llm_explainer_and_judge_on_the_real_default_model(analysed_run, capsys)
     own = {r["scorer"]: r for r in table if r["control"] == "own explanation"}
     assert own["detection_auc"]["features"] == 2 and 0 <= own["detection_auc"]["mean"] <= 1
     assert 0 <= own["fuzzing"]["mean"] <= 1
+
+
+def test_random_directions_control_is_analysed_explained_and_scored(analysed_run, capsys):
+    import json
+
+    from dictlens.analysis.db import FeatureDB
+    from dictlens.cli import main
+
+    run = analysed_run
+    assert main(["explain", str(run), "--max-features", "10"]) == 0
+    assert main(["score", str(run), "--random-control", "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "random-directions control: 64 random directions, TopK k=" in out
+    assert "| detection auc | random directions |" in out and "| simulation | random directions |" in out
+    ctl = FeatureDB(run / "analysis" / "control-random")
+    assert ctl.meta["sae"].startswith("random directions (seed 0) for ") and ctl.meta["hook"] == "resid_post.1"
+    assert ctl.meta["tokens"] == FeatureDB(run / "analysis").meta["tokens"]       # the same text, the same pass
+    table = json.loads((run / "analysis" / "scores-tokens-pattern.json").read_text())["table"]
+    rows = {(r["scorer"], r["control"]): r for r in table}
+    assert rows[("simulation", "random directions")]["features"] == 10
+    assert main(["score", str(run), "--random-control", "--bootstrap", "100"]) == 0     # made once, then reused
+    assert "random-directions control:" not in capsys.readouterr().out

@@ -174,6 +174,9 @@ class ScoreJob(Selection):
                                       "that must sit near chance)")
     hard_negatives: int = field(HARD_NEGATIVES, help="non-activating contexts taken from the nearest features' top "
                                                      "examples, per feature")
+    random_control: bool = field(False, help="also explain and score the features of random directions (TopK at "
+                                             "the SAE's L0, analysed over the same text): what the explainer and "
+                                             "judge make of no structure")
     bootstrap: int = field(BOOTSTRAP, help="bootstrap resamples for each interval")
     force: bool = field(False, help="score again the features that already have these scores")
     llm: LLMConfig = field(default_factory=LLMConfig, help="the chat model (--judge llm)")
@@ -275,6 +278,8 @@ def score_job(job: ScoreJob, *, say: Callable[[str], None] = print) -> Scored:
         chosen = set(feats)
         scores = [s for s in store.scores(job.explainer, judge.name) if s.feature in chosen
                   and s.scorer.split("_")[0] in job.scorer_list]
+    if job.random_control:
+        scores += random_control_scores(job, path, len(feats), say)
     table = score_table(scores, job.bootstrap, job.seed)
     seconds = time.perf_counter() - t0
     stem = f"scores-{job.explainer}-{judge.name}".replace(":", "_").replace("/", "_")
@@ -284,6 +289,24 @@ def score_job(job: ScoreJob, *, say: Callable[[str], None] = print) -> Scored:
                                  "seconds": seconds, "settings": settings})
     plot_scores(scores, out_png, f"{job.explainer} explanations, judged by {judge.name}")
     return Scored(job.explainer, judge.name, scores, table, errors, seconds, [out_json, out_png])
+
+
+def random_control_scores(job: ScoreJob, path: Path, n: int, say: Callable[[str], None]) -> list[Score]:
+    """The scores of ``n`` random-directions features (:mod:`dictlens.interpret.controls`),
+    explained and judged as ``job`` explains and judges, labelled as that control."""
+    from dataclasses import replace
+
+    from dictlens.interpret.controls import random_analysis
+
+    ctl = random_analysis(path, job.seed, say=say)
+    kind = "tokens" if job.explainer == "tokens" else "llm"
+    if kind == "llm" and not job.llm.given:
+        raise ConfigError(f"--random-control explains random directions as {job.explainer!r} explains: "
+                          f"give the same --llm-url/--llm-model or --llm-local")
+    explain_job(ExplainJob(run=str(ctl), explainer=kind, max_features=n, seed=job.seed, llm=job.llm), say=say)
+    sub = score_job(replace(job, run=str(ctl), analysis=None, features=None, max_features=n, shuffled=False,
+                            random_control=False), say=say)
+    return [replace(s, control="random directions") for s in sub.scores]
 
 
 def plot_scores(scores: Sequence[Score], path: Path, title: str) -> Path:
@@ -300,7 +323,8 @@ def plot_scores(scores: Sequence[Score], path: Path, title: str) -> Path:
     for ax, k in zip(axes[0], kinds, strict=False):
         lo = -1.0 if k == "simulation" else 0.0
         bins = np.linspace(lo, 1.0, 21)
-        for control, colour, label in (("", "tab:blue", "own"), ("shuffled", "tab:grey", "shuffled")):
+        for control, colour, label in (("", "tab:blue", "own"), ("shuffled", "tab:grey", "shuffled"),
+                                       ("random directions", "tab:orange", "random directions")):
             v = [s.value for s in scores if s.scorer == k and s.control == control and s.value is not None]
             if v:
                 ax.hist(v, bins=bins, alpha=0.6, color=colour, label=f"{label} (mean {np.mean(v):.2f})")

@@ -272,7 +272,7 @@ def fuzzing(judge: Judge, explanation: Explanation, sample: Sample, rng: np.rand
 def simulation(judge: Judge, explanation: Explanation, sample: Sample, rng: np.random.Generator,
                draws: int = BOOTSTRAP) -> dict[str, Value]:
     contexts = sample.contexts
-    if not contexts:
+    if not sample.activating:           # nothing held out where it fires: the correlation says nothing
         return {}
     pred = [np.asarray(p, np.float64) for p in judge.simulate(explanation, contexts)]
     true = [np.asarray(c.acts, np.float64) for c in contexts]

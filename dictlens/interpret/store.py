@@ -20,6 +20,7 @@ analyze`` carries these tables over when it rewrites the database of the same SA
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -120,6 +121,11 @@ class Interpretations:
         self.n_features = int(json.loads(n[0])) if n else 0
 
     def close(self) -> None:
+        """Close; a writer first folds the write-ahead log into ``features.db``, so that the
+        file alone holds everything (to copy or send)."""
+        if not self.readonly and self.present:
+            with contextlib.suppress(sqlite3.OperationalError):   # busy: folded in by a later writer
+                self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.con.close()
 
     def __enter__(self) -> Interpretations:
