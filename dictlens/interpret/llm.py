@@ -22,6 +22,7 @@ Prompts are versioned files in ``prompts/`` (``NAME-vN.txt``, a ``### system`` a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -221,21 +222,36 @@ class HTTPChat:
         return answer
 
 
+@functools.lru_cache(maxsize=2)
+def _load_local(model: str, device: str | None) -> Any:
+    """One loaded copy of a local chat model per process (the explainer and the judge share it)."""
+    from dictlens.data.models import load_model
+
+    return load_model(model, device=device)
+
+
 class LocalChat:
     """A local ``transformers`` chat model (a name :func:`dictlens.data.models.load_model` takes)."""
 
     parallel = 1
 
     def __init__(self, model: str, *, device: str | None = None):
-        from dictlens.data.models import load_model
-
-        self.lm = load_model(model, device=device)
-        self.model = model
+        self.model, self.device = model, device
         self.name = f"local:{model}"
-        tok = self.lm.tokenizer
-        self._yes = self._ids(tok, ("yes", "Yes", " yes", " Yes", "YES"))
-        self._no = self._ids(tok, ("no", "No", " no", " No", "NO"))
         self._lock = threading.Lock()
+
+    @property
+    def lm(self) -> Any:
+        """The model, loaded on the first request (a run answered from the cache loads nothing)."""
+        return _load_local(self.model, self.device)
+
+    @functools.cached_property
+    def _yes(self) -> list[int]:
+        return self._ids(self.lm.tokenizer, ("yes", "Yes", " yes", " Yes", "YES"))
+
+    @functools.cached_property
+    def _no(self) -> list[int]:
+        return self._ids(self.lm.tokenizer, ("no", "No", " no", " No", "NO"))
 
     @staticmethod
     def _ids(tok: Any, words: Iterable[str]) -> list[int]:
