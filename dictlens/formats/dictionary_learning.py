@@ -37,6 +37,7 @@ from dictlens.formats.base import (
     written_by_dictlens,
 )
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+from dictlens.sae.activations import Form
 
 if TYPE_CHECKING:
     from dictlens.sae.model import SAE
@@ -148,30 +149,30 @@ class DictionaryLearning:
         st = export_state(sae)
         W_enc, W_dec, b_dec = st["W_enc"], st["W_dec"], st["b_dec"]
         kind, F = sae.activation, sae.n_features
-        if kind.form == "relu":   # AutoEncoder subtracts its pre-bias; AutoEncoderNew has none
+        if kind.form is Form.RELU:   # AutoEncoder subtracts its pre-bias; AutoEncoderNew has none
             cls, state = ("AutoEncoder", {"bias": b_dec, "encoder.weight": W_enc, "encoder.bias": st["b_enc"],
                                           "decoder.weight": W_dec.T}) if sae.cfg.pre_bias else \
                 ("AutoEncoderNew", {"encoder.weight": W_enc, "encoder.bias": st["b_enc"], "decoder.weight": W_dec.T,
                                     "decoder.bias": b_dec})
-        elif kind.form == "gated":   # GatedAutoEncoder always subtracts b_dec: fold a missing pre-bias in
+        elif kind.form is Form.GATED:   # GatedAutoEncoder always subtracts b_dec: fold a missing pre-bias in
             shift = torch.zeros(F) if sae.cfg.pre_bias else W_enc @ b_dec
             cls, state = "GatedAutoEncoder", {"encoder.weight": W_enc, "decoder.weight": W_dec.T, "decoder_bias": b_dec,
                                               "r_mag": st["r_mag"], "gate_bias": st["b_enc"] + shift,
                                               "mag_bias": st["b_mag"] + st["r_mag"].exp() * shift}
-        elif kind.form == "threshold" and not kind.scalar_threshold:
+        elif kind.form is Form.THRESHOLD and not kind.scalar_threshold:
             cls, state = "JumpReluAutoEncoder", {
                 "W_enc": W_enc.T, "b_enc": encoder_bias_for(sae, st, subtracts_b_dec=False), "W_dec": W_dec,
                 "b_dec": b_dec, "threshold": kind.inference_threshold(st, F)}
-        elif kind.form in ("topk", "threshold"):   # TopK, or BatchTopK's one threshold: both subtract b_dec
+        elif kind.form in (Form.TOPK, Form.THRESHOLD):   # TopK, or BatchTopK's one threshold: both subtract b_dec
             b_enc = encoder_bias_for(sae, st, subtracts_b_dec=True)
-            thr = kind.inference_threshold(st, F)[0] if kind.form == "threshold" else torch.tensor(-1.0)
-            if kind.form == "threshold" and sae.cfg.matryoshka:
+            thr = kind.inference_threshold(st, F)[0] if kind.form is Form.THRESHOLD else torch.tensor(-1.0)
+            if kind.form is Form.THRESHOLD and sae.cfg.matryoshka:
                 sizes = torch.diff(torch.tensor([0, *sae.cfg.matryoshka]))
                 cls, state = "MatryoshkaBatchTopKSAE", {"W_enc": W_enc.T, "b_enc": b_enc, "W_dec": W_dec,
                                                         "b_dec": b_dec, "k": torch.tensor(sae.cfg.k),
                                                         "threshold": thr, "group_sizes": sizes}
             else:
-                cls = "AutoEncoderTopK" if kind.form == "topk" else "BatchTopKSAE"
+                cls = "AutoEncoderTopK" if kind.form is Form.TOPK else "BatchTopKSAE"
                 state = {"encoder.weight": W_enc, "encoder.bias": b_enc, "decoder.weight": W_dec.T, "b_dec": b_dec,
                          "k": torch.tensor(sae.cfg.k, dtype=torch.int32), "threshold": thr}
         else:

@@ -37,6 +37,7 @@ from dictlens.formats.base import (
 )
 from dictlens.formats.hooks import from_module_point, from_transformer_lens, to_module_point
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+from dictlens.sae.activations import Form
 
 if TYPE_CHECKING:
     from dictlens.provenance import Provenance
@@ -156,7 +157,7 @@ class GemmaScope2:
 
         state = export_state(sae)
         kind = sae.activation
-        if kind.form not in ("threshold", "relu"):   # ReLU: θ = 0
+        if kind.form not in (Form.THRESHOLD, Form.RELU):   # ReLU: θ = 0
             raise FormatError(f"Gemma Scope 2 holds JumpReLU SAEs; a {sae.cfg.activation} SAE cannot be written as "
                               f"one ({kind.form} codes; writable: ReLU and thresholded codes)")
         tensors = {"w_enc": state["W_enc"].T.contiguous(), "w_dec": state["W_dec"].contiguous(),

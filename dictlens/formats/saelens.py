@@ -36,6 +36,7 @@ from dictlens.formats.base import (
 )
 from dictlens.formats.hooks import from_transformer_lens, hf_model_name, to_transformer_lens
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+from dictlens.sae.activations import Form
 
 if TYPE_CHECKING:
     from dictlens.sae.model import SAE
@@ -190,14 +191,14 @@ class SAELens:
         kind = sae.activation
         tensors = {"W_enc": state["W_enc"].T.contiguous(), "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
         extra: dict[str, Any] = {}
-        if kind.form == "relu":
+        if kind.form is Form.RELU:
             arch = "standard"
-        elif kind.form == "topk":
+        elif kind.form is Form.TOPK:
             arch, extra = "topk", {"k": sae.cfg.k, "rescale_acts_by_decoder_norm": False}
-        elif kind.form == "threshold":   # BatchTopK too: SAELens saves it as jumprelu, θ per feature
+        elif kind.form is Form.THRESHOLD:   # BatchTopK too: SAELens saves it as jumprelu, θ per feature
             arch = "jumprelu"
             tensors["threshold"] = kind.inference_threshold(state, sae.n_features)
-        elif kind.form == "gated":
+        elif kind.form is Form.GATED:
             arch = "gated"
             tensors.update(b_gate=state["b_enc"], r_mag=state["r_mag"], b_mag=state["b_mag"])
         else:

@@ -27,6 +27,7 @@ from dictlens.formats.base import (
 )
 from dictlens.formats.hooks import from_base_model_path, to_base_model_path
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+from dictlens.sae.activations import Form
 
 if TYPE_CHECKING:
     from dictlens.sae.model import SAE
@@ -77,7 +78,7 @@ class Sparsify:
         from safetensors.torch import save
 
         form = sae.activation.form
-        if form not in ("topk", "groupmax"):
+        if form not in (Form.TOPK, Form.GROUPMAX):
             raise FormatError(f"sparsify holds TopK and group-max SAEs; a {sae.cfg.activation} SAE cannot be "
                               "written as one")
         state = export_state(sae)
@@ -86,7 +87,7 @@ class Sparsify:
         folder = out / (to_base_model_path(p.hook_in) if p.hook_in else "sae")
         tensors = {"encoder.weight": state["W_enc"].contiguous(), "encoder.bias": b_enc,
                    "W_dec": state["W_dec"].contiguous(), "b_dec": state["b_dec"]}
-        cfg = {"activation": form, "expansion_factor": sae.n_features // sae.d_in, "normalize_decoder": True,
+        cfg = {"activation": str(form), "expansion_factor": sae.n_features // sae.d_in, "normalize_decoder": True,
                "num_latents": sae.n_features, "k": sae.cfg.k, "multi_topk": False, "skip_connection": False,
                "transcode": False, "d_in": sae.d_in, "dictlens": {"provenance": p.to_json()}}
         folder.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ activation's name against a string.
 from __future__ import annotations
 
 from dictlens.errors import ConfigError
-from dictlens.sae.activations.base import Activation, Codes, Selection
+from dictlens.sae.activations.base import Activation, Codes, Form, Selection
 from dictlens.sae.activations.batchtopk import BatchTopK
 from dictlens.sae.activations.gated import Gated
 from dictlens.sae.activations.groupmax import GroupMax
@@ -42,4 +42,4 @@ def penalised() -> tuple[str, ...]:
     return tuple(n for n, a in REGISTRY.items() if not a.uses_k)
 
 
-__all__ = ["Activation", "Codes", "Selection", "REGISTRY", "NAMES", "get", "with_k", "penalised"]
+__all__ = ["Activation", "Codes", "Form", "Selection", "REGISTRY", "NAMES", "get", "with_k", "penalised"]

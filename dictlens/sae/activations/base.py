@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -50,6 +51,19 @@ class Selection:
     aux_idx: torch.Tensor | None = None
 
 
+class Form(StrEnum):
+    """How an activation's inference codes read in other libraries' terms (the one home of these
+    names; :mod:`dictlens.formats` writes by them): ``RELU`` relu(pre); ``TOPK`` the k largest of
+    pre, ReLU'd; ``THRESHOLD`` pre·1[pre > θ_f] with θ_f ≥ 0 from ``inference_threshold``;
+    ``GATED``; ``GROUPMAX``."""
+
+    RELU = "relu"
+    TOPK = "topk"
+    THRESHOLD = "threshold"
+    GATED = "gated"
+    GROUPMAX = "groupmax"
+
+
 class Activation:
     """One kind of sparse activation. Subclasses set ``name`` and override what differs.
 
@@ -75,7 +89,7 @@ class Activation:
     #: its inference codes in the terms other libraries' formats use (dictlens.formats writes by
     #: it): "relu" relu(pre); "topk" the k largest of pre, ReLU'd; "threshold" pre·1[pre > θ_f]
     #: with θ_f ≥ 0 from :meth:`inference_threshold`; "gated"; "groupmax"
-    form: ClassVar[str] = "relu"
+    form: ClassVar[Form] = Form.RELU
     #: for the "threshold" form: one θ for every feature (BatchTopK's), not one each
     scalar_threshold: ClassVar[bool] = False
 

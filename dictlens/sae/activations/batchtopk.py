@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dictlens.sae.activations.base import Activation, Codes, Selection
+from dictlens.sae.activations.base import Activation, Codes, Form, Selection
 from dictlens.sae.kernels import Pattern
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 class BatchTopK(Activation):
     name = "batchtopk"
-    form = "threshold"
+    form = Form.THRESHOLD
     scalar_threshold = True
 
     def inference_threshold(self, state: dict[str, torch.Tensor], n_features: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dictlens.sae.activations.base import Activation, Codes
+from dictlens.sae.activations.base import Activation, Codes, Form
 from dictlens.sae.kernels import Pattern
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 class Gated(Activation):
     name = "gated"
-    form = "gated"
+    form = Form.GATED
     help = "a gate picks the active features, a rescaled magnitude path their values; L1 on the gate"
     default_penalty = "l1"
     owned_keys = ("r_mag", "b_mag")

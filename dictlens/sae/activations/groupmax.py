@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dictlens.config import check
-from dictlens.sae.activations.base import Activation, Selection
+from dictlens.sae.activations.base import Activation, Form, Selection
 from dictlens.sae.kernels import Pattern
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ CHUNK = 1024
 
 class GroupMax(Activation):
     name = "groupmax"
-    form = "groupmax"
+    form = Form.GROUPMAX
     help = "k groups of F/k adjacent features; each token activates the largest of every group"
     uses_k = True
     default_dead = "boost"

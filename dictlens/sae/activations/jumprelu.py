@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.autograd import Function
 
-from dictlens.sae.activations.base import Activation, Codes, Selection
+from dictlens.sae.activations.base import Activation, Codes, Form, Selection
 from dictlens.sae.kernels import Pattern
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def heaviside(z: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
 
 class JumpReLU(Activation):
     name = "jumprelu"
-    form = "threshold"
+    form = Form.THRESHOLD
 
     def inference_threshold(self, state: dict[str, torch.Tensor], n_features: int) -> torch.Tensor:
         return state["log_threshold"].exp()

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dictlens.sae.activations.base import Activation, Selection
+from dictlens.sae.activations.base import Activation, Form, Selection
 from dictlens.sae.kernels import Pattern, topk_select
 
 if TYPE_CHECKING:
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 class TopK(Activation):
     name = "topk"
-    form = "topk"
+    form = Form.TOPK
     help = "the k largest pre-activations of each token (ReLU'd)"
     uses_k = True
     default_dead = "boost"
