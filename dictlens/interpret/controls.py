@@ -41,7 +41,9 @@ def random_analysis(analysis: Path, seed: int = 0, *, say: Callable[[str], None]
     name = control_name(db.meta, seed)
     if (out / DB_FILE).is_file():
         done = FeatureDB(out)
-        if done.meta.get("sae") == name:
+        same = done.meta.get("sae") == name
+        done.close()
+        if same:
             return out
     if not db.meta.get("sae"):
         raise AnalysisError(f"{analysis}: the analysis names no SAE run, so its random control cannot be built")

@@ -130,13 +130,14 @@ def explain_job(job: ExplainJob, *, say: Callable[[str], None] = print) -> Expla
                 store.put_explanations([r])
             bar.update(1)
 
-        if chat is None:
-            def tokens(f: int) -> Explanation:
+        if chat is None:            # deterministic and fast: one transaction for all, not one per feature
+            made = []
+            for f in todo:
                 p = explain_tokens(explaining_windows(db, f))
-                return Explanation(f, name, p.sentence(), p.to_json(), "", f"tokens-v{TOKENS_EXPLAINER_VERSION}",
-                                   {"examples": "top"})
-
-            pmap(tokens, todo, 1, done)
+                made.append(Explanation(f, name, p.sentence(), p.to_json(), "", f"tokens-v{TOKENS_EXPLAINER_VERSION}",
+                                        {"examples": "top"}))
+                bar.update(1)
+            store.put_explanations(made)
         else:
             from dictlens.interpret.asking import explain_llm, explain_messages
 
@@ -154,6 +155,7 @@ def explain_job(job: ExplainJob, *, say: Callable[[str], None] = print) -> Expla
             notes = {"backend": chat.name, "cache": str(chat.dir), "cache_hits": chat.hits,
                      "requests": chat.misses}
         bar.close()
+    db.close()
     seconds = time.perf_counter() - t0
     out = path / f"explain-{name.replace(':', '_').replace('/', '_')}.json"
     atomic_write_json(out, {"explainer": name, "features": feats, "explained": [f for f in todo if f not in errors],
@@ -277,7 +279,8 @@ def score_job(job: ScoreJob, *, say: Callable[[str], None] = print) -> Scored:
         bar.close()
         chosen = set(feats)
         scores = [s for s in store.scores(job.explainer, judge.name) if s.feature in chosen
-                  and s.scorer.split("_")[0] in job.scorer_list]
+                  and s.scorer.split("_")[0] in job.scorer_list]      # detection_auc comes with detection
+    db.close()
     if job.random_control:
         scores += random_control_scores(job, path, len(feats), say)
     table = score_table(scores, job.bootstrap, job.seed)

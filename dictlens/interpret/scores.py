@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dictlens.errors import InputError
-from dictlens.interpret.patterns import TokenPattern, Window
+from dictlens.interpret.patterns import TokenPattern, Window, windows
 from dictlens.interpret.store import Explanation
 
 SCORERS = ("detection", "fuzzing", "simulation")
@@ -70,7 +70,7 @@ class Sample:
 
 def explaining_windows(db: Any, feature: int) -> list[Window]:
     """What an explanation is written from: the feature's top examples."""
-    return [Window(e.texts, e.acts) for e in db.examples(feature, kind="top")]
+    return windows(db, feature, ("top",))
 
 
 def scoring_sample(db: Any, feature: int, hard_negatives: int = HARD_NEGATIVES) -> Sample:
