@@ -392,3 +392,97 @@ def test_random_directions_control_is_analysed_explained_and_scored(analysed_run
     assert rows[("simulation", "random directions")]["features"] == 10
     assert main(["score", str(run), "--random-control", "--bootstrap", "100"]) == 0     # made once, then reused
     assert "random-directions control:" not in capsys.readouterr().out
+
+
+# --- agreement -----------------------------------------------------------------------------------
+
+def test_agreement_statistics_against_hand_computed_values_and_the_libraries():
+    import krippendorff
+    import numpy as np
+    from sklearn.metrics import cohen_kappa_score
+
+    from dictlens.interpret.agreement import cohen_kappa, kripp_alpha
+
+    assert cohen_kappa([1, 1, 2, 2], [1, 2, 2, 2]) == pytest.approx(0.5)      # p_o 0.75, p_e 0.5
+    assert cohen_kappa([3, 4, 5, 1], [3, 4, 5, 1]) == pytest.approx(1.0)      # perfect
+    assert cohen_kappa([1, 2, 1, 2], [2, 1, 2, 1]) == pytest.approx(-1.0)     # systematic disagreement
+    assert cohen_kappa([3, 3, 3], [3, 3, 3]) is None and cohen_kappa([1], [1]) is None
+    # nominal alpha by hand: units (1,1) (2,2) (1,2) (2,2): o11 2, o22 4, o12 = o21 1; n1 3, n2 5, n 8
+    m = np.array([[1, 2, 1, 2], [1, 2, 2, 2]], float)
+    assert kripp_alpha(m, "nominal") == pytest.approx(1 - (2 / 8) / (2 * 3 * 5 / (8 * 7)))   # 0.5333
+    rng = np.random.default_rng(0)
+    r = rng.integers(1, 6, (3, 300)).astype(float)
+    r[0, :40] = np.nan                                                          # missing ratings
+    assert abs(kripp_alpha(r, "ordinal", range(1, 6))) < 0.1                   # chance
+    same = np.tile(rng.integers(1, 6, 50).astype(float), (2, 1))
+    assert kripp_alpha(same, "ordinal", range(1, 6)) == pytest.approx(1.0)
+    a, b = rng.integers(1, 6, 80), rng.integers(1, 6, 80)
+    b[:50] = a[:50]
+    assert cohen_kappa(a, b, "quadratic") == pytest.approx(cohen_kappa_score(a, b, weights="quadratic"))
+    assert kripp_alpha(r, "ordinal", range(1, 6)) == pytest.approx(
+        krippendorff.alpha(reliability_data=r, level_of_measurement="ordinal", value_domain=[1, 2, 3, 4, 5]))
+
+
+def test_human_detection_and_agreement_on_constructed_labels():
+    from dictlens.interpret.agreement import agreement
+    from dictlens.interpret.labels import human_detection
+    from dictlens.interpret.store import Label
+
+    truth = {0: {"a": True, "b": False}, 1: {"a": True, "b": False}}
+    good = [Label(0, "ada", "x", 5, {"a": True, "b": False}), Label(1, "ada", "y", 4, {"a": True, "b": False})]
+    bad = [Label(0, "bob", "x", 1, {"a": False, "b": True}), Label(1, "bob", "y", 2, {"a": False, "b": True})]
+    assert human_detection(good, truth)["balanced_accuracy"] == 1.0
+    assert human_detection(bad, truth)["balanced_accuracy"] == 0.0
+    r = agreement(good + bad, ["ada", "bob"], truth, {0: 0.9, 1: 0.5}, draws=50)
+    assert r["contexts"]["cohen_kappa"][0]["value"] == pytest.approx(-1.0)     # every mark the other way
+    assert r["contexts"]["human_detection"]["ada"]["contexts"] == 4 and r["features"] == 2
+
+
+def test_agreement_command_imports_exports_and_refuses_bad_label_files(analysed_run, tmp_path, capsys):
+    import csv
+    import json
+
+    from dictlens.analysis.db import FeatureDB
+    from dictlens.cli import main
+    from dictlens.interpret.labels import test_contexts
+
+    run = analysed_run
+    assert main(["explain", str(run), "--max-features", "12"]) == 0 and main(["score", str(run)]) == 0
+    db = FeatureDB(run / "analysis")
+    feats = [f for f in range(db.n_features) if db.feature(f)["count"] > 30][:8]
+    path = tmp_path / "labels.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["feature", "rater", "label", "rating", "contexts", "created"])
+        for i, f in enumerate(feats):
+            shown = test_contexts(db, f)
+            w.writerow([f, "ada", "<b>bold</b>", 1 + i % 5, json.dumps({c.id: c.fires for c in shown}), ""])
+            w.writerow([f, "bob", "other", 1 + (i + (i % 2)) % 5, json.dumps({c.id: not c.fires for c in shown}), ""])
+    capsys.readouterr()
+    out_csv = tmp_path / "out.csv"
+    assert main(["agreement", str(run), "--import-csv", str(path), "--export-csv", str(out_csv),
+                 "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    assert f"imported {2 * len(feats)} labels" in out and "Krippendorff's alpha, ordinal" in out
+    assert "human detection of ada: balanced accuracy 1.000" in out
+    assert "human detection of bob: balanced accuracy 0.000" in out
+    r = json.loads((run / "analysis" / "agreement.json").read_text())
+    marks = [v for x in csv.DictReader(path.open()) if x["rater"] == "ada" for v in json.loads(x["contexts"]).values()]
+    p1 = sum(marks) / len(marks)
+    pe = 2 * p1 * (1 - p1)               # bob marks every context the other way: p_o = 0
+    assert r["contexts"]["cohen_kappa"][0]["value"] == pytest.approx(-pe / (1 - pe)) and r["features"] == len(feats)
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 2 * len(feats) and {x["label"] for x in rows} == {"<b>bold</b>", "other"}
+    assert main(["agreement", str(run), "--raters", "ada,carol"]) == 2
+    assert "no labels by 'carol'; raters here: ada, bob" in capsys.readouterr().err
+    for bad, msg in (([10_000, "ada", "x", 3, "{}"], "feature 10000 is unknown"),
+                     ([feats[0], "ada", "x", 9, "{}"], "ratings go from 1 to 5"),
+                     ([feats[0], " ", "x", 3, "{}"], "no rater named"),
+                     ([feats[0], "ada", "x", 3, "[1]"], "contexts must map")):
+        p = tmp_path / "bad.csv"
+        with p.open("w", newline="") as fh:
+            csv.writer(fh).writerows([["feature", "rater", "label", "rating", "contexts"], bad])
+        assert main(["agreement", str(run), "--import-csv", str(p)]) == 2
+        err = capsys.readouterr().err
+        assert "line 2" in err and msg in err, err
+    assert len(list(csv.DictReader(out_csv.open()))) == 2 * len(feats)          # nothing lost

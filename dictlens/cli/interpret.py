@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dictlens.cli.common import command, written
+from dictlens.interpret.agreement import AgreementJob
 from dictlens.interpret.jobs import ExplainJob, Scored, ScoreJob
 
 
@@ -63,8 +64,45 @@ def print_scores(r: Scored) -> None:
               f"{row['chance']:g} |")
 
 
+def _stat(d: dict[str, Any]) -> str:
+    if d["value"] is None:
+        return f"– ({d['units']:,} units)"
+    ci = f" [{d['low']:.3f}, {d['high']:.3f}]" if d["low"] is not None else ""
+    return f"{d['value']:.3f}{ci} ({d['units']:,} units)"
+
+
+def _agreement(job: AgreementJob) -> int:
+    from dictlens.interpret.agreement import agreement_job
+
+    a = agreement_job(job)
+    r = a.result
+    if a.imported:
+        print(f"imported {a.imported:,} labels from {job.import_csv}")
+    print(f"{len(r['raters'])} raters ({', '.join(f'{k}: {v:,}' for k, v in r['labels'].items())} labels) "
+          f"on {r['features']:,} features; 95% bootstrap intervals over features")
+    rt, cx = r["ratings"], r["contexts"]
+    print("| statistic | ratings (1–5) | context marks |\n|---|---:|---:|")
+    print(f"| Krippendorff's alpha, ordinal | {_stat(rt['krippendorff_alpha_ordinal'])} | |")
+    print(f"| Krippendorff's alpha, nominal | {_stat(rt['krippendorff_alpha_nominal'])} | "
+          f"{_stat(cx['krippendorff_alpha_nominal'])} |")
+    for k, kq, kc in zip(rt["cohen_kappa"], rt["cohen_kappa_quadratic"], cx["cohen_kappa"], strict=True):
+        pair = " & ".join(k["raters"])
+        print(f"| Cohen's kappa, {pair} | {_stat(k)}; quadratic {_stat(kq)} | {_stat(kc)} |")
+    for rater, d in cx["human_detection"].items():
+        ba = "–" if d["balanced_accuracy"] is None else f"{d['balanced_accuracy']:.3f}"
+        print(f"human detection of {rater}: balanced accuracy {ba} over {d['contexts']:,} marked contexts")
+    auto = r["automated"]
+    for k, d in r["against_automated"].items():
+        print(f"Spearman of {k.replace('_', ' ')} with {auto['explainer']} {auto['score']} by {auto['judge']}: "
+              f"{_stat(d)}")
+    print(written(a.written))
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
     command(sub, "explain", "explain features from their top examples (tokens pattern, or a chat model)",
             ExplainJob, _explain)
     command(sub, "score", "score explanations: detection, fuzzing, simulation, with a shuffled control",
             ScoreJob, _score)
+    command(sub, "agreement", "inter-rater reliability of the labels, human detection, humans against the scores",
+            AgreementJob, _agreement)

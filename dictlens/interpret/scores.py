@@ -49,10 +49,16 @@ class Context(Window):
 
     kind: str = "activating"
     group: int = -1
+    position: int = -1
 
     @property
     def fires(self) -> bool:
         return max(self.acts, default=0.0) > 0
+
+    @property
+    def id(self) -> str:
+        """A name for the context that stays the same across runs (``kind:position``)."""
+        return f"{self.kind}:{self.position}"
 
 
 @dataclass
@@ -77,10 +83,10 @@ def scoring_sample(db: Any, feature: int, hard_negatives: int = HARD_NEGATIVES) 
     """The feature's scoring contexts (see the module's doc), from a
     :class:`~dictlens.analysis.db.FeatureDB`."""
     top = set(db.example_positions(feature, "top"))
-    active = [Context(e.texts, e.acts, "activating", e.group) for e in db.examples(feature, kind="quantile")
+    active = [Context(e.texts, e.acts, "activating", e.group, e.position) for e in db.examples(feature, kind="quantile")
               if e.position not in top and max(e.acts, default=0.0) > 0]
     randoms = db.examples(feature, kind="random")
-    negatives = [Context(e.texts, e.acts, "random") for e in randoms]
+    negatives = [Context(e.texts, e.acts, "random", -1, e.position) for e in randoms]
     seen = {e.position for e in randoms}
     left, right = int(db.meta.get("window_left", 24)), int(db.meta.get("window_right", 8))
     hard = 0
@@ -93,7 +99,7 @@ def scoring_sample(db: Any, feature: int, hard_negatives: int = HARD_NEGATIVES) 
             toks, acts, _ = db.codes.window(feature, pos, left, right)
             if not np.any(acts > 0):
                 seen.add(pos)
-                negatives.append(Context([db.token_text(int(t)) for t in toks], acts.tolist(), "neighbour"))
+                negatives.append(Context([db.token_text(int(t)) for t in toks], acts.tolist(), "neighbour", -1, pos))
                 hard += 1
                 break
     return Sample(feature, active, negatives)
