@@ -330,3 +330,44 @@ def test_app_steering_in_a_browser(browser, server):
     page.screenshot(path=str(SCREENSHOTS / "app_steer.png"), full_page=True)
     assert page.evaluate("window.__pwned") is None and not dialogs
     page.close()
+
+
+def test_two_raters_label_in_a_browser_blind_and_agreement_reads_them(browser, server, analysis, capsys):
+    from dictlens.cli import main
+    from dictlens.interpret.store import Explanation, Interpretations
+
+    with Interpretations(analysis["dir"]) as st:       # an explanation that must stay hidden until answered
+        st.put_explanations([Explanation(f, "tokens", f"SECRET-{f}", None, "", "", {}) for f in range(24)])
+    page, dialogs = _page(browser)
+    seen = {}
+    for r, rater in enumerate(("ada", "bob <i>")):
+        page.goto(server + "/label")
+        page.fill("#rater", rater)
+        page.click("#start")
+        for n in range(3):
+            assert "SECRET" not in page.locator("#label-form").inner_text()           # blind
+            assert page.locator("#revealed").count() == (1 if n else 0)
+            fid = int(page.locator("input[name=feature]").get_attribute("value"))
+            seen.setdefault(rater, []).append(fid)
+            page.fill("#label", f"<img src=x onerror=window.__pwned=1> {rater} {n}")
+            page.check(f'input[name=rating][value="{1 + (n + r) % 5}"]')
+            boxes = page.locator("input[name=fits]")
+            for i in range(boxes.count()):
+                if (i + r) % 2 == 0:
+                    boxes.nth(i).check()
+            page.click("#save")
+            assert f"SECRET-{fid}" in page.locator("#revealed").inner_text()           # revealed after
+        assert page.locator("#progress").inner_text().startswith(f"{rater}: 3 of ")
+    assert seen["ada"] == seen["bob <i>"]                  # the same features, in the same order
+    assert page.evaluate("window.__pwned") is None and not dialogs and page.locator("img").count() == 0
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.goto(server + "/label?rater=carol")
+    page.screenshot(path=str(SCREENSHOTS / "app_label.png"), full_page=True)
+    page.close()
+    with Interpretations(analysis["dir"], readonly=True) as st:
+        labels = st.labels()
+    assert len(labels) == 6 and all(lab.contexts for lab in labels if lab.feature == seen["ada"][0])
+    capsys.readouterr()
+    assert main(["agreement", str(analysis["dir"]), "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "2 raters (ada: 3, bob <i>: 3 labels) on 3 features" in out and "Cohen's kappa, ada & bob <i>" in out

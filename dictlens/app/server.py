@@ -21,6 +21,7 @@ import numpy as np
 from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
 
 from dictlens.analysis.db import FeatureDB
+from dictlens.app.labelling import label_page, save_label
 from dictlens.app.live import LiveEncoder
 from dictlens.app.render import (
     environment,
@@ -176,6 +177,16 @@ def create_app(analysis: str | Path, *, sae: SAE | None = None, lm: LoadedModel 
             db.check_feature(e.feature)
         g = live.steer(body["prompt"], edits, steer_config(body))
         return jsonify(prompt=g.prompt, unsteered=g.unsteered, steered=g.steered, edits=g.edits)
+
+    @app.get("/label")
+    def label() -> ResponseReturnValue:
+        done = request.args.get("done", type=int)
+        return render_template("label.html", **common(), **label_page(db, request.args.get("rater"), done))
+
+    @app.post("/label")
+    def label_save() -> ResponseReturnValue:
+        rater, f = save_label(db, request.form)
+        return redirect(url_for("label", rater=rater, done=f), code=303)
 
     @app.get("/token")
     def token() -> ResponseReturnValue:
