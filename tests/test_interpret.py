@@ -486,3 +486,36 @@ def test_agreement_command_imports_exports_and_refuses_bad_label_files(analysed_
         err = capsys.readouterr().err
         assert "line 2" in err and msg in err, err
     assert len(list(csv.DictReader(out_csv.open()))) == 2 * len(feats)          # nothing lost
+
+
+# --- contrast ------------------------------------------------------------------------------------
+
+def test_contrast_finds_features_of_the_positive_fortunes_beside_a_probe(analysed_run, tmp_path, capsys):
+    import json
+
+    from dictlens.cli import main
+    from dictlens.data.text import FORTUNES_DIR
+
+    if not (FORTUNES_DIR / "computers").is_file():
+        pytest.skip("Debian's fortunes are not installed (make setup installs them where apt works)")
+    run, out = analysed_run, tmp_path / "contrast"
+    args = ["contrast", str(run), "--pos", str(FORTUNES_DIR / "computers"), "--neg", str(FORTUNES_DIR / "love"),
+            "--max-texts", "80", "--max-tokens", "64", "--out", str(out), "-n", "10"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "80 positive and 80 negative texts" in text and "dense activations (mean over tokens)" in text
+    r = json.loads((out / "contrast.json").read_text())
+    assert r["texts"]["train"] + r["texts"]["test"] == 160 and r["significant_pos"] > 0
+    ups = [f for f in r["features"] if f["direction"] == "pos" and f["q"] <= 0.05]
+    assert ups and all(f["effect"] > 0 and f["mean_pos"] > f["mean_neg"] for f in ups)
+    assert [e["set"] for e in ups[0]["examples"]].count("pos") >= 2      # what drives it: positive texts
+    assert ups[0]["auc_test"] > 0.5                                      # and it holds on the held-out texts
+    for p in r["probes"].values():
+        assert 0.5 < p["auc"] <= 1 and 0 <= p["accuracy"] <= 1
+    assert (out / "contrast.csv").read_text().startswith("feature,q,p,auc_train")
+    same = ["contrast", str(run), "--pos", str(FORTUNES_DIR / "love"), "--neg", str(FORTUNES_DIR / "love")]
+    assert main(same) == 2 and "hold the same texts" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert main(["contrast", str(run), "--pos", str(empty), "--neg", str(FORTUNES_DIR / "love")]) == 2
+    assert "no text in it" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from typing import Any
 
 from dictlens.cli.common import command, written
 from dictlens.interpret.agreement import AgreementJob
+from dictlens.interpret.contrast import ContrastJob
 from dictlens.interpret.jobs import ExplainJob, Scored, ScoreJob
 
 
@@ -99,6 +100,35 @@ def _agreement(job: AgreementJob) -> int:
     return 0
 
 
+def _contrast(job: ContrastJob) -> int:
+    from dictlens.interpret.contrast import contrast_job
+
+    c = contrast_job(job)
+    r, t = c.result, c.result["texts"]
+    print(f"{t['pos']:,} positive and {t['neg']:,} negative texts ({t['shared']:,} in both), split {t['train']:,} "
+          f"train / {t['test']:,} test; {r['significant']:,} features separate them at FDR {r['fdr']:g} "
+          f"({r['significant_pos']:,} fire more on the positive texts)")
+    print("| feature | q (BH) | effect (rank-biserial) | AUC train | AUC test | fires pos / neg | strongest text |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for f in r["features"]:
+        ex = f["examples"][0] if f["examples"] else None
+        shown = f"[{ex['set']}] {ex['text'][:60]!r}" if ex else ""
+        print(f"| {f['id']} | {f['q']:.2g} | {f['effect']:+.3f} | {f['auc_train']:.3f} | {f['auc_test']:.3f} | "
+              f"{f['fires_pos']:.0%} / {f['fires_neg']:.0%} | {shown} |")
+    print("\nlogistic-regression probes, trained on the train texts, scored on the test texts:")
+    for name, pr in r["probes"].items():
+        print(f"  {name} ({pr['inputs']:,} inputs): accuracy {pr['accuracy']:.3f}, AUC {pr['auc']:.3f}")
+    up = [f for f in r["features"] if f["direction"] == "pos"][:3]
+    if up:
+        watch = " ".join(f"--feature {f['id']}" for f in up)
+        strongest = up[0]["examples"][0]["value"] if up[0]["examples"] else up[0]["mean_pos"]
+        print(f"\n(`dictlens monitor {job.run} {watch}` watches them; "
+              f"`dictlens generate {job.run} --prompt \"...\" --steer {up[0]['id']}:{strongest:.3g}` "
+              f"steers with the first, at its largest activation on the positive texts)")
+    print(written(c.written))
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
     command(sub, "explain", "explain features from their top examples (tokens pattern, or a chat model)",
             ExplainJob, _explain)
@@ -106,3 +136,5 @@ def add_parsers(sub: Any) -> None:
             ScoreJob, _score)
     command(sub, "agreement", "inter-rater reliability of the labels, human detection, humans against the scores",
             AgreementJob, _agreement)
+    command(sub, "contrast", "features that separate two text sets (rank test, FDR), beside a dense probe",
+            ContrastJob, _contrast)

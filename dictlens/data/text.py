@@ -39,10 +39,14 @@ def default_documents(seed: int = 0) -> list[str]:
         for path in sorted(FORTUNES_DIR.iterdir()):
             if path.suffix or path.name in _FORTUNE_SKIP or not path.is_file():
                 continue
-            text = path.read_text(encoding="utf-8", errors="replace")
-            docs.extend(q.strip() for q in text.split("\n%\n") if q.strip())
+            docs.extend(split_fortunes(path.read_text(encoding="utf-8", errors="replace")))
     random.Random(seed).shuffle(docs)
     return docs
+
+
+def split_fortunes(text: str) -> list[str]:
+    """The entries of a file in the fortune format (entries separated by lines of ``%``)."""
+    return [q.strip() for q in text.split("\n%\n") if q.strip()]
 
 
 def describe_default() -> str:

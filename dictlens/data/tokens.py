@@ -54,10 +54,11 @@ def chat_ids(lm: LoadedModel, messages: Sequence[dict[str, str]]) -> list[int]:
 
 
 def text_ids(lm: LoadedModel, text: str, *, max_tokens: int | None = None, new_tokens: int = 0,
-             chat: bool = False, what: str = "text") -> torch.Tensor:
+             chat: bool = False, what: str = "text", truncate: bool = False) -> torch.Tensor:
     """[1, T] ids of one text on ``lm``'s device: BOS first when the tokenizer has one (as
     harvested), or the chat template with ``chat``. Refused when it is empty or, with
-    ``new_tokens`` to generate, longer than ``max_tokens`` or the model's context."""
+    ``new_tokens`` to generate, longer than ``max_tokens`` or the model's context (cut to fit
+    instead with ``truncate``)."""
     if not text.strip():
         raise InputError(f"the {what} is empty")
     tok = lm.tokenizer
@@ -69,6 +70,8 @@ def text_ids(lm: LoadedModel, text: str, *, max_tokens: int | None = None, new_t
             ids = [tok.bos_token_id, *ids]
     limits = [n for n in (max_tokens, lm.max_context) if n is not None]
     limit = min(limits) if limits else None
+    if truncate and limit is not None:
+        ids = ids[:limit - new_tokens]
     if limit is not None and len(ids) + new_tokens > limit:
         if new_tokens:
             raise InputError(f"the {what} is {len(ids):,} tokens long; with {new_tokens} new tokens it exceeds "
