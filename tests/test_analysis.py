@@ -12,7 +12,7 @@ import torch
 
 from dictlens.analysis import AnalysisConfig, FeatureDB, analyze
 from dictlens.analysis.codes import CodeStore, CodeWriter
-from dictlens.analysis.lens import coactivation, final_norm, logit_lens, nearest, unembedding
+from dictlens.analysis.lens import coactivation, final_norm, logit_lens, nearest, residual_directions, unembedding
 from dictlens.analysis.stats import FeatureCollector
 from dictlens.errors import AnalysisError, ConfigError, InputError
 from dictlens.provenance import Provenance
@@ -467,3 +467,19 @@ def test_analyze_skips_norm_outliers(llama, tiny_sae, corpus, tmp_path):
     assert r.outliers > 0 and kept.sum() + r.outliers >= text.sum()
     assert (norms[torch.from_numpy(kept)] <= 1.1 * median * 1.0001).all()  # the first batch fixes the limit
     assert r.tokens == int(store.kept.sum())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_directions_at_the_neurons_reach_the_residual_through_the_output_projection(tiny_models, arch):
+    """A dictionary at mlp_hidden.L writes into the residual stream what the MLP's output
+    projection makes of its directions (without the bias); residual-width ones are themselves."""
+    lm = tiny_models[arch]
+    W = dict(lm.model.named_modules())[{"llama": "model.layers.1.mlp.down_proj",
+                                         "gpt2": "transformer.h.1.mlp.c_proj"}[arch]].weight.detach()
+    hidden = W.shape[1] if arch == "llama" else W.shape[0]      # Linear [out, in]; GPT-2's Conv1D [in, out]
+    d = torch.randn(5, hidden)
+    want = d @ W.T if arch == "llama" else d @ W
+    torch.testing.assert_close(residual_directions(d, lm.model, "mlp_hidden.1"), want, rtol=1e-5, atol=1e-5)
+    r = torch.randn(5, lm.d_model)
+    assert residual_directions(r, lm.model, "resid_post.1") is r
+    assert residual_directions(torch.randn(5, hidden), lm.model, "mlp_out.1") is None     # an output: no way in

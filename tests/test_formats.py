@@ -237,6 +237,14 @@ def test_transformer_lens_hooks_map_to_the_module_that_computes_them():
     assert to_transformer_lens("resid_post.7", "smollm2-135m") == "blocks.7.hook_resid_post"
     assert to_transformer_lens("model.layers.5.post_feedforward_layernorm", "gemma-2-2b") == "blocks.5.hook_mlp_out"
     assert to_transformer_lens("mlp_out.5", "gemma-2-2b") is None
+    # the MLP's neurons: one named hook, whatever the library calls it
+    from dictlens.formats.hooks import from_module_point, to_module_point
+
+    assert from_transformer_lens("blocks.4.mlp.hook_post", "gpt2-small") == "mlp_hidden.4"
+    assert to_transformer_lens("mlp_hidden.4", "gemma-2-2b") == "blocks.4.mlp.hook_post"
+    assert to_module_point("mlp_hidden.4", "gpt2") == "transformer.h.4.mlp.c_proj.input"
+    assert from_module_point("model.layers.4.mlp.down_proj.input") == "mlp_hidden.4"
+    assert from_module_point(to_module_point("mlp_hidden.4", "gemma-2-2b")) == "mlp_hidden.4"
 
 
 def test_convert_export_and_a_foreign_folder_in_every_command(tiny_model_dirs, corpus, tmp_path, capsys):

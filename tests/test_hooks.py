@@ -51,6 +51,10 @@ def test_raw_module_paths_read_module_input_and_output(tiny_models, arch):
         handle.remove()
     torch.testing.assert_close(acts[linear], seen["out"], rtol=0, atol=0)
     torch.testing.assert_close(acts[f"{linear}:input"], seen["inp"], rtol=0, atol=0)
+    # mlp_hidden is the output projection's input: the MLP's neurons, as wide as the MLP
+    neurons = Tap(lm, ["mlp_hidden.1"], stop_early=False)(_ids(lm))["mlp_hidden.1"]
+    torch.testing.assert_close(neurons, seen["inp"], rtol=0, atol=0)
+    assert neurons.shape[-1] == lm.config.intermediate_size if arch == "llama" else neurons.shape[-1] > lm.d_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -78,7 +82,8 @@ def test_early_stop_skips_later_blocks_and_changes_nothing(tiny_models, arch):
 
 
 def test_unknown_hook_lists_valid_ones(llama):
-    with pytest.raises(HookError, match=r"resid_post.9.*valid: resid_pre.0-3, resid_post.0-3, attn_out.0-3"):
+    valid = r"valid: resid_pre.0-3, resid_post.0-3, attn_out.0-3, mlp_hidden.0-3"
+    with pytest.raises(HookError, match=r"resid_post.9.*" + valid):
         resolve_hook(llama.model, "resid_post.9")
     with pytest.raises(HookError, match="no.such.module"):
         resolve_hook(llama.model, "no.such.module")
@@ -89,5 +94,5 @@ def test_unknown_hook_lists_valid_ones(llama):
 def test_hook_names_are_the_same_scheme_everywhere(tiny_models):
     for lm in tiny_models.values():
         names = list(named_hooks(lm.model))
-        assert names[:4] == ["resid_pre.0", "attn_out.0", "mlp_out.0", "resid_post.0"]
-        assert len(names) == 4 * lm.n_layers
+        assert names[:5] == ["resid_pre.0", "attn_out.0", "mlp_hidden.0", "mlp_out.0", "resid_post.0"]
+        assert len(names) == 5 * lm.n_layers

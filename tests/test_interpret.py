@@ -394,6 +394,68 @@ def test_random_directions_control_is_analysed_explained_and_scored(analysed_run
     assert "random-directions control:" not in capsys.readouterr().out
 
 
+def test_score_against_another_width_and_the_models_neurons(analysed_run, tiny_model_dirs, corpus, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from dictlens.analysis.db import FeatureDB
+    from dictlens.cli import main
+    from dictlens.data.models import load_model
+    from dictlens.data.tap import Tap
+
+    run, wide = analysed_run, tmp_path / "wide"
+    assert main(["train", "--acts", str(tmp_path / "acts"), "--k", "4", "--expansion", "4", "--tokens", "4096",
+                 "--batch-size", "256", "--no-plots", "--out", str(wide)]) == 0
+    assert main(["analyze", str(wide), "--text", str(corpus), "--tokens", "1500", "--context", "64",
+                 "--no-report"]) == 0
+    assert main(["explain", str(run), "--max-features", "12"]) == 0
+    capsys.readouterr()
+    assert main(["score", str(run), "--against", str(wide), "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    assert f"this dictionary against {wide}" in out and f"| detection auc | {wide} |" in out
+    saved = json.loads((run / "analysis" / "scores-tokens-pattern.json").read_text())
+    assert saved["against"] == str(wide)
+    cmp = {c["scorer"]: c for c in saved["comparison"]}
+    assert set(cmp) == {"detection", "detection_auc", "fuzzing", "simulation"}
+    for c in cmp.values():     # the same sample size, a difference of the two means, with its interval
+        assert c["this"]["features"] == 12 and c["other"]["features"] == 12
+        assert c["difference"] == pytest.approx(c["this"]["mean"] - c["other"]["mean"])
+        assert c["low"] <= c["difference"] <= c["high"] and 0 <= c["p"] <= 1
+    rows = {(r["scorer"], r["control"]) for r in saved["table"]}
+    assert ("simulation", f"{wide}, shuffled") in rows             # the other dictionary's own control
+    assert FeatureDB(wide / "analysis").n_features == 128            # its explanations live in its own database
+
+    # the model's neurons at the SAE's layer: both signs, at the SAE's L0, read from mlp_hidden.1
+    assert main(["score", str(run), "--against", "neurons", "--bootstrap", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "neuron baseline: the 64 neurons at mlp_hidden.1" in out and "| fuzzing | neurons (mlp_hidden.1) |" in out
+    nb = FeatureDB(run / "analysis" / "baseline-neurons-1")
+    assert nb.meta["hook"] == "mlp_hidden.1" and nb.n_features == 128
+    assert nb.meta["tokens"] == FeatureDB(run / "analysis").meta["tokens"]
+    lm = load_model(str(tiny_model_dirs["llama"]))
+    C = int(nb.meta["config"]["context"])
+    checked = 0
+    for f in [r["id"] for r in nb.features(limit=128, alive_only=True)][:: 20]:
+        e = nb.examples(f, kind="top")[0]
+        c, t = divmod(e.position, C)
+        toks = torch.tensor(nb.codes.tokens[c, :t + 1], dtype=torch.long)[None]     # the context up to the example
+        x = Tap(lm, ["mlp_hidden.1"])(toks)["mlp_hidden.1"][0, -1].float()
+        neuron = x[f] if f < 64 else -x[f - 64]
+        assert float(neuron) == pytest.approx(e.value, rel=1e-3, abs=1e-4)
+        assert nb.feature(f)["logit_top"] and len({i for i, _ in nb.feature(f)["neighbours"]}) == 10
+        checked += 1
+    assert checked >= 3
+    # a dictionary analysed over other text is refused, by name
+    other = tmp_path / "other-text"
+    assert main(["analyze", str(wide), "--text", str(corpus), "--tokens", "1000", "--context", "64",
+                 "--no-report", "--out", str(other)]) == 0
+    assert main(["score", str(run), "--against", str(other)]) == 2
+    assert "analysed with tokens 1000" in capsys.readouterr().err
+    assert main(["score", str(run), "--against", "neurons:x"]) == 2
+    assert "neurons:LAYER" in capsys.readouterr().err
+
+
 # --- agreement -----------------------------------------------------------------------------------
 
 def test_agreement_statistics_against_hand_computed_values_and_the_libraries():
@@ -519,3 +581,43 @@ def test_contrast_finds_features_of_the_positive_fortunes_beside_a_probe(analyse
     empty.write_text("\n\n")
     assert main(["contrast", str(run), "--pos", str(empty), "--neg", str(FORTUNES_DIR / "love")]) == 2
     assert "no text in it" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_contrast_on_the_real_default_model(smollm2, tmp_path, capsys):
+    """A TopK SAE trained here on SmolLM2's resid_post.6 (8k tokens of default text): the
+    features that separate the computers fortunes from the love ones fire on computers
+    fortunes, hold on the held-out texts, and sit beside probes that separate them too."""
+    import json
+
+    import torch
+
+    from dictlens.cli import main
+    from dictlens.data.store import ArraySource, StreamingSource
+    from dictlens.data.text import FORTUNES_DIR
+    from dictlens.provenance import Provenance
+    from dictlens.sae.config import SAEConfig
+    from dictlens.train.config import TrainConfig
+    from dictlens.train.trainer import train
+
+    if not (FORTUNES_DIR / "computers").is_file():
+        pytest.skip("Debian's fortunes are not installed (make setup installs them where apt works)")
+    hook = "resid_post.6"
+    src = StreamingSource(smollm2, hook, "default", tokens=8192, outlier_factor=10)
+    x = torch.cat(list(src.batches(4096, shuffle=False)))
+    sae = train(SAEConfig(activation="topk", k=16, n_features=1152),
+                TrainConfig(tokens=60_000, batch_size=1024, plots=False), ArraySource(x), progress=False,
+                provenance=Provenance.of_sae("smollm2-135m", hook))
+    run, out = sae.save(tmp_path / "run"), tmp_path / "contrast"
+    assert main(["contrast", str(run), "--pos", str(FORTUNES_DIR / "computers"), "--neg", str(FORTUNES_DIR / "love"),
+                 "--max-texts", "120", "--max-tokens", "64", "--out", str(out), "-n", "10"]) == 0
+    r = json.loads((out / "contrast.json").read_text())
+    assert r["significant_pos"] >= 10
+    ups = [f for f in r["features"] if f["direction"] == "pos"]
+    assert len(ups) >= 5 and all(f["q"] <= 0.05 and f["mean_pos"] > f["mean_neg"] for f in ups)
+    drivers = [e["set"] for f in ups[:5] for e in f["examples"]]
+    assert drivers.count("pos") > 0.7 * len(drivers)              # their strongest texts are computers fortunes
+    assert sum(f["auc_test"] > 0.6 for f in ups[:5]) >= 3         # and they hold on the held-out texts
+    assert r["probes"]["dense activations (mean over tokens)"]["auc"] > 0.85
+    assert r["probes"]["all SAE features"]["auc"] > 0.85
+    capsys.readouterr()

@@ -22,7 +22,7 @@ import torch
 
 from dictlens.analysis.codes import CodeStore, CodeWriter
 from dictlens.analysis.db import CODES_DIR, DB_FILE, write_db
-from dictlens.analysis.lens import coactivation, logit_lens, nearest, unembedding
+from dictlens.analysis.lens import coactivation, logit_lens, nearest, residual_directions, unembedding
 from dictlens.analysis.stats import CollectedStats, FeatureCollector
 from dictlens.config import check, field, to_dict
 from dictlens.errors import ActivationError, InputError
@@ -52,7 +52,7 @@ class AnalysisConfig:
     window_left: int = field(24, help="tokens shown before an example's position")
     window_right: int = field(8, help="tokens shown after it")
     logit_tokens: int = field(10, help="tokens listed per side of the logit lens")
-    neighbours: int = field(10, help="nearest features (decoder cosine) listed per feature")
+    neighbours: int = field(10, help="nearest features listed per feature (cosine of what they write into the residual stream)")
     coactivation: bool = field(False, help="also list the features that fire together with each (Jaccard)")
     outlier_factor: float | None = field(None, help="skip tokens whose norm exceeds this × the median norm "
                                                     "of the text's first batch (default: the outlier limit "
@@ -208,10 +208,16 @@ def _random_examples(store: CodeStore, n: int, rng: np.random.Generator) -> list
 def _write_database(sae: SAE, lm: LoadedModel, hook: str, cfg: AnalysisConfig, out: Path, stats: CollectedStats,
                     outliers: int, seconds: float, run: str | None, limit: float | None) -> None:
     store = CodeStore(out / CODES_DIR)
+    # the lens and the nearest features see what each feature writes into the residual stream
     directions = sae.feature_directions().detach()
-    W_U, gain = unembedding(lm.model)
-    top_ids, top_v, bot_ids, bot_v = logit_lens(directions.to(W_U.device), W_U, gain, n=cfg.logit_tokens)
-    nb_ids, nb_cos = nearest(directions, n=cfg.neighbours)
+    resid = residual_directions(directions, lm.model, hook)
+    if resid is None:            # no way into the residual from this hook: no lens
+        empty = np.zeros((sae.n_features, 0))
+        top_ids, top_v, bot_ids, bot_v = empty.astype(np.int64), empty, empty.astype(np.int64), empty
+    else:
+        W_U, gain = unembedding(lm.model)
+        top_ids, top_v, bot_ids, bot_v = logit_lens(resid.to(W_U.device), W_U, gain, n=cfg.logit_tokens)
+    nb_ids, nb_cos = nearest(directions if resid is None else resid, n=cfg.neighbours)
     if cfg.coactivation:
         co_ids, co_j = coactivation(store.token_features(), n=cfg.neighbours)
     rng = np.random.default_rng(cfg.seed)

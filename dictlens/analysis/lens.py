@@ -6,6 +6,11 @@ model's final norm (the linear part of RMSNorm / LayerNorm; the normalisation it
 depends on the whole residual and is left out, as in the usual logit lens). Only the
 ranking and the relative sizes matter: the top entries are the tokens the feature
 promotes, the bottom ones those it suppresses.
+
+A dictionary that reads a hook narrower or wider than the residual stream (the MLP's
+neurons, ``mlp_hidden.L``) writes into the residual through the module that hook feeds:
+:func:`residual_directions` carries its directions there, and the lens and the nearest
+features use those.
 """
 
 from __future__ import annotations
@@ -71,6 +76,34 @@ def logit_lens(directions: torch.Tensor, W_U: torch.Tensor, gain: torch.Tensor |
         bots.append(b.indices.cpu())
         botv.append(b.values.cpu())
     return (torch.cat(tops).numpy(), torch.cat(topv).numpy(), torch.cat(bots).numpy(), torch.cat(botv).numpy())
+
+
+@torch.no_grad()
+def residual_directions(directions: torch.Tensor, model: torch.nn.Module, hook: str) -> torch.Tensor | None:
+    """``directions`` [F, W] of a dictionary at ``hook``, as directions in the residual stream
+    [F, D]: themselves when the hook is as wide as the residual; when the hook is a module's
+    input (``mlp_hidden.L`` is the MLP's output projection's), their image under that
+    module's linear part, module(d) − module(0); None when neither applies."""
+    from dictlens.data.hooks import resolve_hook
+
+    d_model = int(getattr(model.config, "hidden_size", 0) or getattr(model.config, "n_embd", 0))
+    if directions.shape[1] == d_model:
+        return directions
+    point = resolve_hook(model, hook)
+    if point.io != "input":
+        return None
+    module = model.get_submodule(point.module)
+    p = next(module.parameters(), None)
+    if p is None:
+        return None
+    d = directions.to(device=p.device, dtype=p.dtype)
+    try:
+        out: torch.Tensor = module(d) - module(torch.zeros_like(d[:1]))
+    except (RuntimeError, TypeError, ValueError):      # not a map of vectors of this width
+        return None
+    if out.ndim != 2 or out.shape[1] != d_model:
+        return None
+    return out.float()
 
 
 @torch.no_grad()

@@ -56,13 +56,23 @@ def _score(job: ScoreJob) -> int:
 
 def print_scores(r: Scored) -> None:
     """The summary table of ``dictlens score`` (and of the demo)."""
-    n = len({s.feature for s in r.scores})
+    n = len({s.feature for s in r.scores if not s.control})
     print(f"{r.explainer} explanations judged by {r.judge}: {n:,} features ({r.seconds:.1f} s); mean over features "
           f"with 95% bootstrap intervals:")
     print("| score | explanation | mean [95% CI] | features | chance |\n|---|---|---:|---:|---:|")
     for row in r.table:
         print(f"| {row['scorer'].replace('_', ' ')} | {row['control']} | {_interval(row)} | {row['features']:,} | "
               f"{row['chance']:g} |")
+    if r.comparison:
+        print(f"\nthis dictionary against {r.against} (own explanations; the difference is this minus that, "
+              f"with a 95% bootstrap interval over features, and Mann-Whitney's p):")
+        print(f"| score | this | {r.against} | difference | p | chance |\n|---|---:|---:|---:|---:|---:|")
+        for c in r.comparison:
+            d = "–" if c["difference"] is None else _interval({"mean": c["difference"], "low": c["low"],
+                                                               "high": c["high"]})
+            p = "–" if c["p"] is None else f"{c['p']:.2g}"
+            print(f"| {c['scorer'].replace('_', ' ')} | {_interval(c['this'])} | {_interval(c['other'])} | {d} | "
+                  f"{p} | {c['chance']:g} |")
 
 
 def _stat(d: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ Named hooks, with L the block index:
 ``resid_pre.L``  the residual stream entering block L (its input)
 ``resid_post.L`` the residual stream leaving block L (its output)
 ``attn_out.L``   the attention sublayer's output, before it is added
+``mlp_hidden.L`` the MLP's hidden units (its neurons): the input of its output projection
 ``mlp_out.L``    the MLP sublayer's output, before it is added
 ==============  =====================================================
 
@@ -28,10 +29,12 @@ from dictlens.errors import HookError
 
 Replace = Callable[[torch.Tensor], torch.Tensor]
 
-NAMED_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+NAMED_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_hidden", "mlp_out")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
-_NAMED = re.compile(r"^(resid_pre|resid_post|attn_out|mlp_out)\.(\d+)$")
+# the MLP's output projection, whose input is the neurons (Llama, GPT-2, GPT-NeoX, OPT/Phi, T5-style)
+MLP_OUT_PROJ = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo")
+NAMED_HOOK = re.compile(r"^(" + "|".join(NAMED_KINDS) + r")\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ def named_hooks(model: nn.Module) -> dict[str, HookPoint]:
             hooks[f"attn_out.{i}"] = HookPoint(f"attn_out.{i}", f"{prefix}.{attn}", "output")
         mlp = _child(block, MLP_NAMES)
         if mlp is not None:
+            proj = _child(block.get_submodule(mlp), MLP_OUT_PROJ)
+            if proj is not None:
+                hooks[f"mlp_hidden.{i}"] = HookPoint(f"mlp_hidden.{i}", f"{prefix}.{mlp}.{proj}", "input")
             hooks[f"mlp_out.{i}"] = HookPoint(f"mlp_out.{i}", f"{prefix}.{mlp}", "output")
         hooks[f"resid_post.{i}"] = HookPoint(f"resid_post.{i}", prefix, "output")
     return hooks
@@ -97,7 +103,7 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
     hooks = named_hooks(model)
     if name in hooks:
         return hooks[name]
-    if _NAMED.match(name):
+    if NAMED_HOOK.match(name):
         raise HookError(f"hook {name!r} does not exist on this model; valid: {describe_valid(model)}")
     module, _, io = name.partition(":")
     io = io or "output"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 
+from dictlens.data.hooks import NAMED_HOOK
 from dictlens.errors import FormatError
 
 _TL = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -71,14 +72,14 @@ def from_transformer_lens(name: str, model: str | None) -> str:
                           "of the Hugging Face model outputs (the MLP's input is weighted by the norm's gain); "
                           "give the hook the SAE was meant for with --hook")
     if point == "mlp.hook_post":
-        return f"{block}.mlp.c_proj:input" if family == "gpt2" else f"{block}.mlp.down_proj:input"
+        return f"mlp_hidden.{layer}"
     raise FormatError(f"hook {name!r}: no dictlens equivalent is known for {point!r} (known: {', '.join(KNOWN)})")
 
 
 def to_transformer_lens(hook: str, model: str | None) -> str | None:
     """The TransformerLens name of dictlens ``hook`` (None when there is none: a module path
     TransformerLens does not expose)."""
-    m = re.match(r"^(resid_pre|resid_post|attn_out|mlp_out)\.(\d+)$", hook)
+    m = NAMED_HOOK.match(hook)
     if m is None:
         layer = re.search(r"\.(\d+)\.", hook)
         for point in KNOWN:   # a module path one of the TransformerLens names maps to
@@ -89,6 +90,8 @@ def to_transformer_lens(hook: str, model: str | None) -> str | None:
                 continue
         return None
     kind, index = m.group(1), m.group(2)
+    if kind == "mlp_hidden":
+        return f"blocks.{index}.mlp.hook_post"
     if kind in ("attn_out", "mlp_out") and _family(model) == "gemma":
         return None   # TransformerLens's Gemma hook_*_out is after the post-norm: another point
     return f"blocks.{index}.hook_{kind}"
@@ -104,6 +107,10 @@ def from_module_point(point: str) -> str:
     for suffix in (".output", ".input"):
         if point.endswith(suffix):
             point, io = point[: -len(suffix)], suffix[1:]
+    hidden = re.match(r"^(?:model\.language_model\.layers|model\.layers|transformer\.h)\.(\d+)\.mlp\."
+                      r"(?:down_proj|c_proj)$", point)
+    if hidden and io == "input":
+        return f"mlp_hidden.{hidden.group(1)}"
     m = _BLOCK.match(point)
     if m and io == "output":
         return f"resid_post.{m.group(1)}"
@@ -127,7 +134,7 @@ def to_base_model_path(hook: str) -> str:
     m = re.match(r"^(resid_post|mlp_out|attn_out)\.(\d+)$", hook)
     if m:
         return f"layers.{m.group(2)}" + {"resid_post": "", "mlp_out": ".mlp", "attn_out": ".self_attn"}[m.group(1)]
-    if re.match(r"^resid_pre\.\d+$", hook) or ":" in hook:
+    if re.match(r"^(resid_pre|mlp_hidden)\.\d+$", hook) or ":" in hook:
         raise FormatError(f"hook {hook!r}: sparsify names a module's output relative to the base model; "
                           "this hook is an input")
     return hook.removeprefix("model.")
@@ -135,7 +142,7 @@ def to_base_model_path(hook: str) -> str:
 
 def to_module_point(hook: str, model: str | None) -> str:
     """Gemma Scope 2's ``PATH.output`` / ``PATH.input`` for dictlens ``hook``."""
-    m = re.match(r"^(resid_pre|resid_post|attn_out|mlp_out)\.(\d+)$", hook)
+    m = NAMED_HOOK.match(hook)
     blocks = _blocks(model)
     if m is None:
         path, _, io = hook.partition(":")
@@ -145,6 +152,8 @@ def to_module_point(hook: str, model: str | None) -> str:
         return f"{blocks}.{layer}.output"
     if kind == "resid_pre":
         return f"{blocks}.{layer}.input"
+    if kind == "mlp_hidden":
+        return f"{blocks}.{layer}.mlp.{'c_proj' if _family(model) == 'gpt2' else 'down_proj'}.input"
     return f"{blocks}.{layer}.{'mlp' if kind == 'mlp_out' else 'self_attn'}.output"
 
 

@@ -32,6 +32,7 @@ from dictlens.interpret.scores import (
     Sample,
     Value,
     derangement,
+    difference,
     explaining_windows,
     score,
     scoring_sample,
@@ -179,6 +180,10 @@ class ScoreJob(Selection):
     random_control: bool = field(False, help="also explain and score the features of random directions (TopK at "
                                              "the SAE's L0, analysed over the same text): what the explainer and "
                                              "judge make of no structure")
+    against: str | None = field(None, help="compare with another dictionary, explained and scored the same way on "
+                                           "a sample of the same size: a run or analysis directory analysed over "
+                                           "the same text (e.g. another width), or neurons / neurons:LAYER (the "
+                                           "model's MLP neurons at the SAE's layer, at the SAE's L0)")
     bootstrap: int = field(BOOTSTRAP, help="bootstrap resamples for each interval")
     force: bool = field(False, help="score again the features that already have these scores")
     llm: LLMConfig = field(default_factory=LLMConfig, help="the chat model (--judge llm)")
@@ -201,7 +206,7 @@ class ScoreJob(Selection):
 @dataclass
 class Scored:
     """The per-feature scores ``score`` made, its summary table (one row per score and
-    control) and the files it wrote."""
+    control), the comparison with ``--against`` (one row per score) and the files it wrote."""
 
     explainer: str
     judge: str
@@ -210,6 +215,8 @@ class Scored:
     errors: dict[int, str]
     seconds: float
     written: list[Path]
+    comparison: list[dict[str, Any]] = dc_field(default_factory=list)
+    against: str | None = None
 
 
 def _rows(f: int, explainer: str, judge: str, control: str, values: dict[str, Value],
@@ -280,40 +287,91 @@ def score_job(job: ScoreJob, *, say: Callable[[str], None] = print) -> Scored:
         chosen = set(feats)
         scores = [s for s in store.scores(job.explainer, judge.name) if s.feature in chosen
                   and s.scorer.split("_")[0] in job.scorer_list]      # detection_auc comes with detection
+    comparison: list[dict[str, Any]] = []
+    label = None
+    if job.against:
+        other, label = against_analysis(job.against, path, db, say)
+        theirs = other_scores(job, other, len(feats), label, say, shuffled=job.shuffled)
+        comparison = compare_table(scores, theirs, label, job.bootstrap, job.seed)
+        scores += theirs
     db.close()
     if job.random_control:
-        scores += random_control_scores(job, path, len(feats), say)
+        from dictlens.interpret.controls import random_analysis
+
+        scores += other_scores(job, random_analysis(path, job.seed, say=say), len(feats), "random directions", say)
     table = score_table(scores, job.bootstrap, job.seed)
     seconds = time.perf_counter() - t0
     stem = f"scores-{job.explainer}-{judge.name}".replace(":", "_").replace("/", "_")
     out_json, out_png = path / f"{stem}.json", path / f"{stem}.png"
     atomic_write_json(out_json, {"explainer": job.explainer, "judge": judge.name, "features": feats,
-                                 "table": table, "errors": {str(k): v for k, v in errors.items()},
+                                 "table": table, "against": label, "comparison": comparison,
+                                 "errors": {str(k): v for k, v in errors.items()},
                                  "seconds": seconds, "settings": settings})
     plot_scores(scores, out_png, f"{job.explainer} explanations, judged by {judge.name}")
-    return Scored(job.explainer, judge.name, scores, table, errors, seconds, [out_json, out_png])
+    return Scored(job.explainer, judge.name, scores, table, errors, seconds, [out_json, out_png], comparison, label)
 
 
-def random_control_scores(job: ScoreJob, path: Path, n: int, say: Callable[[str], None]) -> list[Score]:
-    """The scores of ``n`` random-directions features (:mod:`dictlens.interpret.controls`),
-    explained and judged as ``job`` explains and judges, labelled as that control."""
+def against_analysis(spec: str, path: Path, db: FeatureDB, say: Callable[[str], None]) -> tuple[Path, str]:
+    """The analysis ``--against`` names, and how the tables call it: the model's neurons
+    (built on first use, :mod:`dictlens.interpret.controls`), or another dictionary's
+    analysis, refused unless it was made over the same text of the same model."""
+    from dictlens.interpret.controls import neuron_analysis, neuron_layer
+
+    if spec.partition(":")[0] == "neurons":
+        layer = neuron_layer(str(db.meta["hook"]), spec)
+        return neuron_analysis(path, layer, say=say), f"neurons (mlp_hidden.{layer})"
+    other = AnalysisDir(run=spec).path()
+    if other.resolve() == path.resolve():
+        raise ConfigError(f"against: {spec} is the analysis being scored; name another dictionary's")
+    theirs = FeatureDB(other)
+    try:
+        mine, yours = db.meta["config"], theirs.meta["config"]
+        if db.meta.get("model") != theirs.meta.get("model"):
+            raise InputError(f"against: {other} analyses {theirs.meta.get('model')}, this analysis "
+                             f"{db.meta.get('model')}; dictionaries of different models are not compared")
+        for key in ("text", "text_field", "tokens", "skip_tokens", "context"):
+            if mine.get(key) != yours.get(key):
+                raise InputError(f"against: {other} was analysed with {key} {yours.get(key)!r}, this analysis with "
+                                 f"{mine.get(key)!r}; analyse both over the same text to compare them")
+    finally:
+        theirs.close()
+    return other, spec
+
+
+def other_scores(job: ScoreJob, other: Path, n: int, label: str, say: Callable[[str], None], *,
+                 shuffled: bool = False) -> list[Score]:
+    """The scores of ``n`` features of another dictionary's analysis (a control, a baseline,
+    another run), explained and judged as ``job`` explains and judges, and labelled ``label``
+    (its shuffled control ``label, shuffled``)."""
     from dataclasses import replace
 
-    from dictlens.interpret.controls import random_analysis
-
-    ctl = random_analysis(path, job.seed, say=say)
     kind = "tokens" if job.explainer == "tokens" else "llm"
     if kind == "llm" and not job.llm.given:
-        raise ConfigError(f"--random-control explains random directions as {job.explainer!r} explains: "
-                          f"give the same --llm-url/--llm-model or --llm-local")
-    explain_job(ExplainJob(run=str(ctl), explainer=kind, max_features=n, seed=job.seed, llm=job.llm), say=say)
-    sub = score_job(replace(job, run=str(ctl), analysis=None, features=None, max_features=n, shuffled=False,
-                            random_control=False), say=say)
-    return [replace(s, control="random directions") for s in sub.scores]
+        raise ConfigError(f"{label} is explained as {job.explainer!r} explains: give the same --llm-url/--llm-model "
+                          f"or --llm-local")
+    explain_job(ExplainJob(run=str(other), explainer=kind, max_features=n, seed=job.seed, llm=job.llm), say=say)
+    sub = score_job(replace(job, run=str(other), analysis=None, features=None, max_features=n, shuffled=shuffled,
+                            random_control=False, against=None), say=say)
+    return [replace(s, control=label if not s.control else f"{label}, {s.control}") for s in sub.scores]
+
+
+def compare_table(scores: Sequence[Score], theirs: Sequence[Score], label: str, draws: int = BOOTSTRAP,
+                  seed: int = 0) -> list[dict[str, Any]]:
+    """Per score, this dictionary's mean over its features beside ``label``'s, and their
+    difference with its interval and Mann–Whitney p (own explanations only)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for sc in [k for k in CHANCE if any(s.scorer == k and not s.control for s in scores)]:
+        a = [s.value for s in scores if s.scorer == sc and not s.control]
+        b = [s.value for s in theirs if s.scorer == sc and s.control == label]
+        out.append({"scorer": sc, "chance": CHANCE[sc], "this": summary(a, rng, draws), "other": summary(b, rng, draws),
+                    **difference(a, b, rng, draws)})
+    return out
 
 
 def plot_scores(scores: Sequence[Score], path: Path, title: str) -> Path:
-    """One histogram over features per score, own explanations against the shuffled control."""
+    """One histogram over features per score: own explanations, the shuffled control, and
+    every other dictionary scored beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,15 +380,17 @@ def plot_scores(scores: Sequence[Score], path: Path, title: str) -> Path:
     from dictlens.eval.plots import save_figure
 
     kinds = [k for k in CHANCE if any(s.scorer == k for s in scores)]
+    controls = list(dict.fromkeys(s.control for s in sorted(scores, key=lambda s: s.control != "")))
+    colours = ["tab:blue", "tab:grey", "tab:orange", "tab:green", "tab:purple", "tab:brown"]
     fig, axes = plt.subplots(1, max(len(kinds), 1), figsize=(3.6 * max(len(kinds), 1), 3.0), squeeze=False)
     for ax, k in zip(axes[0], kinds, strict=False):
         lo = -1.0 if k == "simulation" else 0.0
         bins = np.linspace(lo, 1.0, 21)
-        for control, colour, label in (("", "tab:blue", "own"), ("shuffled", "tab:grey", "shuffled"),
-                                       ("random directions", "tab:orange", "random directions")):
+        for control, colour in zip(controls, colours, strict=False):
             v = [s.value for s in scores if s.scorer == k and s.control == control and s.value is not None]
             if v:
-                ax.hist(v, bins=bins, alpha=0.6, color=colour, label=f"{label} (mean {np.mean(v):.2f})")
+                name = control or "this dictionary"
+                ax.hist(v, bins=bins, alpha=0.55, color=colour, label=f"{name} (mean {np.mean(v):.2f})")
         ax.axvline(CHANCE[k], color="k", lw=0.8, ls="--")
         ax.set_title(k.replace("_", " "))
         ax.set_xlabel("score")

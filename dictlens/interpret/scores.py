@@ -320,3 +320,21 @@ def summary(values: Sequence[float | None], rng: np.random.Generator, draws: int
     v = np.asarray([x for x in values if x is not None], np.float64)
     mean, lo, hi = bootstrap(_mean(v), len(v), rng, draws)
     return {"mean": mean, "low": lo, "high": hi, "features": int(len(v))}
+
+
+def difference(a: Sequence[float | None], b: Sequence[float | None], rng: np.random.Generator,
+               draws: int = BOOTSTRAP) -> dict[str, Any]:
+    """Mean of ``a`` minus mean of ``b`` over two sets of features (two dictionaries), with a
+    95% bootstrap interval (each set resampled on its own) and the two-sided Mann–Whitney p
+    that both come from one distribution."""
+    from scipy.stats import mannwhitneyu
+
+    x = np.asarray([v for v in a if v is not None], np.float64)
+    y = np.asarray([v for v in b if v is not None], np.float64)
+    if len(x) == 0 or len(y) == 0:
+        return {"difference": None, "low": None, "high": None, "p": None}
+    d = x[rng.integers(0, len(x), (draws, len(x)))].mean(1) - y[rng.integers(0, len(y), (draws, len(y)))].mean(1)
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    p = float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+    return {"difference": float(x.mean() - y.mean()), "low": float(lo), "high": float(hi),
+            "p": p if np.isfinite(p) else None}
