@@ -558,8 +558,7 @@ def test_contrast_finds_features_of_the_positive_fortunes_beside_a_probe(analyse
     from dictlens.cli import main
     from dictlens.data.text import FORTUNES_DIR
 
-    if not (FORTUNES_DIR / "computers").is_file():
-        pytest.skip("Debian's fortunes are not installed (make setup installs them where apt works)")
+    assert (FORTUNES_DIR / "computers").is_file(), "Debian's fortunes are missing: run make setup"
     run, out = analysed_run, tmp_path / "contrast"
     args = ["contrast", str(run), "--pos", str(FORTUNES_DIR / "computers"), "--neg", str(FORTUNES_DIR / "love"),
             "--max-texts", "80", "--max-tokens", "64", "--out", str(out), "-n", "10"]
@@ -600,8 +599,7 @@ def test_contrast_on_the_real_default_model(smollm2, tmp_path, capsys):
     from dictlens.train.config import TrainConfig
     from dictlens.train.trainer import train
 
-    if not (FORTUNES_DIR / "computers").is_file():
-        pytest.skip("Debian's fortunes are not installed (make setup installs them where apt works)")
+    assert (FORTUNES_DIR / "computers").is_file(), "Debian's fortunes are missing: run make setup"
     hook = "resid_post.6"
     src = StreamingSource(smollm2, hook, "default", tokens=8192, outlier_factor=10)
     x = torch.cat(list(src.batches(4096, shuffle=False)))

@@ -52,7 +52,8 @@ class AnalysisConfig:
     window_left: int = field(24, help="tokens shown before an example's position")
     window_right: int = field(8, help="tokens shown after it")
     logit_tokens: int = field(10, help="tokens listed per side of the logit lens")
-    neighbours: int = field(10, help="nearest features listed per feature (cosine of what they write into the residual stream)")
+    neighbours: int = field(10, help="nearest features listed per feature (cosine of what they write into "
+                                     "the residual stream)")
     coactivation: bool = field(False, help="also list the features that fire together with each (Jaccard)")
     outlier_factor: float | None = field(None, help="skip tokens whose norm exceeds this × the median norm "
                                                     "of the text's first batch (default: the outlier limit "

@@ -17,7 +17,6 @@ features are.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dictlens.analysis.db import DB_FILE, FeatureDB
+from dictlens.data.hooks import NAMED_HOOK
 from dictlens.errors import AnalysisError, ConfigError
 
 CONTROL_DIR = "control-random"
@@ -51,16 +51,20 @@ def _done(out: Path, name: str) -> bool:
     return same
 
 
-def _analyse_like(analysis: Path, db: FeatureDB, dictionary: Any, hook: str, out: Path, name: str,
+def _model(db: FeatureDB) -> Any:
+    from dictlens.data.models import load_model
+
+    return load_model(str(db.meta["model"]), device=db.meta["config"].get("device"))
+
+
+def _analyse_like(analysis: Path, db: FeatureDB, dictionary: Any, hook: str, out: Path, name: str, lm: Any,
                   **changes: Any) -> Path:
-    """Analyse ``dictionary`` at ``hook`` over the text and with the settings of ``analysis``."""
+    """Analyse ``dictionary`` at ``hook`` of ``lm`` over the text and with the settings of ``analysis``."""
     from dataclasses import replace
 
     from dictlens.analysis.collect import AnalysisConfig, analyze
     from dictlens.config import from_dict
-    from dictlens.data.models import load_model
 
-    lm = load_model(str(db.meta["model"]), device=db.meta["config"].get("device"))
     acfg = replace(from_dict(AnalysisConfig, db.meta["config"], source=f"{analysis}: config"), **changes)
     analyze(dictionary, lm, hook, acfg, out, run=name)
     return out
@@ -95,7 +99,7 @@ def random_analysis(analysis: Path, seed: int = 0, *, say: Callable[[str], None]
         rand.b_dec.copy_(sae.b_dec)
         rand.input_scale.copy_(sae.input_scale)
     say(f"random-directions control: {sae.n_features:,} random directions, TopK k={k}, analysed as {analysis} was")
-    return _analyse_like(analysis, db, rand, str(db.meta["hook"]), out, name)
+    return _analyse_like(analysis, db, rand, str(db.meta["hook"]), out, name, _model(db))
 
 
 def neuron_layer(hook: str, spec: str) -> int:
@@ -105,10 +109,10 @@ def neuron_layer(hook: str, spec: str) -> int:
         if not given.isdigit():
             raise ConfigError(f"against: expected neurons or neurons:LAYER, found {spec!r}")
         return int(given)
-    m = re.match(r"^[a-z_]+\.(\d+)$", hook)
+    m = NAMED_HOOK.match(hook)
     if m is None:
         raise ConfigError(f"against: the SAE's hook {hook!r} names no layer; say which neurons: neurons:LAYER")
-    return int(m.group(1))
+    return int(m.group(2))
 
 
 def neuron_analysis(analysis: Path, layer: int, *, say: Callable[[str], None] = print) -> Path:
@@ -119,7 +123,6 @@ def neuron_analysis(analysis: Path, layer: int, *, say: Callable[[str], None] = 
 
     import torch
 
-    from dictlens.data.models import load_model
     from dictlens.data.tap import Tap
     from dictlens.sae.config import SAEConfig
     from dictlens.sae.model import SAE
@@ -132,7 +135,7 @@ def neuron_analysis(analysis: Path, layer: int, *, say: Callable[[str], None] = 
     if _done(out, name):
         return out
     sae = _the_sae(analysis, db, "neuron baseline")
-    lm = load_model(str(db.meta["model"]), device=db.meta["config"].get("device"))
+    lm = _model(db)
     width = int(Tap(lm, [hook])(torch.tensor([[lm.tokenizer.eos_token_id or 0] * 2]))[hook].shape[-1])
     eye = torch.eye(width)
     cfg = SAEConfig(d_in=width, n_features=2 * width, activation="topk", k=k)
@@ -145,5 +148,5 @@ def neuron_analysis(analysis: Path, layer: int, *, say: Callable[[str], None] = 
     skips = sae.provenance.outlier_limit is not None or db.meta["config"].get("outlier_factor") is not None
     say(f"neuron baseline: the {width:,} neurons at {hook} of {db.meta['model']}, both signs ({2 * width:,} "
         f"features), TopK k={k}, analysed as {analysis} was")
-    return _analyse_like(analysis, db, neurons, hook, out, name,
+    return _analyse_like(analysis, db, neurons, hook, out, name, lm,
                          outlier_factor=NEURON_OUTLIER_FACTOR if skips else None)
