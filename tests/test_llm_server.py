@@ -52,8 +52,14 @@ def test_http_client_talks_to_a_real_llama_cpp_server(server):
     assert p["yes"] + p["no"] > 0                       # the server's logprobs carry the answer
     assert chat.yes(question, seed=0) == pytest.approx(p["yes"] / (p["yes"] + p["no"]))
     text = chat.complete([{"role": "user", "content": "Name a colour."}], temperature=0.0, seed=0, max_tokens=12)
-    assert text.strip() and text == chat.complete([{"role": "user", "content": "Name a colour."}],
-                                                  temperature=0.0, seed=0, max_tokens=12)   # greedy: the same
+    assert text.strip()
+    # greedy decoding is not repeatable across requests on llama.cpp's server (its prompt cache
+    # changes the batch shapes, and so the float sums); reproducibility is the disk cache's job
+    # (interpret.llm.Cached, tested offline), and without the prompt cache the reply repeats:
+    again = [chat._post({"model": name, "messages": [{"role": "user", "content": "Name a colour."}],
+                         "max_tokens": 12, "temperature": 0.0, "seed": 0, "cache_prompt": False})
+             ["choices"][0]["message"]["content"] for _ in range(2)]
+    assert again[0] == again[1]
 
 
 def test_explain_and_score_through_the_server(server, analysed_run, capsys):

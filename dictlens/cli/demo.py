@@ -56,18 +56,18 @@ def _step_train(job: Demo, out: Path) -> SAE:
 
     print(f"\ndemo 2/4: train a TopK SAE (k=32, 16x = 9,216 features) on {HOOK}")
     run = out / "sae"
-    train = TrainJob(out=str(run), acts=str(out / "acts"), hook=HOOK, model=MODEL, resume=True, heldout_tokens=8192,
-                     sae=SAEConfig(activation="topk", k=32, expansion=16),
+    train = TrainJob(out=str(run), acts=str(out / "acts"), hooks=[HOOK], model=MODEL, resume=True,
+                     heldout_tokens=8192, ks=[32], expansions=[16], sae=SAEConfig(activation="topk"),
                      train=TrainConfig(tokens=job.train_tokens, batch_size=4096, log_every=5))
     try:
-        t = train_job(train)
+        [t] = train_job(train)
     except CheckpointMismatch:
         previous = run.with_name(run.name + ".previous")
         if previous.exists():
             shutil.rmtree(previous)
         run.rename(previous)
         print(f"the SAE in {run} was trained with other settings; moved it to {previous}, training afresh")
-        t = train_job(train)
+        [t] = train_job(train)
     assert t.metrics is not None
     print_heldout(t.metrics)
     print(f"SAE: {run} (config.json, sae.safetensors); curves: {run / 'curves.png'}")

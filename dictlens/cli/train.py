@@ -15,10 +15,12 @@ from dictlens.train.job import TrainJob
 def _train(job: TrainJob) -> int:
     from dictlens.train.job import train_job
 
-    t = train_job(job)
-    print(f"trained {t.trainer.state.tokens:,} tokens in {t.trainer.state.step} steps; SAE saved to {t.out}")
-    if t.metrics is not None:
-        print_heldout(t.metrics)
+    done = train_job(job)
+    for t in done:
+        on = f" on {t.hook}" if len(done) > 1 else ""
+        print(f"trained {t.trainer.state.tokens:,} tokens in {t.trainer.state.step} steps{on}; SAE saved to {t.out}")
+        if t.metrics is not None:
+            print_heldout(t.metrics)
     return 0
 
 
@@ -50,7 +52,8 @@ def _synth(job: SynthJob) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    command(sub, "train", "train an SAE on a cache (--acts) or streamed activations", TrainJob, _train)
+    command(sub, "train", "train SAEs on a cache (--acts) or streamed activations, several from one pass", TrainJob,
+            _train)
     command(sub, "sweep", "train a grid of SAEs from one cache; CSV and sparsity-fidelity frontiers", SweepJob,
             _sweep)
     command(sub, "synth", "recover known features: SAEs beside baselines on synthetic data", SynthJob, _synth)

@@ -15,6 +15,7 @@ never read. Only shards listed in the manifest exist as far as readers are conce
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 from dictlens import __version__
 from dictlens.config import check, field, to_dict
 from dictlens.data.activations import Chunk, FilterState, NormStats, TokenFilter, iter_chunks
+from dictlens.data.hooks import expand_hooks, named_hooks
 from dictlens.data.models import DEFAULT_MODEL, LoadedModel, load_model
 from dictlens.data.packing import (
     check_tokenizer,
@@ -53,7 +55,8 @@ CONTENT_FIELDS = ("model", "hooks", "text", "text_field", "context", "dtype", "k
 class HarvestConfig:
     """Everything ``dictlens harvest`` needs; saved in the cache manifest."""
 
-    hooks: list[str] = field(help="hook point to record, e.g. resid_post.15", flag="--hook")
+    hooks: list[str] = field(help="hook point to record, e.g. resid_post.15, or a pattern such as 'resid_post.*'",
+                             flag="--hook")
     out: str = field(help="cache directory to write (resumed if it holds a partial cache)")
     model: str = field(DEFAULT_MODEL, help="hub id, model directory, .gguf file or smollm2-135m")
     text: str = field(DEFAULT_TEXT, help="text source: file, folder, .jsonl, .parquet, dataset, - or default")
@@ -270,6 +273,9 @@ def harvest(cfg: HarvestConfig, lm: LoadedModel | None = None, *, progress: bool
     lm = lm or load_model(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     if lm.max_context is not None and cfg.context > lm.max_context:
         raise ConfigError(f"context: {cfg.context} tokens is longer than {cfg.model} allows ({lm.max_context})")
+    hooks = expand_hooks(list(cfg.hooks), list(named_hooks(lm.model)), where=lm.name)
+    if hooks != list(cfg.hooks):  # patterns such as resid_post.* name the hooks they match
+        cfg = dataclasses.replace(cfg, hooks=hooks)
     tap = Tap(lm, cfg.hooks)
     probe = tap(torch.zeros(1, 2, dtype=torch.long))  # widths, before anything is written
     writer = CacheWriter.open(cfg, lm, {h: int(a.shape[-1]) for h, a in probe.items()})

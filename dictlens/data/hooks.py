@@ -98,6 +98,29 @@ def describe_valid(model: nn.Module) -> str:
     return ", ".join(parts) + f", or a module path such as {example}.mlp[:input]"
 
 
+GLOB_CHARS = frozenset("*?[")
+
+
+def expand_hooks(patterns: list[str], available: list[str], *, where: str = "this model") -> list[str]:
+    """Hook names with shell-style patterns (``resid_post.*``, ``mlp_out.1[0-5]``) expanded against
+    ``available`` (a pattern's matches in ``available``'s order, forward order: layer 2 before
+    layer 10), without repeats; a name without pattern characters passes as it is (a module path is checked when it
+    is resolved). A pattern that matches nothing is an error naming it."""
+    import fnmatch
+
+    out: list[str] = []
+    for pattern in patterns:
+        if GLOB_CHARS.isdisjoint(pattern):
+            found = [pattern]
+        else:
+            found = [h for h in available if fnmatch.fnmatchcase(h, pattern)]
+            if not found:
+                shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
+                raise HookError(f"hook pattern {pattern!r} matches no hook of {where} ({shown})")
+        out.extend(h for h in found if h not in out)
+    return out
+
+
 def resolve_hook(model: nn.Module, name: str) -> HookPoint:
     """The HookPoint for a named hook or a raw module path; a clear error otherwise."""
     hooks = named_hooks(model)

@@ -10,7 +10,8 @@ trainer needs nothing else, so it also accepts a plain tensor or numpy array wra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -43,34 +44,71 @@ class Source(Protocol):
                 drop_last: bool = False) -> Iterator[torch.Tensor]: ...
 
 
-def _shuffled_batches(blocks: Iterable[torch.Tensor], batch_size: int, *, shuffle: bool,
-                      generator: torch.Generator, buffer_rows: int, drop_last: bool
-                      ) -> Iterator[torch.Tensor]:
-    """Re-batch a stream of row blocks, shuffling within a buffer of ``buffer_rows`` rows."""
-    pending: list[torch.Tensor] = []
+Rows = dict[str, torch.Tensor]   # aligned row blocks: row i of every entry is the same token
+
+
+def part_rows(n: int, part: tuple[int, int]) -> slice:
+    """Rank r of N's share of n rows: the r-th of N contiguous, near-equal slices."""
+    rank, world = part
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
+def _shuffled_batches(blocks: Iterable[Rows], batch_size: int, *, shuffle: bool, generator: torch.Generator,
+                      buffer_rows: int, drop_last: bool) -> Iterator[Rows]:
+    """Re-batch a stream of aligned row blocks, shuffling within a buffer of ``buffer_rows`` rows
+    (one permutation for every entry, so the rows of several hooks stay aligned)."""
+    pending: list[Rows] = []
     n_pending = 0
 
-    def drain(final: bool) -> Iterator[torch.Tensor]:
+    def drain(final: bool) -> Iterator[Rows]:
         nonlocal pending, n_pending
-        rows = torch.cat(pending) if len(pending) > 1 else pending[0]
+        rows = {key: torch.cat([p[key] for p in pending]) if len(pending) > 1 else pending[0][key]
+                for key in pending[0]}
+        n = n_pending
         if shuffle:
-            rows = rows[torch.randperm(len(rows), generator=generator)]
-        n_full = len(rows) // batch_size * batch_size
+            perm = torch.randperm(n, generator=generator)
+            rows = {key: v[perm] for key, v in rows.items()}
+        n_full = n // batch_size * batch_size
         for i in range(0, n_full, batch_size):
-            yield rows[i:i + batch_size]
-        rest = rows[n_full:]
-        pending, n_pending = ([rest], len(rest)) if len(rest) else ([], 0)
-        if final and len(rest) and not drop_last:
+            yield {key: v[i:i + batch_size] for key, v in rows.items()}
+        rest = {key: v[n_full:] for key, v in rows.items()}
+        pending, n_pending = ([rest], n - n_full) if n > n_full else ([], 0)
+        if final and n > n_full and not drop_last:
             pending, n_pending = [], 0
             yield rest
 
     for block in blocks:
+        size = len(next(iter(block.values())))
+        if not size:
+            continue
         pending.append(block)
-        n_pending += len(block)
+        n_pending += size
         if n_pending >= buffer_rows:
             yield from drain(final=False)
     if n_pending:
         yield from drain(final=True)
+
+
+def _cache_batches(stores: dict[str, ActivationStore], batch_size: int, *, shuffle: bool, seed: int,
+                   drop_last: bool, buffer_rows: int, part: tuple[int, int]) -> Iterator[Rows]:
+    """One epoch of batches of several hooks of one cache (``stores``: views on the same shards).
+
+    The shuffle runs on row numbers: the shards are visited in a random order and the row
+    numbers permuted within a buffer of ``buffer_rows`` rows, and each batch's rows are then
+    read from the memory-mapped shards, so memory holds one batch per hook whatever the buffer.
+    With ``part`` = (rank, world) each batch is that rank's slice of it: the world's ranks
+    together read every row once, each its own."""
+    first = next(iter(stores.values()))
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(first.n_shards, generator=g).tolist() if shuffle else range(first.n_shards)
+    starts = first.shard_starts
+    blocks = ({"row": torch.arange(int(starts[i]), int(starts[i + 1]))} for i in order)
+    for batch in _shuffled_batches(blocks, batch_size, shuffle=shuffle, generator=g,
+                                   buffer_rows=buffer_rows if shuffle else batch_size, drop_last=drop_last):
+        rows = batch["row"]
+        if part != (0, 1):
+            rows = rows[part_rows(len(rows), part)]
+        yield {hook: store.gather(rows) for hook, store in stores.items()}
 
 
 class ActivationStore:
@@ -103,6 +141,8 @@ class ActivationStore:
         self.hook = hook
         self.verify = verify
         self._verified: set[tuple[int, str]] = set()
+        self._maps: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        self.shard_starts = np.concatenate([[0], np.cumsum([s["rows"] for s in self.manifest["shards"]])])
         for shard in self.manifest["shards"]:
             for key in ("tokens", hook):
                 verify_file(self.path, shard["files"][key], full=False)
@@ -136,16 +176,45 @@ class ActivationStore:
             return NormStats(s["count"], np.asarray(s["mean"]), s["mean_norm"], np.asarray(s["var"]))
         return NormStats.from_moments(Moments.from_json(self.manifest["filter"]["kept"][self.hook]))
 
+    MAPS_OPEN = 256   # memory-mapped shard files kept open (least recently used closed first)
+
     def _load(self, index: int, key: str) -> np.ndarray:
+        """Shard ``index``'s file ``key`` memory-mapped (checked against its sha256 when first read)."""
+        if (index, key) in self._maps:
+            self._maps.move_to_end((index, key))
+            return self._maps[(index, key)]
         entry = self.manifest["shards"][index]["files"][key]
         if self.verify and (index, key) not in self._verified:
             verify_file(self.path, entry)
             self._verified.add((index, key))
         try:
             arr: np.ndarray = np.load(self.path / entry["path"], mmap_mode="r", allow_pickle=False)
-            return arr
         except ValueError as e:
             raise CacheError(f"shard {self.path / entry['path']} cannot be read: {e}") from None
+        if len(arr) != self.manifest["shards"][index]["rows"]:
+            raise CacheError(f"shard {self.path / entry['path']} holds {len(arr)} rows, the manifest says "
+                             f"{self.manifest['shards'][index]['rows']}")
+        self._maps[(index, key)] = arr
+        if len(self._maps) > self.MAPS_OPEN:
+            self._maps.popitem(last=False)
+        return arr
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The activations of the cache's rows ``rows`` (numbers over all of this view's shards,
+        in order), as float32 [len(rows), D]; each shard's rows are read in file order."""
+        ids = rows.numpy()
+        out = torch.empty(len(ids), self.d_in)
+        shard = np.searchsorted(self.shard_starts, ids, side="right") - 1
+        for s in np.unique(shard):
+            where = np.flatnonzero(shard == s)
+            local = ids[where] - self.shard_starts[s]
+            arr = self._load(int(s), self.hook)
+            if len(local) and local[-1] - local[0] + 1 == len(local) and bool((np.diff(local) == 1).all()):
+                out[where] = from_storage(arr[local[0]:local[-1] + 1], self.manifest["dtype"])
+                continue
+            order = np.argsort(local, kind="stable")
+            out[where[order]] = from_storage(arr[local[order]], self.manifest["dtype"])
+        return out
 
     def shard(self, index: int) -> torch.Tensor:
         """All rows of shard ``index`` as float32 [rows, D]."""
@@ -164,13 +233,10 @@ class ActivationStore:
         """One epoch of float32 [batch_size, D] batches; every row appears exactly once.
 
         Shuffling visits the shards in a random order and permutes rows within a buffer
-        of ``buffer_rows`` rows (several shards), so memory stays bounded.
+        of ``buffer_rows`` rows (several shards); memory holds one batch.
         """
-        g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(self.n_shards, generator=g).tolist() if shuffle else range(self.n_shards)
-        blocks = (self.shard(i) for i in order)
-        return _shuffled_batches(blocks, batch_size, shuffle=shuffle, generator=g,
-                                 buffer_rows=buffer_rows if shuffle else batch_size, drop_last=drop_last)
+        return (b[self.hook] for b in _cache_batches({self.hook: self}, batch_size, shuffle=shuffle, seed=seed,
+                                                      drop_last=drop_last, buffer_rows=buffer_rows, part=(0, 1)))
 
 
 class ArraySource:
@@ -203,108 +269,255 @@ class ArraySource:
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                 drop_last: bool = False) -> Iterator[torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        return _shuffled_batches([self.data], batch_size, shuffle=shuffle, generator=g,
-                                 buffer_rows=len(self.data), drop_last=drop_last)
+        return (b["x"] for b in _shuffled_batches([{"x": self.data}], batch_size, shuffle=shuffle, generator=g,
+                                                  buffer_rows=len(self.data), drop_last=drop_last))
 
 
 class StreamingSource:
-    """Activations of one hook streamed from the model over a text, without touching disk.
+    """Activations of one hook or several streamed from the model over a text, without touching disk.
 
-    Rows are filtered exactly as :func:`dictlens.harvest` filters them and shuffled
-    within a buffer of ``buffer_rows`` rows. ``tokens`` bounds one epoch.
+    Rows are filtered exactly as :func:`dictlens.harvest` filters them (a token dropped at one
+    hook is dropped at all) and shuffled within a buffer of ``buffer_rows`` rows (by default
+    65,536, or fewer when several hooks would make the buffer exceed 256 MiB). ``tokens``
+    bounds one epoch. With one hook it is a :class:`Source`; with several, ``batches_by_hook``
+    gives the hooks' aligned batches and ``view(hook)`` one hook as a source.
     """
 
-    def __init__(self, lm: LoadedModel, hook: str, text: str, *, tokens: int, context: int = 128,
+    BUFFER_BYTES = 1 << 28
+
+    def __init__(self, lm: LoadedModel, hook: str | Sequence[str], text: str, *, tokens: int, context: int = 128,
                  text_field: str = "text", batch_contexts: int = 16, keep_special: bool = False,
                  prepend_bos: str = "auto", outlier_factor: float | None = None,
-                 drop_nonfinite: bool = False, buffer_rows: int = 1 << 16):
-        self.lm, self.hook, self.text, self.text_field = lm, hook, text, text_field
+                 drop_nonfinite: bool = False, buffer_rows: int | None = None):
+        self.hooks = [hook] if isinstance(hook, str) else list(hook)
+        if not self.hooks or len(set(self.hooks)) != len(self.hooks):
+            raise ConfigError(f"hook: expected one or more distinct hooks, found {self.hooks}")
+        self.lm, self.text, self.text_field = lm, text, text_field
         self.tokens, self.context, self.batch_contexts = tokens, context, batch_contexts
         self.prepend_bos = resolve_prepend_bos(lm.tokenizer, prepend_bos)
         self.filter = TokenFilter(set() if keep_special else special_token_ids(lm.tokenizer),
                                   keep_special, drop_nonfinite)
         self.outlier_factor = outlier_factor
-        self.buffer_rows = buffer_rows
-        self.tap = Tap(lm, [hook])
-        self._stats: NormStats | None = None
-        self._width: int | None = None
-        self._median_norm: float | None = None  # fixed by the stream's first batch (outlier rule)
+        self._buffer_rows = buffer_rows
+        self.tap = Tap(lm, self.hooks)
+        self._stats: dict[str, NormStats] | None = None
+        self._widths: dict[str, int] | None = None
+        self._median_norm: dict[str, float] = {}  # fixed by the stream's first batch (outlier rule)
+
+    @property
+    def hook(self) -> str:
+        """The hook, for a stream of one."""
+        if len(self.hooks) != 1:
+            raise ConfigError(f"this stream reads {len(self.hooks)} hooks; take one with view(hook)")
+        return self.hooks[0]
 
     @property
     def model(self) -> str:
         return self.lm.name
 
     @property
+    def widths(self) -> dict[str, int]:
+        """Width of each hook's activations (read from a two-token probe)."""
+        if self._widths is None:
+            acts = self.tap(torch.zeros(1, 2, dtype=torch.long))
+            self._widths = {h: int(acts[h].shape[-1]) for h in self.hooks}
+        return self._widths
+
+    @property
     def d_in(self) -> int:
-        """Width of the hook's activations (read from a two-token probe)."""
-        if self._width is None:
-            self._width = int(self.tap(torch.zeros(1, 2, dtype=torch.long))[self.hook].shape[-1])
-        return self._width
+        return self.widths[self.hook]
+
+    @property
+    def buffer_rows(self) -> int:
+        if self._buffer_rows is None:
+            self._buffer_rows = min(1 << 16, max(4096, self.BUFFER_BYTES // (4 * sum(self.widths.values()))))
+        return self._buffer_rows
 
     def __len__(self) -> int:
         return self.tokens
 
-    def _rows(self) -> Iterator[torch.Tensor]:
+    def view(self, hook: str) -> Source:
+        """One hook of this stream as a source (its statistics and provenance are the stream's)."""
+        if hook not in self.hooks:
+            raise ConfigError(f"this stream reads hooks {self.hooks}, not {hook!r}")
+        return HookView(self, hook)
+
+    def _rows(self) -> Iterator[Rows]:
         contexts = pack_contexts(iter_documents(self.text, self.text_field), self.lm.tokenizer,
                                  self.context, prepend_bos=self.prepend_bos)
-        state = FilterState([self.hook], self.outlier_factor)
+        state = FilterState(self.hooks, self.outlier_factor)
         left = self.tokens
         for chunk in iter_chunks(self.tap, contexts, batch_size=self.batch_contexts,
                                  token_filter=self.filter, state=state):
-            self._median_norm = state.median_norm.get(self.hook, self._median_norm)
-            rows = chunk.acts[self.hook][:left]
-            left -= len(rows)
+            self._median_norm.update(state.median_norm)
+            rows = {h: chunk.acts[h][:left] for h in self.hooks}
+            left -= len(rows[self.hooks[0]])
             yield rows
             if left <= 0:
                 return
 
-    def provenance(self) -> Provenance:
+    def provenance(self, hook: str | None = None) -> Provenance:
         """The model, hook and text streamed; the outlier limit once the stream has begun."""
-        limit = (self.outlier_factor * self._median_norm
-                 if self.outlier_factor and self._median_norm is not None else None)
-        return Provenance(model=self.model, tokenizer=tokenizer_fingerprint(self.lm.tokenizer), hook_in=self.hook,
-                          hook_out=self.hook, context=self.context, outlier_limit=limit, text=self.text)
+        hook = hook or self.hook
+        median = self._median_norm.get(hook)
+        limit = self.outlier_factor * median if self.outlier_factor and median is not None else None
+        return Provenance(model=self.model, tokenizer=tokenizer_fingerprint(self.lm.tokenizer), hook_in=hook,
+                          hook_out=hook, context=self.context, outlier_limit=limit, text=self.text)
+
+    @property
+    def stats_by_hook(self) -> dict[str, NormStats]:
+        """Statistics of each hook, estimated from the first ``buffer_rows`` rows of the stream."""
+        if self._stats is None:
+            moments = {h: Moments() for h in self.hooks}
+            for rows in self._rows():
+                for h in self.hooks:
+                    moments[h].add(rows[h])
+                if moments[self.hooks[0]].count >= self.buffer_rows:
+                    break
+            self._stats = {h: NormStats.from_moments(m) for h, m in moments.items()}
+        return self._stats
 
     @property
     def stats(self) -> NormStats:
-        """Statistics estimated from the first ``buffer_rows`` rows of the stream."""
-        if self._stats is None:
-            m = Moments()
-            for rows in self._rows():
-                m.add(rows)
-                if m.count >= self.buffer_rows:
-                    break
-            self._stats = NormStats.from_moments(m)
-        return self._stats
+        return self.stats_by_hook[self.hook]
+
+    def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                        drop_last: bool = False) -> Iterator[Rows]:
+        """One epoch of every hook's batches, aligned (row i of each is the same token)."""
+        g = torch.Generator().manual_seed(seed)
+        return _shuffled_batches(self._rows(), batch_size, shuffle=shuffle, generator=g,
+                                 buffer_rows=self.buffer_rows if shuffle else batch_size, drop_last=drop_last)
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                 drop_last: bool = False) -> Iterator[torch.Tensor]:
-        g = torch.Generator().manual_seed(seed)
-        return _shuffled_batches(self._rows(), batch_size, shuffle=shuffle, generator=g,
-                                 buffer_rows=self.buffer_rows if shuffle else batch_size,
-                                 drop_last=drop_last)
+        hook = self.hook
+        return (b[hook] for b in self.batches_by_hook(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last))
 
 
-def split_heldout(source: Source, n_tokens: int) -> tuple[Source, Source]:
+class CacheHooks:
+    """Several hooks of one activation cache read together: one shuffle, row i of every hook
+    the same token, each hook read from its own files."""
+
+    def __init__(self, path: str | Path, hooks: Sequence[str], *, model: str | None = None, verify: bool = True,
+                 shards: list[int] | None = None):
+        if not hooks or len(set(hooks)) != len(hooks):
+            raise ConfigError(f"hook: expected one or more distinct hooks, found {list(hooks)}")
+        self.views = {h: ActivationStore(path, h, model=model, verify=verify, shards=shards) for h in hooks}
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.views)
+
+    def view(self, hook: str) -> ActivationStore:
+        return self.views[hook]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.views.values())))
+
+    def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                        buffer_rows: int = 1 << 18) -> Iterator[Rows]:
+        """One epoch of every hook's batches; each hook's are those of its own store with the same
+        seed (a dictionary trained beside others sees what it would see alone)."""
+        return _cache_batches(self.views, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                              buffer_rows=buffer_rows, part=(0, 1))
+
+
+class HookView:
+    """One hook of a source that reads several, as a :class:`Source`: what a dictionary trained on
+    that hook sees (its width, statistics and provenance; its batches read the whole source)."""
+
+    def __init__(self, parent: StreamingSource, hook: str):
+        self.parent, self.hook = parent, hook
+
+    @property
+    def d_in(self) -> int:
+        return self.parent.widths[self.hook]
+
+    @property
+    def stats(self) -> NormStats:
+        return self.parent.stats_by_hook[self.hook]
+
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def provenance(self) -> Provenance:
+        return self.parent.provenance(self.hook)
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                drop_last: bool = False) -> Iterator[torch.Tensor]:
+        return (b[self.hook] for b in self.parent.batches_by_hook(batch_size, shuffle=shuffle, seed=seed,
+                                                                  drop_last=drop_last))
+
+
+class OneSource:
+    """A single :class:`Source` seen as a source of several hooks holding one, under ``key``."""
+
+    def __init__(self, source: Source, key: str):
+        self.source, self.key = source, key
+
+    @property
+    def hooks(self) -> list[str]:
+        return [self.key]
+
+    def view(self, hook: str) -> Source:
+        return self.source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                        drop_last: bool = False) -> Iterator[Rows]:
+        return ({self.key: x} for x in self.source.batches(batch_size, shuffle=shuffle, seed=seed,
+                                                           drop_last=drop_last))
+
+
+@runtime_checkable
+class HookSource(Protocol):
+    """What several dictionaries train from together: aligned batches of several hooks."""
+
+    @property
+    def hooks(self) -> list[str]: ...
+
+    def view(self, hook: str) -> Source: ...
+
+    def __len__(self) -> int: ...
+
+    def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                        drop_last: bool = False) -> Iterator[Rows]: ...
+
+
+def _heldout_shards(store: ActivationStore, n_tokens: int) -> tuple[list[int], list[int]]:
+    """(training shards, held-out shards): the last shards holding at least ``n_tokens`` rows."""
+    rows = [s["rows"] for s in store.manifest["shards"]]
+    k, held = 0, 0
+    while held < n_tokens and k < len(rows):
+        k += 1
+        held += rows[-k]
+    if k >= len(rows):
+        raise ConfigError(f"heldout_tokens: {store.path} has {len(rows)} shards; holding out {n_tokens} tokens "
+                          "would leave none for training (harvest more, or with a smaller --shard-tokens)")
+    n = len(rows)
+    return list(range(n - k)), list(range(n - k, n))
+
+
+def split_heldout(source: Source | HookSource, n_tokens: int) -> tuple[Any, Any]:
     """(train, held-out) views of ``source`` with at least ``n_tokens`` held out.
 
-    A cache is split by whole shards (its last ones), an array by rows; a stream cannot be
-    split: harvest a held-out cache instead.
+    A cache is split by whole shards (its last ones; for several hooks the same shards), an
+    array by rows; a stream cannot be split: harvest a held-out cache instead.
     """
     if isinstance(source, ArraySource):
         if n_tokens >= len(source):
             raise ConfigError(f"heldout_tokens: expected fewer than the {len(source)} rows, found {n_tokens}")
         return ArraySource(source.data[:-n_tokens]), ArraySource(source.data[-n_tokens:])
     if isinstance(source, ActivationStore):
-        rows = [s["rows"] for s in source.manifest["shards"]]
-        k, held = 0, 0
-        while held < n_tokens and k < len(rows):
-            k += 1
-            held += rows[-k]
-        if k >= len(rows):
-            raise ConfigError(f"heldout_tokens: {source.path} has {len(rows)} shards; holding out {n_tokens} tokens "
-                              "would leave none for training (harvest more, or with a smaller --shard-tokens)")
-        n, path, hook = len(rows), source.path, source.hook
-        return (ActivationStore(path, hook, verify=source.verify, shards=list(range(n - k))),
-                ActivationStore(path, hook, verify=source.verify, shards=list(range(n - k, n))))
+        train, held = _heldout_shards(source, n_tokens)
+        path, hook = source.path, source.hook
+        return (ActivationStore(path, hook, verify=source.verify, shards=train),
+                ActivationStore(path, hook, verify=source.verify, shards=held))
+    if isinstance(source, CacheHooks):
+        first = next(iter(source.views.values()))
+        train, held = _heldout_shards(first, n_tokens)
+        return (CacheHooks(first.path, source.hooks, verify=first.verify, shards=train),
+                CacheHooks(first.path, source.hooks, verify=first.verify, shards=held))
     raise ConfigError("heldout_tokens: a stream cannot be split; evaluate on a separately harvested cache")

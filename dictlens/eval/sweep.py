@@ -18,9 +18,7 @@ import csv
 import dataclasses
 import io
 import math
-import re
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 from dictlens.sae import activations as registry
 from dictlens.sae.config import SAEConfig
 from dictlens.train.config import TrainConfig
+from dictlens.train.grid import Grid, Point, parse_coeffs, safe_name, unique
 
 ROW = "sweep_row.json"
 # Bumped when what an evaluated figure means changes, so that a sweep recomputes old rows
@@ -44,117 +43,6 @@ ROW = "sweep_row.json"
 EVAL_RULES = 5
 
 
-@dataclass
-class Grid:
-    hooks: list[str]
-    activations: list[str] = dataclasses.field(default_factory=lambda: ["topk"])
-    ks: list[int] = dataclasses.field(default_factory=list)           # TopK / BatchTopK
-    coeffs: list[float] = dataclasses.field(default_factory=list)     # penalised SAEs (0: the default)
-    activation_coeffs: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # per activation
-    widths: list[int] = dataclasses.field(default_factory=list)       # n_features; empty: use expansions
-    expansions: list[float] = dataclasses.field(default_factory=list)
-    seeds: int = 1
-
-    def __post_init__(self) -> None:
-        if not self.hooks:
-            raise ConfigError("sweep: name at least one --hook")
-        unknown = [a for a in self.activations if a not in registry.NAMES]
-        if unknown:
-            raise ConfigError(f"activation: expected {', '.join(registry.NAMES)}, found {unknown[0]!r}")
-        penalised = [a for a in self.activations if not _uses_k(a)]
-        if self.ks and len(penalised) == len(self.activations):
-            raise ConfigError(f"sweep: --k is given but no --activation uses it ({', '.join(registry.with_k())})")
-        if self.coeffs and not penalised:
-            raise ConfigError("sweep: --coeff is given but no --activation uses it "
-                              f"({', '.join(registry.penalised())})")
-        for activation in self.activation_coeffs:
-            if activation not in penalised:
-                raise ConfigError(f"sweep: --coeff {activation}:... names an activation that is not a swept penalised "
-                                  f"one ({', '.join(penalised) or 'none'})")
-        all_coeffs = self.coeffs + [c for cs in self.activation_coeffs.values() for c in cs]
-        if any(k < 1 for k in self.ks) or any(c < 0 for c in all_coeffs):
-            raise ConfigError(f"sweep: k must be ≥ 1 and coefficients ≥ 0, found {self.ks} / {self.coeffs}")
-        if self.widths and self.expansions:
-            raise ConfigError("sweep: give --n-features or --expansion, not both")
-        if self.seeds < 1:
-            raise ConfigError(f"seeds: expected ≥ 1, found {self.seeds}")
-
-    def points(self) -> list[Point]:
-        sizes: list[tuple[str, float]] = ([("n_features", w) for w in _unique(self.widths)]
-                                          or [("expansion", e) for e in _unique(self.expansions)] or [("", 0)])
-        out = []
-        for hook in _unique(self.hooks):
-            for activation in _unique(self.activations):
-                values: list[float | None] = (list(_unique(self.ks)) or [None]) if _uses_k(activation) \
-                    else (list(_unique(self.activation_coeffs.get(activation, self.coeffs))) or [None])
-                for size_name, size in sizes:
-                    for value in values:
-                        for seed in range(self.seeds):
-                            out.append(Point(hook, activation, value, size_name, size, seed))
-        return out
-
-
-def parse_coeffs(specs: list[str]) -> tuple[list[float], dict[str, list[float]]]:
-    """``--coeff`` values: ``2`` (every penalised architecture) or ``relu:0.5,1,2`` (one of them)."""
-    common: list[float] = []
-    per: dict[str, list[float]] = {}
-    for spec in specs:
-        activation, sep, values = spec.rpartition(":")
-        try:
-            nums = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            raise ConfigError(f"--coeff: expected a number or ARCH:N,N,..., found {spec!r}") from None
-        if sep:
-            per.setdefault(activation.strip(), []).extend(nums)
-        else:
-            common.extend(nums)
-    return common, per
-
-
-def _uses_k(activation: str) -> bool:
-    return registry.get(activation).uses_k
-
-
-def _unique(xs: list[Any]) -> list[Any]:
-    return list(dict.fromkeys(xs))
-
-
-@dataclass
-class Point:
-    hook: str
-    activation: str
-    value: float | None      # k or coefficient; None: the configuration's default
-    size_name: str           # "n_features", "expansion" or "" (the configuration's default)
-    size: float
-    seed: int
-
-    def name(self) -> str:
-        tag = "" if self.value is None else (
-            f"-k{int(self.value)}" if _uses_k(self.activation) else f"-c{self.value:g}")
-        size = {"n_features": f"-F{int(self.size)}", "expansion": f"-x{self.size:g}"}.get(self.size_name, "")
-        return f"{_safe(self.hook)}/{self.activation}{tag}{size}-s{self.seed}"
-
-    def configs(self, sae_base: Any, train_base: Any) -> tuple[Any, Any]:
-        sae = {**to_dict(sae_base), "activation": self.activation}
-        train = {**to_dict(train_base), "seed": train_base.seed + self.seed}
-        if self.value is not None:
-            if _uses_k(self.activation):
-                sae["k"] = int(self.value)
-            else:
-                train["sparsity_coeff"] = float(self.value)
-        if self.size_name == "n_features":
-            sae["n_features"] = int(self.size)
-        elif self.size_name == "expansion":
-            sae["expansion"], sae["n_features"] = float(self.size), 0
-        if not _uses_k(self.activation):
-            sae.pop("k", None)
-        return sae, train
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
 COLUMNS = ["hook", "activation", "k", "coeff", "n_features", "seed", "l0", "fvu", "explained_variance",
            "mse_per_token", "dead_fraction", "dense_fraction", "cosine", "relative_reconstruction_bias",
            "ce_clean", "ce_sae", "ce_zero", "ce_mean", "delta_lm_loss", "recovered_vs_zero", "recovered_vs_mean",
@@ -163,28 +51,33 @@ COLUMNS = ["hook", "activation", "k", "coeff", "n_features", "seed", "l0", "fvu"
 
 def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out: str | Path, *,
               heldout_tokens: int = 8192, splice: SpliceConfig | None = None, model: str | None = None,
-              progress: Callable[[str], None] = print, bars: bool = True) -> list[dict[str, Any]]:
-    """Train and evaluate every point of ``grid``; returns the rows (also written to ``out/sweep.csv``)."""
-    from dictlens.data.store import ActivationStore, split_heldout
+              together: int = 0, progress: Callable[[str], None] = print, bars: bool = True) -> list[dict[str, Any]]:
+    """Train and evaluate every point of ``grid``; returns the rows (also written to ``out/sweep.csv``).
+
+    The points still to train are trained side by side, ``together`` at a time (0: all), each
+    group from one read of the cache (:func:`dictlens.train.group.fit_together`)."""
+    from dictlens.data.store import ActivationStore, CacheHooks, split_heldout
     from dictlens.eval.metrics import evaluate
     from dictlens.load import load_sae
+    from dictlens.train.group import fit_together
     from dictlens.train.trainer import CHECKPOINT, Trainer
 
     if heldout_tokens <= 0:
         raise ConfigError(f"heldout: a sweep is judged on held-out tokens; expected a count > 0, found "
                           f"{heldout_tokens}")
+    if together < 0:
+        raise ConfigError(f"together: expected a count >= 0 (0: the whole grid), found {together}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = grid.points()
-    stores: dict[str, tuple[Any, Any, Any]] = {}
-    for hook in _unique(grid.hooks):  # open every hook first: a wrong name fails before any training
-        store = ActivationStore(acts, hook, model=model)
-        train_src, heldout = split_heldout(store, heldout_tokens)
-        stores[hook] = (store, train_src, heldout)
+    hooks = unique(grid.hooks)
+    # every hook opened first: a wrong name fails before any training
+    stores = {hook: ActivationStore(acts, hook, model=model) for hook in hooks}
+    train_src, heldout = split_heldout(CacheHooks(acts, hooks, model=model), heldout_tokens)
     splicer = _Splicer(splice, model) if splice is not None else None
-    rows: list[dict[str, Any]] = []
+    rows: dict[int, dict[str, Any]] = {}
+    pending: list[tuple[int, Point, Any, Any, Path, dict[str, Any], dict[str, Any] | None]] = []
     for i, point in enumerate(points, 1):
-        store, train_src, heldout = stores[point.hook]
         sae_dict, train_dict = point.configs(sae_base, train_base)
         sae_cfg = SAEConfig(**sae_dict)
         train_cfg = TrainConfig(**train_dict)
@@ -192,38 +85,49 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
         key = {"sae": to_dict(sae_cfg), "train": to_dict(train_cfg), "acts": str(acts),
                "heldout_tokens": heldout_tokens, "splice": dataclasses.asdict(splice) if splice else None,
                "eval_rules": EVAL_RULES}
-        done = run / ROW
         previous: dict[str, Any] | None = None
-        if done.is_file():
-            saved = read_json(done)
+        if (run / ROW).is_file():
+            saved = read_json(run / ROW)
             previous = saved.get("row")
             if saved.get("key") == key:
-                rows.append(saved["row"])
+                rows[i] = saved["row"]
                 progress(f"[{i}/{len(points)}] {point.name()}: done before, "
                          f"FVU {saved['row']['fvu']:.4f} L0 {saved['row']['l0']:.1f}")
                 continue
-        t0 = time.perf_counter()
-        trainer = Trainer(sae_cfg, train_cfg, train_src, run, progress=bars,
-                          provenance=store.provenance().replace(notes={"sweep": str(out)}))
-        resumed = (run / CHECKPOINT).is_file()
-        trainer.fit(resume=resumed)
-        seconds = time.perf_counter() - t0
-        if resumed and previous and previous.get("train_tokens") == trainer.state.tokens:
-            seconds = previous["train_seconds"]   # trained before, only re-evaluated now: keep its time
-        sae = load_sae(run)
-        m = evaluate(sae, heldout.batches(4096, shuffle=False))
-        row = _row(point, store.hook, sae, sae_cfg, train_cfg, m, trainer.state.tokens, seconds, run)
-        if splicer is not None:
-            row.update(splicer.score(sae, run, store))
-        atomic_write_json(done, {"key": key, "row": row})
-        rows.append(row)
-        line = (f"[{i}/{len(points)}] {point.name()}: FVU {m.fvu:.4f}  L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}"
-                f"  ({seconds:.0f} s)")
-        if splicer is not None:
-            line += f"  ΔLM {row['delta_lm_loss']:+.4f}  recovered {row['recovered_vs_mean']:.2%} vs mean"
-        progress(line)
-    write_csv(rows, out / "sweep.csv")
-    return rows
+        pending.append((i, point, sae_cfg, train_cfg, run, key, previous))
+    size = together or len(pending) or 1
+    for start in range(0, len(pending), size):
+        group = pending[start:start + size]
+        if len(group) > 1:
+            progress(f"training {len(group)} SAEs side by side from one read of {acts}")
+        trainers, resumed = [], []
+        for _, point, sae_cfg, train_cfg, run, _, _ in group:
+            store = stores[point.hook]
+            trainers.append((point.hook, Trainer(sae_cfg, train_cfg, train_src.view(point.hook), run, progress=False,
+                                                 provenance=store.provenance().replace(notes={"sweep": str(out)}))))
+            resumed.append((run / CHECKPOINT).is_file())
+        fit_together(trainers, train_src, resume=True, progress=bars)
+        for (i, point, sae_cfg, train_cfg, run, key, previous), (_, trainer), was in zip(group, trainers, resumed,
+                                                                                        strict=True):
+            store = stores[point.hook]
+            seconds = trainer.seconds
+            if was and previous and previous.get("train_tokens") == trainer.state.tokens:
+                seconds = previous["train_seconds"]   # trained before, only re-evaluated now: keep its time
+            sae = load_sae(run)
+            m = evaluate(sae, heldout.view(point.hook).batches(4096, shuffle=False))
+            row = _row(point, store.hook, sae, sae_cfg, train_cfg, m, trainer.state.tokens, seconds, run)
+            if splicer is not None:
+                row.update(splicer.score(sae, run, store))
+            atomic_write_json(run / ROW, {"key": key, "row": row})
+            rows[i] = row
+            line = (f"[{i}/{len(points)}] {point.name()}: FVU {m.fvu:.4f}  L0 {m.l0:.1f}  "
+                    f"dead {m.dead_fraction:.2%}  ({seconds:.0f} s)")
+            if splicer is not None:
+                line += f"  ΔLM {row['delta_lm_loss']:+.4f}  recovered {row['recovered_vs_mean']:.2%} vs mean"
+            progress(line)
+    ordered = [rows[i] for i in sorted(rows)]
+    write_csv(ordered, out / "sweep.csv")
+    return ordered
 
 
 def _row(point: Point, hook: str, sae: Any, sae_cfg: Any, train_cfg: Any, m: Any, tokens: int, seconds: float,
@@ -351,7 +255,7 @@ def layer_table(rows: list[dict[str, Any]], l0: float) -> list[dict[str, Any]]:
 def default_l0(grid: Grid, rows: list[dict[str, Any]]) -> float:
     """The middle swept k when TopK is swept, else the median measured L0."""
     if grid.ks:
-        ks = sorted(_unique(grid.ks))
+        ks = sorted(unique(grid.ks))
         return float(ks[(len(ks) - 1) // 2])
     return float(statistics.median(r["l0"] for r in rows))
 
@@ -371,11 +275,11 @@ def plot_frontiers(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     agg = aggregate(rows)
     paths = []
-    for hook in _unique([a["hook"] for a in agg]):
+    for hook in unique([a["hook"] for a in agg]):
         pts = [a for a in agg if a["hook"] == hook]
         ys = ["fvu"] + (["delta_lm_loss"] if any(p.get("delta_lm_loss") is not None for p in pts) else [])
         fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.2), squeeze=False)
-        fams = _unique([_family(p) for p in pts])
+        fams = unique([_family(p) for p in pts])
         labels = _labels(fams)
         for ax, y in zip(axes[0], ys, strict=True):
             front = pareto(pts, y)
@@ -395,7 +299,7 @@ def plot_frontiers(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.suptitle(f"{hook}: sparsity against fidelity", fontsize=10)
         fig.tight_layout()
-        paths.append(save_figure(fig, out / f"frontier_{_safe(hook)}.png"))
+        paths.append(save_figure(fig, out / f"frontier_{safe_name(hook)}.png"))
     return paths
 
 
@@ -408,7 +312,7 @@ def plot_layers(table: list[dict[str, Any]], hooks: list[str], out: Path) -> Pat
 
     ys = ["fvu"] + (["recovered_vs_mean"] if any(t.get("recovered_vs_mean") is not None for t in table) else [])
     fig, axes = plt.subplots(1, len(ys), figsize=(5.2 * len(ys), 4.2), squeeze=False)
-    fams = _unique([(t["activation"], t["n_features"]) for t in table])
+    fams = unique([(t["activation"], t["n_features"]) for t in table])
     for ax, y in zip(axes[0], ys, strict=True):
         for activation, width in fams:
             vals = {t["hook"]: t[y] for t in table if (t["activation"], t["n_features"]) == (activation, width)}
@@ -430,7 +334,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     head = ("| hook | activation | k / coeff | F | seed | L0 | FVU | dead |"
             + (" ΔLM | recovered (mean) |" if spliced else ""))
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    order = {h: i for i, h in enumerate(_unique([r["hook"] for r in rows]))}   # hooks in sweep order
+    order = {h: i for i, h in enumerate(unique([r["hook"] for r in rows]))}   # hooks in sweep order
     for r in sorted(rows, key=lambda r: (order[r["hook"]], r["activation"], r["n_features"], r["l0"], r["seed"])):
         kc = r["k"] if r.get("k") is not None else (f"{r['coeff']:g}" if r.get("coeff") is not None else "")
         line = (f"| {r['hook']} | {r['activation']} | {kc} | {r['n_features']:,} | {r['seed']} | {r['l0']:.1f} | "
@@ -472,6 +376,8 @@ class SweepJob:
     widths: list[int] = field(default_factory=list, flag="--n-features", help="width F")
     expansions: list[float] = field(default_factory=list, flag="--expansion", help="width as F / D (default 16)")
     seeds: int = field(1, help="seeds per point (seed, seed + 1, ...)")
+    together: int = field(0, help="SAEs trained side by side from one read of the cache (0: every point "
+                                  "still to train; fewer bound the memory of the SAEs held at once)")
     heldout: int = field(8192, help="tokens held out (the cache's last shards)")
     model: str | None = field(None, help="check the cache came from this model (and splice into it)")
     at_l0: float | None = field(None, help="L0 at which hooks are compared (default: the middle --k, "
@@ -512,13 +418,13 @@ def sweep_job(job: SweepJob, *, progress: Callable[[str], None] = print, bars: b
     out = Path(job.out)
     splice = job.splice if job.splice.splice_text else None
     rows = run_sweep(job.acts, grid, job.sae, job.train, out, heldout_tokens=job.heldout, splice=splice,
-                     model=job.model, progress=progress, bars=bars)
+                     model=job.model, together=job.together, progress=progress, bars=bars)
     written = [out / "sweep.csv", *plot_frontiers(rows, out)]
     l0 = job.at_l0 or default_l0(grid, rows)
     table = layer_table(rows, l0)
     written.append(write_csv(table, out / "layers.csv", columns=list(table[0])))
-    if len(_unique(grid.hooks)) > 1:
-        written.append(plot_layers(table, _unique([r["hook"] for r in rows]), out))
+    if len(unique(grid.hooks)) > 1:
+        written.append(plot_layers(table, unique([r["hook"] for r in rows]), out))
     atomic_write_json(out / "sweep.json", {"acts": str(job.acts), "hooks": grid.hooks, "rows": rows,
                                            "layers": table, "at_l0": l0})
     written.append(out / "sweep.json")

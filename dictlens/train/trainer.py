@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 
 from dictlens.config import from_dict, to_dict
 from dictlens.data.store import Source
-from dictlens.errors import ActivationError, CheckpointError, CheckpointMismatch, ConfigError, InputError
+from dictlens.errors import ActivationError, CheckpointMismatch, ConfigError, InputError
 from dictlens.io import atomic_write_bytes
 from dictlens.provenance import Provenance
 from dictlens.sae.config import SAEConfig
@@ -167,16 +167,24 @@ class Trainer:
         self.external: ExternalLoggers | None = None
         self.started = False
         self._clock = (0.0, 0)  # (perf_counter, tokens) when this process started stepping
+        self.seconds = 0.0  # spent training (in fit: its steps and its share of reading the data)
 
     # ---- set-up ---------------------------------------------------------------------
-    def start(self, resume: bool = False) -> None:
+    def init_sample(self) -> torch.Tensor:
+        """The rows a fresh run initialises from: the first batch of up to 16,384 rows of a
+        shuffle seeded by ``seed + 10,000``."""
+        return next(iter(self.source.batches(min(16384, max(len(self.source), 1)), shuffle=True,
+                                             seed=self.cfg.seed + 10_000)))
+
+    def start(self, resume: bool = False, sample: Callable[[], torch.Tensor] | None = None) -> None:
         """Ready the run: resume from ``out``'s checkpoint (with ``resume``, when one exists) or
-        initialise from the data; open the logs. :meth:`step` calls it when not called."""
+        initialise from the data (``sample``: where the rows come from, :meth:`init_sample` by
+        default; read only when needed); open the logs. :meth:`step` calls it when not called."""
         if self.started:
             return
         self.sae.train()
         if not (resume and self.resume()):
-            self._initialise()
+            self._initialise(sample or self.init_sample)
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             self._truncate_log()
@@ -185,7 +193,7 @@ class Trainer:
         self._clock = (time.perf_counter(), self.state.tokens)
         self.started = True
 
-    def _initialise(self) -> None:
+    def _initialise(self, sample_rows: Callable[[], torch.Tensor]) -> None:
         """Input scale and decoder bias from the data (fresh runs only)."""
         stats = self.source.stats
         d = self.sae.d_in
@@ -194,8 +202,7 @@ class Trainer:
         self.sae.input_scale.fill_(scale)
         if self.cfg.b_dec_init == "zero":
             return
-        sample = next(iter(self.source.batches(min(16384, max(len(self.source), 1)), shuffle=True,
-                                               seed=self.cfg.seed + 10_000)))
+        sample = sample_rows()
         sample = sample[torch.isfinite(sample).all(dim=1)].to(self.device) * scale
         init = sample.mean(0) if self.cfg.b_dec_init == "mean" else geometric_median(sample)
         with torch.no_grad():
@@ -236,23 +243,6 @@ class Trainer:
         })
 
     # ---- the loop -------------------------------------------------------------------
-    def _batches(self) -> Iterator[torch.Tensor]:
-        """Batches from the saved position on, epoch after epoch."""
-        while True:
-            it = self.source.batches(self.cfg.batch_size, shuffle=True, seed=self.cfg.seed + self.state.epoch,
-                                     drop_last=True)
-            produced, skip = False, self.state.batch_in_epoch
-            for i, x in enumerate(it):
-                produced = True
-                if i < skip:  # already trained on before the checkpoint
-                    continue
-                yield x
-            if not produced:
-                raise InputError(f"the activations hold fewer rows ({len(self.source)}) than one batch "
-                                 f"({self.cfg.batch_size}); lower --batch-size")
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
-
     def step(self, x: torch.Tensor) -> dict[str, Any] | None:
         """One optimisation step on a raw batch [B, D] (in the activations' own units).
 
@@ -354,51 +344,36 @@ class Trainer:
     def fit(self, resume: bool = False) -> SAE:
         """Train to ``cfg.tokens``; with ``resume``, continue from ``out``'s checkpoint.
 
-        The loop over :meth:`step`, then :meth:`finish`. Without ``resume``, an ``out`` that
-        already holds a checkpoint is an error, so a finished or interrupted run is never
-        overwritten by accident. Ctrl-C saves a checkpoint before it stops the run.
+        The loop over :meth:`step`, then :meth:`finish` (the loop of
+        :func:`dictlens.train.group.fit_together`, with this trainer alone). Without ``resume``,
+        an ``out`` that already holds a checkpoint is an error, so a finished or interrupted
+        run is never overwritten by accident. Ctrl-C saves a checkpoint before it stops the run.
         """
-        from tqdm.auto import tqdm
+        from dictlens.data.store import OneSource
+        from dictlens.train.group import fit_together
 
-        if not resume and self.out is not None and (self.out / CHECKPOINT).is_file():
-            raise CheckpointError(f"{self.out} already holds a training checkpoint; resume it (--resume) "
-                             "or choose another --out")
-        self.start(resume=resume)
-        bar = tqdm(total=self.cfg.steps * self.cfg.batch_size, initial=self.state.tokens, unit="tok",
-                   unit_scale=True, disable=not self.progress, desc="train")
-        done = False
-        try:
-            for x in self._batches():
-                if self.state.step >= self.cfg.steps:
-                    break
-                rec = self.step(x)
-                bar.update(len(x))
-                if rec is not None:
-                    bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}", dead=f"{rec['dead_fraction']:.1%}")
-            done = True
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise
-        finally:
-            bar.close()
-            if not done:
-                self.close_logs()
-        return self.finish()
+        return fit_together([("x", self)], OneSource(self.source, "x"), resume=resume, progress=self.progress)[0]
 
-    def finish(self) -> SAE:
+    def calibration_rows(self) -> Iterator[torch.Tensor]:
+        """The rows an activation calibrates on at the end (BatchTopK's threshold): two batches
+        of 4,096 of a shuffle seeded by ``seed + 20,000``; lazy."""
+        from itertools import islice
+
+        return islice(self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000), 2)
+
+    def finish(self, calibration: Iterable[torch.Tensor] | None = None) -> SAE:
         """End the run: checkpoint, put schedule-free parameters at their average, let the
-        activation finish (BatchTopK calibrates its threshold), save the SAE and its curves
-        into ``out``. Returns the SAE in inference mode (BatchTopK then codes each token by
-        its threshold, so a token's codes no longer depend on its batch-mates)."""
+        activation finish (BatchTopK calibrates its threshold, on ``calibration``, by default
+        :meth:`calibration_rows`), save the SAE and its curves into ``out``. Returns the SAE in
+        inference mode (BatchTopK then codes each token by its threshold, so a token's codes no
+        longer depend on its batch-mates)."""
         self.start()
         self.close_logs()
         self.save_checkpoint()
         if hasattr(self.optimizer, "eval"):
             self.optimizer.eval()
-        from itertools import islice
-
         # lazy: read (or, from a stream, computed) only by an activation that calibrates
-        sample = islice(self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000), 2)
+        sample = self.calibration_rows() if calibration is None else calibration
         rows = (x.to(self.device, torch.float32) * self.sae.input_scale for x in sample)
         self.sae.activation.finish_training(self.sae, (x[torch.isfinite(x).all(dim=1)] for x in rows))
         describe = getattr(self.source, "provenance", None)

@@ -1,0 +1,151 @@
+"""Several dictionaries trained side by side from one read of the data.
+
+Each :class:`~dictlens.train.trainer.Trainer` keeps its own dictionary, optimiser, state,
+checkpoint and run directory; the group owns the one loop over the data: every batch of a
+source of several hooks (:class:`~dictlens.data.store.HookSource`: a cache's hooks read
+together, or one forward pass of the model per batch) goes to each dictionary reading that
+hook. A dictionary for every layer, or several configurations of one hook, then costs one
+pass over the data instead of one each. A single trainer's :meth:`Trainer.fit` is this loop
+with a group of one.
+
+The data order is the first member's (its ``seed`` and ``batch_size``), and so are the rows
+that initialise the decoder bias and calibrate thresholds (read once for all); every member
+must use that batch size. A member's own ``seed`` sets its initial weights and its other draws.
+Members stop at their own ``tokens``. Resuming is exact: each member continues from its own
+checkpoint, and one that is ahead of the others (it saved later before an interruption)
+waits until the stream reaches where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dictlens.errors import CheckpointError, ConfigError, InputError
+
+if TYPE_CHECKING:
+    from dictlens.data.store import HookSource
+    from dictlens.sae.model import SAE
+    from dictlens.train.trainer import Trainer
+
+
+def check_members(members: Sequence[tuple[str, Trainer]], source: HookSource) -> None:
+    """Refuse a group the loop cannot feed: no members, unknown hooks, several batch sizes."""
+    if not members:
+        raise ConfigError("train: nothing to train")
+    missing = sorted({hook for hook, _ in members} - set(source.hooks))
+    if missing:
+        raise ConfigError(f"hook: the data holds {source.hooks}, not {missing[0]!r}")
+    sizes = {t.cfg.batch_size for _, t in members}
+    if len(sizes) > 1:
+        raise ConfigError(f"batch_size: dictionaries trained together read the same batches; found batch sizes "
+                          f"{sorted(sizes)}")
+
+
+def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, resume: bool = False,
+                 progress: bool = True) -> list[SAE]:
+    """Train every ``(hook, trainer)`` of ``members`` on ``source`` to its ``tokens``; returns their
+    finished SAEs in order (each saved into its trainer's ``out``).
+
+    Without ``resume``, a member whose ``out`` already holds a checkpoint is an error, so a
+    run is never overwritten by accident. Ctrl-C checkpoints every member before it stops.
+    The time each member spends in its own steps, plus its share of reading the data, is
+    left in ``trainer.seconds``."""
+    from tqdm.auto import tqdm
+
+    from dictlens.train.trainer import CHECKPOINT
+
+    check_members(members, source)
+    if not resume:
+        for _, t in members:
+            if t.out is not None and (t.out / CHECKPOINT).is_file():
+                raise CheckpointError(f"{t.out} already holds a training checkpoint; resume it (--resume) "
+                                      "or choose another --out")
+    lead = members[0][1]
+    batch_size, seed = lead.cfg.batch_size, lead.cfg.seed
+    # one read of the data for every member's initialisation and calibration rows (a stream
+    # would otherwise run the model again for each): the lead's draws, taken only when needed
+    init = _Once(lambda: next(iter(source.batches_by_hook(min(16384, max(len(source), 1)), shuffle=True,
+                                                        seed=seed + 10_000))))
+    calibration = _Once(lambda: list(islice(source.batches_by_hook(4096, shuffle=True, seed=seed + 20_000), 2)))
+    for hook, t in members:
+        t.start(resume=resume, sample=lambda hook=hook: init()[hook])  # type: ignore[misc]
+    running = [(h, t) for h, t in members if t.state.step < t.cfg.steps]
+    position = min(((t.state.epoch, t.state.batch_in_epoch) for _, t in running), default=(0, 0))
+    done_tokens = min((t.state.tokens for _, t in running), default=0)
+    total = max(t.cfg.steps for _, t in members) * batch_size
+    desc = "train" if len(members) == 1 else f"train {len(members)} dictionaries"
+    bar = tqdm(total=total, initial=min(done_tokens, total), unit="tok", unit_scale=True, disable=not progress,
+               desc=desc)
+    read_seconds, finished = 0.0, False
+    try:
+        epoch, skip = position
+        while running:
+            produced = False
+            it = iter(source.batches_by_hook(batch_size, shuffle=True, seed=seed + epoch, drop_last=True))
+            i = -1
+            while running:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                read_seconds += time.perf_counter() - t0
+                if batch is None:
+                    break
+                i += 1
+                produced = True
+                if i < skip:  # every member trained on it before the checkpoint
+                    continue
+                rec = None
+                for hook, t in running:
+                    if (t.state.epoch, t.state.batch_in_epoch) != (epoch, i):
+                        continue  # ahead of the stream: it saved after this batch
+                    t0 = time.perf_counter()
+                    rec = t.step(batch[hook]) or rec
+                    t.seconds += time.perf_counter() - t0
+                running = [(h, t) for h, t in running if t.state.step < t.cfg.steps]
+                bar.update(batch_size)
+                if rec is not None:
+                    bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
+                                    dead=f"{rec['dead_fraction']:.1%}")
+            if not produced:
+                raise InputError(f"the activations hold fewer rows ({len(source)}) than one batch "
+                                 f"({batch_size}); lower --batch-size")
+            if running and batch is None:  # the epoch ended: the next starts at its first batch
+                epoch, skip = epoch + 1, 0
+                for _, t in running:
+                    if t.state.epoch < epoch:  # (one ahead may already be in the new epoch)
+                        t.state.epoch, t.state.batch_in_epoch = epoch, 0
+        finished = True
+    except KeyboardInterrupt:
+        for _, t in members:
+            t.save_checkpoint()
+        raise
+    finally:
+        bar.close()
+        if not finished:
+            for _, t in members:
+                t.close_logs()
+    for _, t in members:
+        t.seconds += read_seconds / len(members)
+    return [t.finish(_rows_of(calibration, hook)) for hook, t in members]
+
+
+class _Once:
+    """A value computed on first call and kept."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self.make, self.value, self.made = make, None, False
+
+    def __call__(self) -> Any:
+        if not self.made:
+            self.value, self.made = self.make(), True
+        return self.value
+
+
+def _rows_of(batches: _Once, hook: str) -> Iterator[torch.Tensor]:
+    """One hook's rows of shared batches, drawn when first iterated."""
+    for batch in batches():
+        yield batch[hook]
