@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -41,7 +42,7 @@ class Source(Protocol):
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = False) -> Iterator[torch.Tensor]: ...
+                drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]: ...
 
 
 Rows = dict[str, torch.Tensor]   # aligned row blocks: row i of every entry is the same token
@@ -229,14 +230,15 @@ class ActivationStore:
         return torch.cat([self.shard(i) for i in range(self.n_shards)])
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                buffer_rows: int = 1 << 18) -> Iterator[torch.Tensor]:
+                part: tuple[int, int] = (0, 1), buffer_rows: int = 1 << 18) -> Iterator[torch.Tensor]:
         """One epoch of float32 [batch_size, D] batches; every row appears exactly once.
 
         Shuffling visits the shards in a random order and permutes rows within a buffer
-        of ``buffer_rows`` rows (several shards); memory holds one batch.
+        of ``buffer_rows`` rows (several shards); memory holds one batch. ``part`` (rank,
+        world): that rank's slice of each batch.
         """
         return (b[self.hook] for b in _cache_batches({self.hook: self}, batch_size, shuffle=shuffle, seed=seed,
-                                                      drop_last=drop_last, buffer_rows=buffer_rows, part=(0, 1)))
+                                                      drop_last=drop_last, buffer_rows=buffer_rows, part=part))
 
 
 class ArraySource:
@@ -267,10 +269,11 @@ class ArraySource:
         return Provenance()
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = False) -> Iterator[torch.Tensor]:
+                drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
         g = torch.Generator().manual_seed(seed)
-        return (b["x"] for b in _shuffled_batches([{"x": self.data}], batch_size, shuffle=shuffle, generator=g,
-                                                  buffer_rows=len(self.data), drop_last=drop_last))
+        return (b["x"][part_rows(len(b["x"]), part)]
+                for b in _shuffled_batches([{"x": self.data}], batch_size, shuffle=shuffle, generator=g,
+                                           buffer_rows=len(self.data), drop_last=drop_last))
 
 
 class StreamingSource:
@@ -342,11 +345,16 @@ class StreamingSource:
             raise ConfigError(f"this stream reads hooks {self.hooks}, not {hook!r}")
         return HookView(self, hook)
 
-    def _rows(self) -> Iterator[Rows]:
+    def _rows(self, part: tuple[int, int] = (0, 1)) -> Iterator[Rows]:
+        """The filtered rows in stream order; with ``part`` (rank, world), of every world-th context
+        from the rank-th on, up to that rank's share of ``tokens``."""
         contexts = pack_contexts(iter_documents(self.text, self.text_field), self.lm.tokenizer,
                                  self.context, prepend_bos=self.prepend_bos)
+        rank, world = part
+        if world > 1:
+            contexts = islice(contexts, rank, None, world)
         state = FilterState(self.hooks, self.outlier_factor)
-        left = self.tokens
+        left = len(range(self.tokens)[part_rows(self.tokens, part)])
         for chunk in iter_chunks(self.tap, contexts, batch_size=self.batch_contexts,
                                  token_filter=self.filter, state=state):
             self._median_norm.update(state.median_norm)
@@ -382,16 +390,23 @@ class StreamingSource:
         return self.stats_by_hook[self.hook]
 
     def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                        drop_last: bool = False) -> Iterator[Rows]:
-        """One epoch of every hook's batches, aligned (row i of each is the same token)."""
-        g = torch.Generator().manual_seed(seed)
-        return _shuffled_batches(self._rows(), batch_size, shuffle=shuffle, generator=g,
+                        drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Rows]:
+        """One epoch of every hook's batches, aligned (row i of each is the same token). With
+        ``part`` (rank, world), that rank's share of each batch of ``batch_size``: its own
+        batch_size / world rows from its own contexts (every world-th), shuffled in its own
+        buffer (the seed differs by rank), so that no rank runs the model on another's text."""
+        rank, world = part
+        if batch_size % world:
+            raise ConfigError(f"batch_size: {batch_size} does not divide among {world} ranks")
+        g = torch.Generator().manual_seed(seed + 7919 * rank)
+        return _shuffled_batches(self._rows(part), batch_size // world, shuffle=shuffle, generator=g,
                                  buffer_rows=self.buffer_rows if shuffle else batch_size, drop_last=drop_last)
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = False) -> Iterator[torch.Tensor]:
+                drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
         hook = self.hook
-        return (b[hook] for b in self.batches_by_hook(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last))
+        return (b[hook] for b in self.batches_by_hook(batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                                      part=part))
 
 
 class CacheHooks:
@@ -415,11 +430,11 @@ class CacheHooks:
         return len(next(iter(self.views.values())))
 
     def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-                        buffer_rows: int = 1 << 18) -> Iterator[Rows]:
+                        part: tuple[int, int] = (0, 1), buffer_rows: int = 1 << 18) -> Iterator[Rows]:
         """One epoch of every hook's batches; each hook's are those of its own store with the same
         seed (a dictionary trained beside others sees what it would see alone)."""
         return _cache_batches(self.views, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                              buffer_rows=buffer_rows, part=(0, 1))
+                              buffer_rows=buffer_rows, part=part)
 
 
 class HookView:
@@ -444,9 +459,9 @@ class HookView:
         return self.parent.provenance(self.hook)
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                drop_last: bool = False) -> Iterator[torch.Tensor]:
+                drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
         return (b[self.hook] for b in self.parent.batches_by_hook(batch_size, shuffle=shuffle, seed=seed,
-                                                                  drop_last=drop_last))
+                                                                  drop_last=drop_last, part=part))
 
 
 class OneSource:
@@ -466,9 +481,9 @@ class OneSource:
         return len(self.source)
 
     def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                        drop_last: bool = False) -> Iterator[Rows]:
+                        drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Rows]:
         return ({self.key: x} for x in self.source.batches(batch_size, shuffle=shuffle, seed=seed,
-                                                           drop_last=drop_last))
+                                                           drop_last=drop_last, part=part))
 
 
 @runtime_checkable
@@ -483,7 +498,7 @@ class HookSource(Protocol):
     def __len__(self) -> int: ...
 
     def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                        drop_last: bool = False) -> Iterator[Rows]: ...
+                        drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Rows]: ...
 
 
 def _heldout_shards(store: ActivationStore, n_tokens: int) -> tuple[list[int], list[int]]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from dictlens import __version__
 from dictlens.config import from_dict, to_dict
+from dictlens.distributed import World
 from dictlens.errors import CheckpointError, ConfigError, InputError
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 from dictlens.provenance import Provenance
@@ -70,6 +71,9 @@ class SAE(nn.Module):
         self.activation = activations.get(cfg.activation)()
         self.provenance = provenance or Provenance()
         self._ranking: str | None = None  # set by ranking(): overrides cfg.select_dtype
+        # the ranks training it together (data parallel): an activation that selects across the
+        # batch (BatchTopK) selects across the global batch; alone by default
+        self.world = World()
         F, D = cfg.n_features, cfg.d_in
         g = torch.Generator().manual_seed(seed)
         W = torch.randn(F, D, generator=g)

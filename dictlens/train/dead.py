@@ -20,10 +20,17 @@ class DeadTracker:
         self.dead_after = dead_after
         self._last_dead = torch.zeros(n_features, dtype=torch.bool, device=device)
 
-    def update(self, pattern: Pattern, vals: torch.Tensor, n_tokens: int) -> None:
-        fired = torch.bincount(pattern.cols[vals > 0], minlength=len(self.since_fired)) > 0
+    def fired(self, pattern: Pattern, vals: torch.Tensor) -> torch.Tensor:
+        """int [F]: 1 where a feature fired in this batch (summed or maxed across ranks)."""
+        return (torch.bincount(pattern.cols[vals > 0], minlength=len(self.since_fired)) > 0).to(torch.int32)
+
+    def record(self, fired: torch.Tensor, n_tokens: int) -> None:
+        """Count ``n_tokens`` more tokens, resetting the features that fired."""
         self.since_fired += n_tokens
-        self.since_fired[fired] = 0
+        self.since_fired[fired > 0] = 0
+
+    def update(self, pattern: Pattern, vals: torch.Tensor, n_tokens: int) -> None:
+        self.record(self.fired(pattern, vals), n_tokens)
 
     @property
     def dead(self) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dictlens.errors import CheckpointError, ConfigError, InputError
 
 if TYPE_CHECKING:
     from dictlens.data.store import HookSource
+    from dictlens.distributed import World
     from dictlens.sae.model import SAE
     from dictlens.train.trainer import Trainer
 
@@ -53,8 +54,8 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
 
     Without ``resume``, a member whose ``out`` already holds a checkpoint is an error, so a
     run is never overwritten by accident. Ctrl-C checkpoints every member before it stops.
-    The time each member spends in its own steps, plus its share of reading the data, is
-    left in ``trainer.seconds``."""
+    The time each member spends in its own steps is left in ``trainer.step_seconds``, and that
+    plus its share of reading the data in ``trainer.seconds``."""
     from tqdm.auto import tqdm
 
     from dictlens.train.trainer import CHECKPOINT
@@ -66,27 +67,32 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
                 raise CheckpointError(f"{t.out} already holds a training checkpoint; resume it (--resume) "
                                       "or choose another --out")
     lead = members[0][1]
-    batch_size, seed = lead.cfg.batch_size, lead.cfg.seed
+    batch_size, seed, world = lead.cfg.batch_size, lead.cfg.seed, lead.world
+    if any(t.world != world for _, t in members):
+        raise ConfigError("train: dictionaries trained together share one world of ranks")
+    part = world.part
     # one read of the data for every member's initialisation and calibration rows (a stream
     # would otherwise run the model again for each): the lead's draws, taken only when needed
-    init = _Once(lambda: next(iter(source.batches_by_hook(min(16384, max(len(source), 1)), shuffle=True,
-                                                        seed=seed + 10_000))))
-    calibration = _Once(lambda: list(islice(source.batches_by_hook(4096, shuffle=True, seed=seed + 20_000), 2)))
+    n_init = min(16384, max(len(source), 1))
+    n_init -= n_init % world.size
+    init = _Once(lambda: next(iter(source.batches_by_hook(n_init, shuffle=True, seed=seed + 10_000, part=part))))
+    calibration = _Once(lambda: list(islice(source.batches_by_hook(4096 - 4096 % world.size, shuffle=True,
+                                                                   seed=seed + 20_000, part=part), 2)))
     for hook, t in members:
-        t.start(resume=resume, sample=lambda hook=hook: init()[hook])  # type: ignore[misc]
+        t.start(resume=resume, sample=lambda hook=hook: world.gather_rows(init()[hook]))  # type: ignore[misc]
     running = [(h, t) for h, t in members if t.state.step < t.cfg.steps]
     position = min(((t.state.epoch, t.state.batch_in_epoch) for _, t in running), default=(0, 0))
     done_tokens = min((t.state.tokens for _, t in running), default=0)
     total = max(t.cfg.steps for _, t in members) * batch_size
     desc = "train" if len(members) == 1 else f"train {len(members)} dictionaries"
-    bar = tqdm(total=total, initial=min(done_tokens, total), unit="tok", unit_scale=True, disable=not progress,
-               desc=desc)
+    bar = tqdm(total=total, initial=min(done_tokens, total), unit="tok", unit_scale=True,
+               disable=not (progress and world.writes), desc=desc)
     read_seconds, finished = 0.0, False
     try:
         epoch, skip = position
         while running:
             produced = False
-            it = iter(source.batches_by_hook(batch_size, shuffle=True, seed=seed + epoch, drop_last=True))
+            it = iter(source.batches_by_hook(batch_size, shuffle=True, seed=seed + epoch, drop_last=True, part=part))
             i = -1
             while running:
                 t0 = time.perf_counter()
@@ -104,7 +110,7 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
                         continue  # ahead of the stream: it saved after this batch
                     t0 = time.perf_counter()
                     rec = t.step(batch[hook]) or rec
-                    t.seconds += time.perf_counter() - t0
+                    t.step_seconds += time.perf_counter() - t0
                 running = [(h, t) for h, t in running if t.state.step < t.cfg.steps]
                 bar.update(batch_size)
                 if rec is not None:
@@ -129,8 +135,8 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
             for _, t in members:
                 t.close_logs()
     for _, t in members:
-        t.seconds += read_seconds / len(members)
-    return [t.finish(_rows_of(calibration, hook)) for hook, t in members]
+        t.seconds = t.step_seconds + read_seconds / len(members)
+    return [t.finish(_rows_of(calibration, hook, world)) for hook, t in members]
 
 
 class _Once:
@@ -145,7 +151,7 @@ class _Once:
         return self.value
 
 
-def _rows_of(batches: _Once, hook: str) -> Iterator[torch.Tensor]:
-    """One hook's rows of shared batches, drawn when first iterated."""
+def _rows_of(batches: _Once, hook: str, world: World) -> Iterator[torch.Tensor]:
+    """One hook's rows of shared batches (every rank's slices gathered), drawn when first iterated."""
     for batch in batches():
-        yield batch[hook]
+        yield world.gather_rows(batch[hook])

@@ -50,6 +50,8 @@ class TrainJob:
                                          "train side by side")
     together: int = field(0, help="SAEs trained side by side from one pass (0: all of them; fewer bound the "
                                   "memory, the data is then read once per group)")
+    dist_timeout: float = field(300.0, help="under torchrun: seconds a rank waits for the others before it stops "
+                                            "with an error naming the rank that stopped answering")
     sae: SAEConfig = field(default_factory=SAEConfig, skip=("k", "expansion", "n_features"), help="the dictionary")
     train: TrainConfig = field(default_factory=TrainConfig, help="the optimisation")
 
@@ -122,12 +124,22 @@ class Trained:
 def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
     """Train every SAE the job names, side by side from one pass (``together`` at a time), each
     saved with its checkpoint, log and curves in its run directory; measure the held-out tail."""
+    import torch
+
     from dictlens.data.store import split_heldout
+    from dictlens.distributed import World, restarted
     from dictlens.eval.metrics import evaluate
     from dictlens.io import atomic_write_json
     from dictlens.train.group import fit_together
     from dictlens.train.trainer import Trainer
 
+    world = World.from_env(job.dist_timeout, torch.device(job.train.device) if job.train.device else None)
+    if restarted() and world.writes:
+        import os
+        import sys
+
+        print(f"torchrun restarted the workers (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): each run "
+              "continues from its checkpoint", file=sys.stderr)
     source = job.source()
     heldout = None
     if job.heldout_tokens > 0:
@@ -136,13 +148,14 @@ def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
     size = job.together or len(members)
     done: list[Trained] = []
     for start in range(0, len(members), size):
-        group = [(hook, Trainer(sae, train, source.view(hook), run, progress=False))
+        group = [(hook, Trainer(sae, train, source.view(hook), run, progress=False, world=world))
                  for hook, run, sae, train in members[start:start + size]]
-        fit_together(group, source, resume=job.resume, progress=progress)
+        # torchrun restarting the workers after a failure (--max-restarts): continue the checkpoints
+        fit_together(group, source, resume=job.resume or restarted(), progress=progress)
         for hook, trainer in group:
             sae = trainer.sae
             metrics = None
-            if heldout is not None:
+            if heldout is not None and world.writes:
                 metrics = evaluate(sae, heldout.view(hook).batches(4096, shuffle=False))
                 atomic_write_json(Path(trainer.out or job.out) / METRICS, metrics.to_dict())
             done.append(Trained(sae, trainer, Path(trainer.out or job.out), metrics, hook))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dictlens.distributed import World
 from dictlens.sae.activations import Codes
 from dictlens.sae.kernels import Pattern, sparse_decode, sparse_encode
 from dictlens.sae.model import SAE
@@ -78,13 +79,20 @@ def auxk_is_sparse(n_dead: int, k_aux: int) -> bool:
     return n_dead > AUXK_DENSE_FACTOR * k_aux
 
 
-def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int, rows: int = 0) -> torch.Tensor:
+def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int, rows: int = 0,
+         world: World | None = None) -> torch.Tensor:
     """Reconstruct the residual with the top-k_aux dead features (Gao et al. 2024), on the
-    first ``rows`` rows of the batch (all when 0), normalised by the residual's variance."""
+    first ``rows`` rows of the batch (all when 0), normalised by the residual's variance.
+
+    Data parallel (``world``), ``x`` is this rank's slice of the global batch: the first rows
+    and the variance are the global batch's, and the term is scaled so that the ranks'
+    averaged gradients are the global term's."""
+    world = world or World()
     n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros(())
-    n = min(len(x), rows) if rows > 0 else len(x)
+    start = world.rank * len(x)   # this slice's first row in the global batch
+    n = len(x) if rows <= 0 else max(0, min(len(x), rows - start))
     x, x_hat = x[:n], codes.x_hat[:n]
     x_c = x - sae.b_dec if sae.cfg.pre_bias else x
     e = (x - x_hat).detach()
@@ -101,7 +109,13 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
             keep.scatter_(1, pre.detach().topk(k_aux, dim=1, sorted=False).indices, True)
             acts = acts * keep
         e_hat = acts @ sae.W_dec[cols]
-    return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+    if world.alone:
+        return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+    moments = world.sum_(torch.cat([e.sum(0), e.pow(2).sum().reshape(1), e.new_tensor([float(len(e))])]),
+                         "reducing the AuxK residual's variance")
+    total = float(moments[-1])
+    centred = (moments[-2] - moments[:-2].pow(2).sum() / max(total, 1.0)).clamp_min(1e-12)
+    return (e - e_hat).pow(2).sum() / centred * world.size
 
 
 def dead_penalty(sae: SAE, dead: torch.Tensor) -> torch.Tensor:
@@ -118,10 +132,12 @@ def diversity(sae: SAE, generator: torch.Generator, sample: int = 1024) -> torch
 
 
 def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: int, dead: torch.Tensor,
-               generator: torch.Generator, dead_method: str) -> dict[str, torch.Tensor]:
+               generator: torch.Generator, dead_method: str, world: World | None = None) -> dict[str, torch.Tensor]:
     """Every active loss term, already multiplied by its coefficient; ``total`` is their sum.
 
-    ``dead_method``: the trainer's resolved ``cfg.dead_method`` (AuxK adds a term)."""
+    ``dead_method``: the trainer's resolved ``cfg.dead_method`` (AuxK adds a term). Data
+    parallel (``world``), every term is such that the mean over the ranks of its gradient is
+    the global batch's: the batch means are, and AuxK is made so."""
     terms = {"mse": reconstruction(sae, codes, x)}
     penalty = cfg.penalty(sae.cfg)
     if penalty != "none":
@@ -130,7 +146,7 @@ def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: 
             sae, codes, penalty, cfg.weight_by_decoder_norm)
     terms.update(sae.activation.extra_losses(sae, codes, x, cfg))
     if dead_method == "auxk" and cfg.auxk_coeff > 0:
-        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.aux_k(sae.cfg), cfg.auxk_rows)
+        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.aux_k(sae.cfg), cfg.auxk_rows, world)
     if cfg.dead_penalty_coeff > 0:
         terms["dead_penalty"] = cfg.dead_penalty_coeff * dead_penalty(sae, dead)
     if cfg.diversity_coeff > 0:

@@ -22,6 +22,7 @@ import torch
 
 from dictlens.config import from_dict, to_dict
 from dictlens.data.store import Source
+from dictlens.distributed import World
 from dictlens.errors import ActivationError, CheckpointMismatch, ConfigError, InputError
 from dictlens.io import atomic_write_bytes
 from dictlens.provenance import Provenance
@@ -141,7 +142,7 @@ class Trainer:
     """Trains one SAE on a source; ``out`` (optional) receives checkpoints, logs and the SAE."""
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source: Source, out: str | Path | None = None,
-                 *, provenance: Provenance | None = None, progress: bool = True):
+                 *, provenance: Provenance | None = None, progress: bool = True, world: World | None = None):
         d = int(source.d_in)
         if sae_cfg.d_in and sae_cfg.d_in != d:
             raise InputError(f"d_in: the SAE expects width {sae_cfg.d_in}, the activations have width {d}")
@@ -150,12 +151,16 @@ class Trainer:
         check_compatible(self.sae_cfg, cfg)
         self.source = source
         self.out = Path(out) if out is not None else None
-        self.progress = progress
+        self.world = world or World()   # the other ranks, when data parallel (dictlens/distributed.py)
+        self.progress = progress and self.world.writes
         self.device = torch.device(cfg.device) if cfg.device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and self.device.index is None and not self.world.alone:
+            self.device = torch.device("cuda", self.world.local_rank)   # one GPU per rank
         if self.device.type == "cpu":
             keep_freed_memory()
         self.sae = SAE(self.sae_cfg, device=self.device, seed=cfg.seed)
+        self.sae.world = self.world
         self._provenance = provenance  # None: the source's own description, taken at the end
         self.lr = cfg.learning_rate(self.sae_cfg)
         self.optimizer = build_optimizer(list(self.sae.parameters()), cfg, self.lr)
@@ -167,14 +172,17 @@ class Trainer:
         self.external: ExternalLoggers | None = None
         self.started = False
         self._clock = (0.0, 0)  # (perf_counter, tokens) when this process started stepping
-        self.seconds = 0.0  # spent training (in fit: its steps and its share of reading the data)
+        self.step_seconds = 0.0  # in fit: spent in this trainer's steps
+        self.seconds = 0.0  # in fit: its steps and its share of reading the data
 
     # ---- set-up ---------------------------------------------------------------------
     def init_sample(self) -> torch.Tensor:
         """The rows a fresh run initialises from: the first batch of up to 16,384 rows of a
         shuffle seeded by ``seed + 10,000``."""
-        return next(iter(self.source.batches(min(16384, max(len(self.source), 1)), shuffle=True,
-                                             seed=self.cfg.seed + 10_000)))
+        n = min(16384, max(len(self.source), 1))
+        n -= n % self.world.size   # (data parallel: each rank reads its slice, gathered into the whole)
+        return self.world.gather_rows(next(iter(self.source.batches(n, shuffle=True, seed=self.cfg.seed + 10_000,
+                                                                    part=self.world.part))))
 
     def start(self, resume: bool = False, sample: Callable[[], torch.Tensor] | None = None) -> None:
         """Ready the run: resume from ``out``'s checkpoint (with ``resume``, when one exists) or
@@ -182,14 +190,19 @@ class Trainer:
         default; read only when needed); open the logs. :meth:`step` calls it when not called."""
         if self.started:
             return
+        if self.cfg.batch_size % self.world.size:
+            raise ConfigError(f"batch_size: the global batch of {self.cfg.batch_size} rows does not divide among "
+                              f"{self.world.size} ranks")
+        self.world.check_same({"sae": to_dict(self.sae_cfg), "train": to_dict(self.cfg)}, "configuration")
         self.sae.train()
         if not (resume and self.resume()):
             self._initialise(sample or self.init_sample)
-        if self.out is not None:
+        if self.out is not None and self.world.writes:
             self.out.mkdir(parents=True, exist_ok=True)
             self._truncate_log()
             self.log_file = open(self.out / LOG, "a")  # noqa: SIM115 - closed by close_logs()
-        self.external = ExternalLoggers(self.cfg, {"sae": to_dict(self.sae_cfg), "train": to_dict(self.cfg)})
+        if self.world.writes:
+            self.external = ExternalLoggers(self.cfg, {"sae": to_dict(self.sae_cfg), "train": to_dict(self.cfg)})
         self._clock = (time.perf_counter(), self.state.tokens)
         self.started = True
 
@@ -233,7 +246,8 @@ class Trainer:
         return True
 
     def save_checkpoint(self) -> None:
-        if self.out is None:
+        """Everything to resume exactly (rank 0 writes it: every rank holds the same state)."""
+        if self.out is None or not self.world.writes:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.out / CHECKPOINT, {
@@ -253,17 +267,19 @@ class Trainer:
         x = x.to(self.device, torch.float32)
         if x.ndim != 2 or x.shape[1] != self.sae.d_in:
             raise InputError(f"batch shape {list(x.shape)} does not match the SAE's d_in {self.sae.d_in}")
-        if not bool(torch.isfinite(x).all()):
+        if self.world.any(not bool(torch.isfinite(x).all()), "checking the batches are finite"):
             self._nonfinite(x)
             return None
+        self.world.heartbeat(self.state.step)
         log_now = (self.state.step + 1) % self.cfg.log_every == 0 or self.state.step + 1 == self.cfg.steps
         metrics = self._optimise(x * self.sae.input_scale, measure=log_now)
+        n = len(x) * self.world.size   # the global batch
         self.state.step += 1
-        self.state.tokens += len(x)
+        self.state.tokens += n
         self.state.batch_in_epoch += 1
         record = self._log(metrics) if log_now else None
         every = self.cfg.checkpoint_every
-        if every > 0 and self.state.tokens // every > (self.state.tokens - len(x)) // every:
+        if every > 0 and self.state.tokens // every > (self.state.tokens - n) // every:
             self.save_checkpoint()
         return record
 
@@ -279,9 +295,14 @@ class Trainer:
         # Many dead features: AuxK's pairs come out of the TopK selection (sparse);
         # few: the loss takes a dense product over the dead columns instead.
         sparse_aux = self.dead_method == "auxk" and cfg.auxk_coeff > 0 and auxk_is_sparse(int(dead.sum()), k_aux)
-        codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, cfg.auxk_rows)
-        terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method)
-        if not bool(torch.isfinite(terms["total"])):
+        aux_rows = cfg.auxk_rows
+        if aux_rows > 0 and not self.world.alone:  # the global batch's first rows: this slice's share
+            aux_rows = max(0, min(len(x), aux_rows - self.world.rank * len(x)))
+            sparse_aux = sparse_aux and aux_rows > 0
+        codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, aux_rows)
+        world = self.world
+        terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method, world)
+        if world.any(not bool(torch.isfinite(terms["total"])), "checking the loss is finite"):
             self.save_checkpoint()
             values = {k: round(float(v.detach()), 4) for k, v in terms.items()}
             raise ActivationError(f"step {self.state.step}: the loss became {values['total']} ({values}); "
@@ -289,28 +310,44 @@ class Trainer:
                                   "lower --lr or enable --clip-grad")
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
+        world.average_grads(list(sae.parameters()))
         sae.project_decoder_grad()
         if cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad)
         self.optimizer.step()
         sae.normalize_decoder()
-        self.dead.update(codes.pattern, codes.vals.detach(), len(x))
+        fired = world.max_(self.dead.fired(codes.pattern, codes.vals.detach()), "counting the features that fired")
+        self.dead.record(fired, len(x) * world.size)
         boosted = None
         if self.dead_method == "boost":
-            unit = float(x.norm(dim=1).mean()) / math.sqrt(x.shape[1])
+            norms = world.sum_(torch.stack([x.norm(dim=1).sum(), x.new_tensor(float(len(x)))]))
+            unit = float(norms[0] / norms[1]) / math.sqrt(x.shape[1])
             boosted = boost(sae, self.optimizer, self.dead.dead, cfg.boost * unit)
         out: dict[str, float] = {}
         if measure:
-            out = {k: float(v.detach()) for k, v in terms.items()}
             with torch.no_grad():
-                err = (x - codes.x_hat).pow(2).sum()
-                out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
-                out["l0"] = float((codes.vals > 0).sum()) / len(x)
+                if world.alone:
+                    out = {k: float(v.detach()) for k, v in terms.items()}
+                    err = (x - codes.x_hat).pow(2).sum()
+                    out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+                    out["l0"] = float((codes.vals > 0).sum()) / len(x)
+                else:   # the global batch's: terms averaged over ranks, FVU and L0 from summed moments
+                    names = list(terms)
+                    parts = torch.stack([terms[k].detach().float() for k in names] + [
+                        (x - codes.x_hat).pow(2).sum(), x.pow(2).sum(), (codes.vals > 0).sum().float()])
+                    parts = world.sum_(torch.cat([parts, x.sum(0)]), "reducing the logged metrics")
+                    out = {k: float(parts[i]) / world.size for i, k in enumerate(names)}
+                    e2, x2, on = (float(v) for v in parts[len(names):len(names) + 3])
+                    total_rows = len(x) * world.size
+                    centred = x2 - float(parts[len(names) + 3:].pow(2).sum()) / total_rows
+                    out["fvu"] = e2 / max(centred, 1e-12)
+                    out["l0"] = on / total_rows
             if boosted is not None:
                 out["boosted"] = boosted
         if self.dead_method == "resample" and self._resample_due():
-            self.state.resampled += resample(sae, self.optimizer, self.dead.dead, x, codes.x_hat.detach(),
-                                             self.generator)
+            # every rank resamples alike from the whole global batch
+            self.state.resampled += resample(sae, self.optimizer, self.dead.dead, world.gather_rows(x),
+                                             world.gather_rows(codes.x_hat.detach()), self.generator)
             self.dead.since_fired[self.dead.dead] = 0
         return out
 
@@ -334,7 +371,7 @@ class Trainer:
             plateau = Plateau(**self.state.plateau)
             plateau.update(metrics["total"])
             self.state.plateau = asdict(plateau)
-        if self.log_file is not None:
+        if self.log_file is not None:   # (rank 0's only)
             self.log_file.write(json.dumps(record) + "\n")
             self.log_file.flush()
         if self.external is not None:
@@ -359,7 +396,10 @@ class Trainer:
         of 4,096 of a shuffle seeded by ``seed + 20,000``; lazy."""
         from itertools import islice
 
-        return islice(self.source.batches(4096, shuffle=True, seed=self.cfg.seed + 20_000), 2)
+        world = self.world
+        return (world.gather_rows(x) for x in islice(self.source.batches(4096 - 4096 % world.size, shuffle=True,
+                                                                         seed=self.cfg.seed + 20_000,
+                                                                         part=world.part), 2))
 
     def finish(self, calibration: Iterable[torch.Tensor] | None = None) -> SAE:
         """End the run: checkpoint, put schedule-free parameters at their average, let the
@@ -380,7 +420,7 @@ class Trainer:
         record = self._provenance or (describe() if describe is not None else Provenance())
         self.sae.provenance = record.replace(normalization=self.sae_cfg.normalize,
                                              input_scale=float(self.sae.input_scale))
-        if self.out is not None:
+        if self.out is not None and self.world.writes:
             self.sae.save(self.out, extra={"train": {**to_dict(self.cfg), "lr_used": self.lr,
                                                      "state": asdict(self.state)}})
             if self.cfg.plots:

@@ -40,6 +40,25 @@ class BatchTopK(Activation):
             return Selection(Pattern.from_mask(sae.dense_pre(x_c) > sae.threshold.clamp_min(0)))
         assert sae.cfg.k is not None
         pre_BF = sae.dense_pre(x_c, sae.ranking_dtype())
+        world = sae.world
+        if not world.alone:
+            # data parallel: the k·B largest of the global batch. A rank's share of them is among
+            # its own k·B largest; their union, gathered, gives the global cut. Values tied at
+            # the cut (frequent when ranking in bfloat16) fill the budget exactly: rank by rank,
+            # each rank's first in row order
+            budget = sae.cfg.k * pre_BF.shape[0] * world.size
+            flat = pre_BF.flatten()
+            mine = flat.topk(min(budget, flat.numel()), sorted=False).values
+            everyone = world.gather_rows(mine, "selecting the batch top-k across ranks")
+            cut = everyone.topk(min(budget, len(everyone)), sorted=False).values.min()
+            above, tied = flat > cut, flat == cut
+            counts = world.gather_rows(torch.stack([above.sum(), tied.sum()]).reshape(1, 2),
+                                       "counting the batch top-k across ranks")
+            room = budget - int(counts[:, 0].sum()) - int(counts[:world.rank, 1].sum())
+            take = max(0, min(int(counts[world.rank, 1]), room))
+            keep = above.clone()
+            keep[tied.nonzero()[:take, 0]] = True
+            return Selection(Pattern.from_mask(keep.view_as(pre_BF) & (pre_BF > 0)))
         n = min(sae.cfg.k * pre_BF.shape[0], pre_BF.numel())
         flat = pre_BF.flatten().topk(n, sorted=False).indices
         mask = torch.zeros(pre_BF.numel(), dtype=torch.bool, device=pre_BF.device)
@@ -52,7 +71,10 @@ class BatchTopK(Activation):
         if not sae.training or codes.pattern.nnz == 0:
             return
         vals = codes.vals.detach()
-        smallest = vals[vals > 0].min() if bool((vals > 0).any()) else vals.new_tensor(0.0)
+        big = torch.finfo(vals.dtype).max
+        smallest = vals[vals > 0].min() if bool((vals > 0).any()) else vals.new_tensor(big)
+        smallest = -sae.world.max_(-smallest.reshape(1), "the smallest kept activation across ranks")[0]
+        smallest = torch.where(smallest == big, torch.zeros_like(smallest), smallest)
         if float(sae.threshold) < 0:
             sae.threshold.copy_(smallest)
         else:
