@@ -159,4 +159,5 @@ def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
                 metrics = evaluate(sae, heldout.view(hook).batches(4096, shuffle=False))
                 atomic_write_json(Path(trainer.out or job.out) / METRICS, metrics.to_dict())
             done.append(Trained(sae, trainer, Path(trainer.out or job.out), metrics, hook))
+    world.close()
     return done
