@@ -94,6 +94,8 @@ class World:
         return world
 
     def close(self) -> None:
+        if self.beats is not None:
+            self.beats.stop()
         if not self.alone:
             import torch.distributed as dist
 
@@ -215,7 +217,11 @@ class _Heartbeat:
     EVERY_S = 1.0
 
     def __init__(self, store: Any, rank: int):
+        import threading
+
         self.store, self.rank = store, rank
+        self.stopping = threading.Event()
+        self.thread: Any = None
 
     @classmethod
     def start(cls, rank: int) -> _Heartbeat | None:
@@ -230,17 +236,25 @@ class _Heartbeat:
             store = TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10))
         except (RuntimeError, ValueError):
             return None
+        import atexit
+
         beat = cls(store, rank)
-        threading.Thread(target=beat._run, name="dictlens-heartbeat", daemon=True).start()
+        beat.thread = threading.Thread(target=beat._run, name="dictlens-heartbeat", daemon=True)
+        beat.thread.start()
+        atexit.register(beat.stop)   # a thread left inside the store's C++ at exit aborts the process
         return beat
 
     def _run(self) -> None:
-        import time
-
         with contextlib.suppress(RuntimeError, ValueError):
-            while True:
+            while not self.stopping.is_set():
                 self.store.add(f"dictlens/beat/{self.rank}", 1)
-                time.sleep(self.EVERY_S)
+                self.stopping.wait(self.EVERY_S)
+
+    def stop(self) -> None:
+        """End the thread (within one beat) before the process or its store goes."""
+        self.stopping.set()
+        if self.thread is not None and self.thread.is_alive():
+            self.thread.join(timeout=5 * self.EVERY_S)
 
     def read(self, size: int) -> dict[int, int] | None:
         try:
