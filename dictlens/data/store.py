@@ -354,7 +354,8 @@ class StreamingSource:
         if world > 1:
             contexts = islice(contexts, rank, None, world)
         state = FilterState(self.hooks, self.outlier_factor)
-        left = len(range(self.tokens)[part_rows(self.tokens, part)])
+        share = part_rows(self.tokens, part)
+        left = share.stop - share.start
         for chunk in iter_chunks(self.tap, contexts, batch_size=self.batch_contexts,
                                  token_filter=self.filter, state=state):
             self._median_norm.update(state.median_norm)

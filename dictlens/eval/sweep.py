@@ -56,7 +56,7 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
 
     The points still to train are trained side by side, ``together`` at a time (0: all), each
     group from one read of the cache (:func:`dictlens.train.group.fit_together`)."""
-    from dictlens.data.store import ActivationStore, CacheHooks, split_heldout
+    from dictlens.data.store import CacheHooks, split_heldout
     from dictlens.eval.metrics import evaluate
     from dictlens.load import load_sae
     from dictlens.train.group import fit_together
@@ -71,9 +71,9 @@ def run_sweep(acts: str | Path, grid: Grid, sae_base: Any, train_base: Any, out:
     out.mkdir(parents=True, exist_ok=True)
     points = grid.points()
     hooks = unique(grid.hooks)
-    # every hook opened first: a wrong name fails before any training
-    stores = {hook: ActivationStore(acts, hook, model=model) for hook in hooks}
-    train_src, heldout = split_heldout(CacheHooks(acts, hooks, model=model), heldout_tokens)
+    whole = CacheHooks(acts, hooks, model=model)   # every hook opened first: a wrong name fails before training
+    stores = whole.views
+    train_src, heldout = split_heldout(whole, heldout_tokens)
     splicer = _Splicer(splice, model) if splice is not None else None
     rows: dict[int, dict[str, Any]] = {}
     pending: list[tuple[int, Point, Any, Any, Path, dict[str, Any], dict[str, Any] | None]] = []

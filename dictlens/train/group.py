@@ -58,7 +58,15 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
     plus its share of reading the data in ``trainer.seconds``."""
     from tqdm.auto import tqdm
 
-    from dictlens.train.trainer import CHECKPOINT
+    from dictlens.train.trainer import (
+        CALIBRATION_BATCHES,
+        CALIBRATION_ROWS,
+        CALIBRATION_SEED,
+        CHECKPOINT,
+        INIT_ROWS,
+        INIT_SEED,
+        draw_size,
+    )
 
     check_members(members, source)
     if not resume:
@@ -73,11 +81,11 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
     part = world.part
     # one read of the data for every member's initialisation and calibration rows (a stream
     # would otherwise run the model again for each): the lead's draws, taken only when needed
-    n_init = min(16384, max(len(source), 1))
-    n_init -= n_init % world.size
-    init = _Once(lambda: next(iter(source.batches_by_hook(n_init, shuffle=True, seed=seed + 10_000, part=part))))
-    calibration = _Once(lambda: list(islice(source.batches_by_hook(4096 - 4096 % world.size, shuffle=True,
-                                                                   seed=seed + 20_000, part=part), 2)))
+    n_init = draw_size(min(INIT_ROWS, max(len(source), 1)), world)
+    init = _Once(lambda: next(iter(source.batches_by_hook(n_init, shuffle=True, seed=seed + INIT_SEED, part=part))))
+    calibration = _Once(lambda: list(islice(source.batches_by_hook(draw_size(CALIBRATION_ROWS, world), shuffle=True,
+                                                                   seed=seed + CALIBRATION_SEED, part=part),
+                                            CALIBRATION_BATCHES)))
     for hook, t in members:
         t.start(resume=resume, sample=lambda hook=hook: world.gather_rows(init()[hook]))  # type: ignore[misc]
     running = [(h, t) for h, t in members if t.state.step < t.cfg.steps]

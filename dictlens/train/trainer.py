@@ -78,6 +78,15 @@ class ExternalLoggers:
         if self.wandb is not None:
             self.wandb.finish()
 LOG = "log.jsonl"
+# the rows a fresh run initialises from (one shuffled batch) and an activation calibrates on at
+# the end (BatchTopK's threshold): sizes and seed offsets, for a lone trainer and a group alike
+INIT_ROWS, INIT_SEED = 16384, 10_000
+CALIBRATION_ROWS, CALIBRATION_BATCHES, CALIBRATION_SEED = 4096, 2, 20_000
+
+
+def draw_size(rows: int, world: World) -> int:
+    """A draw of ``rows`` rows, trimmed so that it divides among the ranks (each reads its slice)."""
+    return rows - rows % world.size
 
 
 @dataclass
@@ -179,9 +188,8 @@ class Trainer:
     def init_sample(self) -> torch.Tensor:
         """The rows a fresh run initialises from: the first batch of up to 16,384 rows of a
         shuffle seeded by ``seed + 10,000``."""
-        n = min(16384, max(len(self.source), 1))
-        n -= n % self.world.size   # (data parallel: each rank reads its slice, gathered into the whole)
-        return self.world.gather_rows(next(iter(self.source.batches(n, shuffle=True, seed=self.cfg.seed + 10_000,
+        n = draw_size(min(INIT_ROWS, max(len(self.source), 1)), self.world)
+        return self.world.gather_rows(next(iter(self.source.batches(n, shuffle=True, seed=self.cfg.seed + INIT_SEED,
                                                                     part=self.world.part))))
 
     def start(self, resume: bool = False, sample: Callable[[], torch.Tensor] | None = None) -> None:
@@ -397,9 +405,9 @@ class Trainer:
         from itertools import islice
 
         world = self.world
-        return (world.gather_rows(x) for x in islice(self.source.batches(4096 - 4096 % world.size, shuffle=True,
-                                                                         seed=self.cfg.seed + 20_000,
-                                                                         part=world.part), 2))
+        batches = self.source.batches(draw_size(CALIBRATION_ROWS, world), shuffle=True,
+                                      seed=self.cfg.seed + CALIBRATION_SEED, part=world.part)
+        return (world.gather_rows(x) for x in islice(batches, CALIBRATION_BATCHES))
 
     def finish(self, calibration: Iterable[torch.Tensor] | None = None) -> SAE:
         """End the run: checkpoint, put schedule-free parameters at their average, let the
