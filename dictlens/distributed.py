@@ -50,6 +50,8 @@ class World:
     local_rank: int = 0   # this rank's index on its machine: its GPU
     step: int = 0         # the training step, for messages
     beats: Any = None     # this rank's heartbeat (a thread ticking a counter in the store)
+    writer: bool = True   # False: a rank other than the first that reads the data alone (solo())
+    _cpu_group: Any = None  # a gloo group over the same ranks, for gathers to host memory
 
     @property
     def alone(self) -> bool:
@@ -58,7 +60,14 @@ class World:
     @property
     def writes(self) -> bool:
         """Whether this rank writes files (rank 0 only)."""
-        return self.rank == 0
+        return self.writer and self.rank == 0
+
+    def solo(self) -> World:
+        """This rank reading the data alone (every rank the same batches), as when the ranks
+        split a dictionary's features instead of the batch: no collectives, and only the first
+        rank writes."""
+        return World(timeout_s=self.timeout_s, backend=self.backend, local_rank=self.local_rank,
+                     writer=self.writes)
 
     @property
     def part(self) -> tuple[int, int]:
@@ -152,6 +161,15 @@ class World:
         self._run(what, lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX))
         return tensor
 
+    def broadcast_(self, tensor: torch.Tensor, what: str = "sharing rank 0's values") -> torch.Tensor:
+        """Overwrite ``tensor`` in place with rank 0's; returns it."""
+        if self.alone:
+            return tensor
+        import torch.distributed as dist
+
+        self._run(what, lambda: dist.broadcast(tensor, src=0))
+        return tensor
+
     def any(self, flag: bool, what: str = "agreeing across ranks") -> bool:
         """Whether ``flag`` holds on any rank."""
         if self.alone:
@@ -174,6 +192,31 @@ class World:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+
+    def sum_shared(self, partial: torch.Tensor, what: str = "summing the partial reconstructions") -> torch.Tensor:
+        """Σ over the ranks of ``partial``, differentiably: every rank goes on to compute the same
+        loss from the sum, so the gradient of each rank's part is the sum's gradient (an identity
+        backward, no communication)."""
+        if self.alone:
+            return partial
+        out: torch.Tensor = _SumShared.apply(partial, self, what)  # type: ignore[no-untyped-call]
+        return out
+
+    def gather_to_first(self, x: torch.Tensor, what: str = "gathering a checkpoint") -> torch.Tensor | None:
+        """Every rank's ``x`` (the same shape on each) concatenated along dim 0 in host memory on
+        rank 0 (None on the others), through a gloo group: a GPU never holds the whole."""
+        if self.alone:
+            return x.detach().cpu()
+        import torch.distributed as dist
+
+        if self._cpu_group is None:
+            self._cpu_group = self._run("creating a host-memory group",
+                                        lambda: dist.new_group(backend="gloo") if self.backend != "gloo"
+                                        else dist.group.WORLD)
+        mine = x.detach().contiguous().cpu()
+        parts = [torch.empty_like(mine) for _ in range(self.size)] if self.rank == 0 else None
+        self._run(what, lambda: dist.gather(mine, parts, dst=0, group=self._cpu_group))
+        return torch.cat(parts) if parts is not None else None
 
     def gather_rows(self, x: torch.Tensor, what: str = "gathering rows") -> torch.Tensor:
         """Every rank's rows concatenated in rank order (the global batch from its slices)."""
@@ -210,6 +253,16 @@ class World:
         return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
 
+class _SumShared(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, partial: torch.Tensor, world: World, what: str) -> torch.Tensor:
+        return world.sum_(partial.clone(), what)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        return g, None, None
+
+
 class _Heartbeat:
     """A daemon thread that ticks ``dictlens/beat/RANK`` in the rendezvous store every second, on
     its own connection (torchrun's store outlives the workers, so a dead rank's count stops)."""
@@ -231,7 +284,7 @@ class _Heartbeat:
         if not host or not port:
             return None
         try:
-            from torch.distributed import TCPStore
+            from torch.distributed import TCPStore  # type: ignore[attr-defined]  # (re-exported untyped)
 
             store = TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=10))
         except (RuntimeError, ValueError):
@@ -271,7 +324,7 @@ def _attempt_store(rank: int, size: int, timeout_s: float) -> dict[str, Any]:
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not host or not port:
         return {}
-    from torch.distributed import PrefixStore, TCPStore
+    from torch.distributed import PrefixStore, TCPStore  # type: ignore[attr-defined]  # (re-exported untyped)
 
     base = TCPStore(host, int(port), world_size=size, is_master=False,
                     timeout=datetime.timedelta(seconds=timeout_s))

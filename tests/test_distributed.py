@@ -193,3 +193,91 @@ def test_a_killed_rank_restarts_and_resumes_to_the_uninterrupted_weights(acts, t
     assert "torchrun restarted the workers (restart 1)" in err
     for key, value in _weights(tmp_path / "whole").items():   # the same ranks, the same sums: bit for bit
         assert torch.equal(value, _weights(tmp_path / "run")[key]), key
+
+
+# ---- latent parallel: the ranks split the features (--shard-latents) ----------------------
+
+def test_initial_weights_do_not_depend_on_how_the_features_are_split(monkeypatch):
+    import dictlens.sae.shard as shard
+
+    whole = shard.initial_directions(100, 8, seed=3)
+    monkeypatch.setattr(shard, "INIT_BLOCK", 16)   # many blocks: each shard draws only its own
+    blocked = shard.initial_directions(100, 8, seed=3)
+    assert torch.equal(blocked[:16], whole[:16])   # block 0 is the one-draw initialisation
+    for n in (2, 4, 5):
+        parts = [shard.initial_directions(100, 8, 3, r * 100 // n, (r + 1) * 100 // n) for r in range(n)]
+        assert torch.equal(torch.cat(parts), blocked)
+
+
+@pytest.mark.parametrize("flags", [["--activation", "topk", "--k", "4", "--select-dtype", "float32"],
+                                   ["--activation", "jumprelu"],
+                                   ["--activation", "relu", "--clip-grad", "0.5"]],
+                         ids=["topk-boost-float32-ranking", "jumprelu-resample", "relu-l1-clipped"])
+def test_two_shards_train_to_the_weights_of_one_process(acts, tmp_path, flags):
+    """(TopK ranks in float32 here: ranked in bfloat16, values tied at a row's k-th place are frequent,
+    and the merge of the shards' candidates breaks such ties otherwise than one torch.topk does: both
+    are top-k selections of the same ranking.)"""
+    common = ["train", "--acts", str(acts), *flags, "--expansion", "4", "--tokens", "4096", "--batch-size", "256",
+              "--log-every", "4", "--no-plots"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    torchrun(2, [*common, "--shard-latents", "--out", str(tmp_path / "two")])
+    _close(tmp_path / "two", tmp_path / "one")   # one ordinary dictionary, gathered from the shards
+    one = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two, strict=True):       # the whole dictionary's metrics
+        for key in ("fvu", "l0", "total", "mse"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        assert b["dead_fraction"] == a["dead_fraction"]
+
+
+def test_a_sharded_checkpoint_resumes_in_one_process_and_back(acts, tmp_path):
+    common = ["train", "--acts", str(acts), "--activation", "jumprelu", "--expansion", "4",
+              "--batch-size", "256", "--checkpoint-every", "1024", "--no-plots"]
+    assert main([*common, "--tokens", "4096", "--out", str(tmp_path / "whole")]) == 0
+    torchrun(2, [*common, "--shard-latents", "--tokens", "2048", "--out", str(tmp_path / "part")])
+    assert main([*common, "--tokens", "4096", "--resume", "--out", str(tmp_path / "part")]) == 0
+    _close(tmp_path / "part", tmp_path / "whole")
+    assert main([*common, "--tokens", "2048", "--out", str(tmp_path / "back")]) == 0
+    torchrun(2, [*common, "--shard-latents", "--tokens", "4096", "--resume", "--out", str(tmp_path / "back")])
+    _close(tmp_path / "back", tmp_path / "whole")
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--n-features", "255"], "255 features do not divide among 2 ranks"),
+    (["--activation", "batchtopk"], "batchtopk SAEs cannot be split across ranks yet"),
+    (["--dead", "auxk"], "--dead auxk (a top-k over the dead features of every shard) cannot be split")])
+def test_bad_shardings_are_one_line_errors_on_every_rank(acts, tmp_path, flags, message):
+    proc = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "dictlens", "train", "--acts", str(acts),
+                           "--k", "4", *flags, "--tokens", "1024", "--batch-size", "256", "--shard-latents",
+                           "--out", str(tmp_path / "bad")], env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    # (both ranks write to one stderr: their lines can run together)
+    assert proc.stderr.count("dictlens train: error: shard_latents: ") == 2, proc.stderr[-2000:]
+    assert proc.stderr.count(message) == 2, proc.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_on_the_default_model_two_ranks_split_the_batch_or_the_features_to_one_process_s_weights(
+        smollm2, tmp_path):
+    """SmolLM2's own activations (resid_post.15, D = 576, F = 2,304): data parallel and latent
+    parallel each train to the SAE one process trains."""
+    from dictlens import HarvestConfig, harvest
+
+    harvest(HarvestConfig(hooks=["resid_post.15"], out=str(tmp_path / "acts"), model="smollm2-135m",
+                          tokens=3072, context=128, batch_size=8), smollm2, progress=False)
+    common = ["train", "--acts", str(tmp_path / "acts"), "--k", "16", "--select-dtype", "float32",
+              "--expansion", "4", "--tokens", "3072", "--batch-size", "512", "--no-plots"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    torchrun(2, [*common, "--out", str(tmp_path / "batch")])
+    torchrun(2, [*common, "--shard-latents", "--out", str(tmp_path / "features")])
+    # relative 1e-5 as a whole: single elements drift further (float32 sums in another order, on
+    # inputs whose mean norm is about 90), the tensors as a whole agree to within 1e-6
+    one = _weights(tmp_path / "one")
+    for run in ("batch", "features"):
+        for key, w in _weights(tmp_path / run).items():
+            assert float((w - one[key]).norm()) <= 1e-5 * float(one[key].norm()) + 1e-7, (run, key)
+    from dictlens.sae.model import SAE
+
+    sae = SAE.load(tmp_path / "features")   # one ordinary dictionary
+    assert sae.n_features == 2304 and sae.W_dec.shape == (2304, 576)

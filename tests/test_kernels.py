@@ -94,10 +94,12 @@ def test_topk_select_matches_a_full_sort(n, chunk):
     dead = torch.zeros(F, dtype=torch.bool)
     dead[torch.randperm(F, generator=g)[:40]] = True
     aux_rows = n - 3
-    idx, aux = topk_select(x, W, b, K, dtype=torch.float32, dead=dead, k_aux=K_AUX, aux_rows=aux_rows,
-                           chunk=chunk)
+    idx, aux, vals = topk_select(x, W, b, K, dtype=torch.float32, dead=dead, k_aux=K_AUX, aux_rows=aux_rows,
+                                 chunk=chunk, values=True)
     pre = x @ W.T + b
     assert torch.equal(idx.sort(1).values, pre.topk(K, dim=1).indices.sort(1).values)
+    assert vals is not None
+    torch.testing.assert_close(vals, pre.gather(1, idx))   # the ranked values, for the shards' merge
     assert aux is not None and aux.shape == (aux_rows, K_AUX)
     dead_cols = dead.nonzero()[:, 0]
     expected = dead_cols[pre[:aux_rows, dead_cols].topk(K_AUX, dim=1).indices]

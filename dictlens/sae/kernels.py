@@ -60,14 +60,18 @@ class Pattern:
         p._rows = rows
         return p
 
-    def subset(self, keep: torch.Tensor) -> Pattern:
-        """The pattern of the pairs where ``keep`` [nnz] is true (order preserved)."""
-        rows, cols = self.rows[keep], self.cols[keep]
-        crow = torch.zeros(self.n_rows + 1, dtype=torch.long, device=cols.device)
-        crow[1:] = torch.bincount(rows, minlength=self.n_rows).cumsum(0)
-        p = Pattern(crow, cols, self.n_rows, self.n_features)
+    @classmethod
+    def from_pairs(cls, rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_features: int) -> Pattern:
+        """The pairs ``(rows[n], cols[n])``, sorted by row and by column within a row."""
+        crow = torch.zeros(n_rows + 1, dtype=torch.long, device=cols.device)
+        crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+        p = cls(crow, cols, n_rows, n_features)
         p._rows = rows
         return p
+
+    def subset(self, keep: torch.Tensor) -> Pattern:
+        """The pattern of the pairs where ``keep`` [nnz] is true (order preserved)."""
+        return Pattern.from_pairs(self.rows[keep], self.cols[keep], self.n_rows, self.n_features)
 
     @property
     def nnz(self) -> int:
@@ -184,11 +188,11 @@ def sparse_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.T
 
 @torch.no_grad()
 def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: int, *, dtype: torch.dtype,
-                dead: torch.Tensor | None = None, k_aux: int = 0, aux_rows: int = 0, chunk: int = 1024
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                dead: torch.Tensor | None = None, k_aux: int = 0, aux_rows: int = 0, chunk: int = 1024,
+                values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Indices of the top-k pre-activations per row [B, k] (and of the top-``k_aux`` among
     ``dead`` features, for AuxK, in the first ``aux_rows`` rows or all when 0), from the
-    dense encoder product in ``dtype``.
+    dense encoder product in ``dtype``; with ``values``, also the ranked values [B, k].
 
     The product is formed ``chunk`` rows at a time and ranked while it is still in cache,
     so the B×F matrix never exists whole; nothing here is kept for the backward pass.
@@ -204,19 +208,23 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     xd[:, d] = 1
     pre = torch.empty(min(n, chunk), W_FD.shape[0], dtype=dtype, device=x_BD.device)
     idx = torch.empty(n, k, dtype=torch.long, device=x_BD.device)
+    top = torch.empty(n, k, dtype=dtype, device=x_BD.device) if values else None
     dead_idx = dead.nonzero()[:, 0] if dead is not None and k_aux else None
     n_aux = min(n, aux_rows) if aux_rows > 0 else n
     aux = torch.empty(n_aux, k_aux, dtype=torch.long, device=x_BD.device) if dead_idx is not None else None
     for s in range(0, n, chunk):
         rows = min(chunk, n - s)
         block = torch.mm(xd[s:s + rows], Wd.T, out=pre[:rows])  # one reused buffer
-        idx[s:s + rows] = block.topk(k, dim=1, sorted=False).indices
+        if top is not None:
+            torch.topk(block, k, dim=1, sorted=False, out=(top[s:s + rows], idx[s:s + rows]))
+        else:
+            idx[s:s + rows] = block.topk(k, dim=1, sorted=False).indices
         if aux is not None and s < n_aux:
             block = block[:n_aux - s]
             assert dead_idx is not None
             # rank only the dead columns: usually a small share of F
             aux[s:s + chunk] = dead_idx[block.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices]
-    return idx, aux
+    return idx, aux, top
 
 
 # ---- the dense path: what the SAE uses where most pairs are active ---------------------

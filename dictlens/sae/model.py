@@ -31,6 +31,7 @@ from dictlens.sae import activations
 from dictlens.sae.activations import Codes
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.kernels import Pattern, dense_decode, dense_encode, sparse_decode, sparse_encode
+from dictlens.sae.shard import LatentShard, initial_directions
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "sae.safetensors"
 # Above this share of active pairs the sparse kernels lose to plain dense matmuls
@@ -63,7 +64,9 @@ class SAE(nn.Module):
     b_mag: nn.Parameter
 
     def __init__(self, cfg: SAEConfig, *, device: str | torch.device | None = None, seed: int = 0,
-                 provenance: Provenance | None = None):
+                 provenance: Provenance | None = None, shard: LatentShard | None = None, draw: bool = True):
+        """``shard``: hold only this rank's features (latent parallel, dictlens/sae/shard.py);
+        ``draw=False``: leave the weights uninitialised (about to be loaded)."""
         super().__init__()
         if cfg.d_in <= 0:
             raise ConfigError("d_in: expected the input width, found 0")
@@ -74,14 +77,16 @@ class SAE(nn.Module):
         # the ranks training it together (data parallel): an activation that selects across the
         # batch (BatchTopK) selects across the global batch; alone by default
         self.world = World()
+        self.shard = shard
         F, D = cfg.n_features, cfg.d_in
-        g = torch.Generator().manual_seed(seed)
-        W = torch.randn(F, D, generator=g)
-        W *= (1.0 if cfg.decoder_norm == "unit" else cfg.init_decoder_norm) / W.norm(dim=1, keepdim=True)
+        lo, hi = (shard.lo, shard.hi) if shard is not None else (0, F)
+        W = initial_directions(F, D, seed, lo, hi) if draw else torch.empty(hi - lo, D)
+        if draw:
+            W *= (1.0 if cfg.decoder_norm == "unit" else cfg.init_decoder_norm) / W.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W)
         if not cfg.tied:
             self.W_enc_ = nn.Parameter(W.clone())
-        self.b_enc = nn.Parameter(torch.zeros(F))
+        self.b_enc = nn.Parameter(torch.zeros(hi - lo))
         self.b_dec = nn.Parameter(torch.zeros(D))
         self.activation.add_parameters(self)
         self.register_buffer("input_scale", torch.tensor(1.0))
@@ -98,7 +103,14 @@ class SAE(nn.Module):
 
     @property
     def n_features(self) -> int:
-        return self.cfg.n_features
+        """The features this module holds: all of them, or a latent shard's share."""
+        return self.shard.n_local if self.shard is not None else self.cfg.n_features
+
+    @property
+    def per_feature_keys(self) -> tuple[str, ...]:
+        """State-dict entries with one row per feature (split by latent shards; the rest is shared)."""
+        own = ("W_dec", "b_enc") if self.cfg.tied else ("W_dec", "W_enc_", "b_enc")
+        return own + self.activation.per_feature_keys
 
     @property
     def d_in(self) -> int:
@@ -157,7 +169,11 @@ class SAE(nn.Module):
         sel = self.activation.select(self, x_c, dead=dead, k_aux=k_aux, aux_rows=aux_rows)
         pre = self.encode_values(x_c, self.b_enc, sel.pattern)
         vals, extra = self.activation.values(self, pre, sel.pattern)
-        x_hat = self.decode_values(vals, sel.pattern) + self.b_dec
+        if self.shard is None:
+            x_hat = self.decode_values(vals, sel.pattern) + self.b_dec
+        else:   # the shards' partial decodes summed (b_dec split among them: its gradient too)
+            n = self.shard.world.size
+            x_hat = self.shard.world.sum_shared(self.decode_values(vals, sel.pattern) + self.b_dec / n)
         codes = Codes(sel.pattern, pre, vals, x_hat, sel.aux_idx, extra)
         self.activation.after_forward(self, codes)
         return codes
@@ -222,6 +238,29 @@ class SAE(nn.Module):
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     # ---- save / load ----------------------------------------------------------------
+    def full_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole dictionary's ``state_dict`` (a latent shard's gathered into rank 0's host
+        memory: None on the other ranks; every rank must call it)."""
+        state = self.state_dict()
+        if self.shard is None:
+            return state
+        out: dict[str, torch.Tensor | None] = {
+            k: self.shard.gather(v, f"gathering {k}") if k in self.per_feature_keys else v.detach().cpu()
+            for k, v in state.items()}
+        return None if self.shard.world.rank else {k: v for k, v in out.items() if v is not None}
+
+    def gathered(self) -> SAE | None:
+        """The whole dictionary as one ordinary SAE on this SAE's device (rank 0; None on the other
+        ranks of a latent shard, each of which must call it); itself when not sharded."""
+        if self.shard is None:
+            return self
+        state = self.full_state()
+        if state is None:
+            return None
+        whole = SAE(self.cfg, device="cpu", provenance=self.provenance, draw=False)
+        whole.load_state(state, "the gathered shards")
+        return whole.to(device=self.device)
+
     def folded_state(self) -> dict[str, torch.Tensor]:
         """Weights with the input scale folded in (the saved SAE reads raw activations)."""
         s = float(self.input_scale)
@@ -249,8 +288,11 @@ class SAE(nn.Module):
         return out
 
     def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Load weights (checkpoint keys checked against this SAE's, shapes included)."""
+        """Load weights (checkpoint keys checked against this SAE's, shapes included); a latent
+        shard takes its rows of the whole dictionary's per-feature entries."""
         state = {k: v for k, v in state.items() if k not in LEGACY_KEYS or k in self.activation.owned_keys}
+        if self.shard is not None:
+            state = {k: self.shard.slice(v, k, source) if k in self.per_feature_keys else v for k, v in state.items()}
         expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state.items()}
         if expected != found:

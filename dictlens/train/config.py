@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from dictlens.config import check, field
+from dictlens.errors import ConfigError
 from dictlens.sae import activations
 from dictlens.sae.config import SPARSITY_PENALTIES, SAEConfig
 
@@ -146,3 +147,14 @@ def check_compatible(sae: SAEConfig, train: TrainConfig) -> None:
     with_pre = " / ".join(n for n, a in activations.REGISTRY.items() if a.supports_pre_act)
     check(train.pre_act_coeff == 0 or kind.supports_pre_act, "pre_act_coeff",
           f"0 unless the activation is {with_pre}", train.pre_act_coeff)
+
+
+def check_shardable(sae: SAEConfig, train: TrainConfig) -> None:
+    """Refuse the training settings latent shards cannot split yet (the SAE's own are refused by
+    :meth:`dictlens.sae.shard.LatentShard.of`), each named."""
+    refused = {"the hoyer penalty (a per-token ratio over every feature)": train.penalty(sae) == "hoyer",
+               "--dead auxk (a top-k over the dead features of every shard)": train.dead_method(sae) == "auxk",
+               "--diversity-coeff (pairs of features from every shard)": train.diversity_coeff > 0}
+    for what, bad in refused.items():
+        if bad:
+            raise ConfigError(f"shard_latents: {what} cannot be split across ranks yet")

@@ -54,7 +54,9 @@ def resample(sae: SAE, optimizer: Any, dead: torch.Tensor, x: torch.Tensor, x_ha
     direction scaled to 0.2 × the mean alive encoder norm, its bias 0; a little noise
     breaks ties; the optimiser state of those rows is reset.
     """
-    idx = dead.nonzero()[:, 0]
+    shard = sae.shard   # a latent shard: the draws are the whole dictionary's, each keeps its rows
+    every = shard.all_features(dead, "gathering the dead features") if shard is not None else dead
+    idx = every.nonzero()[:, 0]
     if len(idx) == 0:
         return 0
     loss = (x - x_hat).pow(2).sum(1)
@@ -65,19 +67,24 @@ def resample(sae: SAE, optimizer: Any, dead: torch.Tensor, x: torch.Tensor, x_ha
         directions.shape, generator=generator).to(x.device) / directions.shape[1] ** 0.5
     directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
     alive = ~dead
-    enc_norm = sae.W_enc[alive].norm(dim=1).mean() if bool(alive.any()) else torch.tensor(1.0)
-    dec_norm = sae.W_dec[alive].norm(dim=1).mean() if bool(alive.any()) else torch.tensor(1.0)
+    norms = torch.stack([sae.W_enc[alive].norm(dim=1).sum(), sae.W_dec[alive].norm(dim=1).sum(),
+                         alive.sum().to(sae.W_dec.dtype)])
+    if shard is not None:
+        shard.world.sum_(norms, "summing the alive features' norms")
+        mine = (idx >= shard.lo) & (idx < shard.hi)
+        idx, directions = idx[mine] - shard.lo, directions[mine]
+    enc_norm, dec_norm = (norms[:2] / norms[2]) if float(norms[2]) > 0 else (torch.tensor(1.0), torch.tensor(1.0))
     sae.W_dec[idx] = directions * (1.0 if sae.cfg.decoder_norm == "unit" else dec_norm)
     if not sae.cfg.tied:
         sae.W_enc_[idx] = directions * 0.2 * enc_norm
     sae.b_enc[idx] = 0.0
     _reset_rows(optimizer, sae, idx)
-    return len(idx)
+    return int(every.sum())
 
 
 def _reset_rows(optimizer: Any, sae: SAE, idx: torch.Tensor) -> None:
     """Zero the optimiser state (moments, momentum) of the resampled features' rows."""
-    rows_of = {p: p.shape[0] == sae.n_features for p in sae.parameters()}
+    rows_of = {p: name in sae.per_feature_keys for name, p in sae.named_parameters()}
     for p, state in optimizer.state.items():
         if not rows_of.get(p, False):
             continue

@@ -52,6 +52,9 @@ class TrainJob:
                                   "memory, the data is then read once per group)")
     dist_timeout: float = field(300.0, help="under torchrun: seconds a rank waits for the others before it stops "
                                             "with an error naming the rank that stopped answering")
+    shard_latents: bool = field(False, help="under torchrun: split each dictionary's features among the ranks (each "
+                                            "holds F/N of them, every rank reads the whole batch) instead of "
+                                            "splitting the batch: for dictionaries wider than one device holds")
     sae: SAEConfig = field(default_factory=SAEConfig, skip=("k", "expansion", "n_features"), help="the dictionary")
     train: TrainConfig = field(default_factory=TrainConfig, help="the optimisation")
 
@@ -148,12 +151,12 @@ def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
     size = job.together or len(members)
     done: list[Trained] = []
     for start in range(0, len(members), size):
-        group = [(hook, Trainer(sae, train, source.view(hook), run, progress=False, world=world))
+        group = [(hook, Trainer(sae, train, source.view(hook), run, progress=False, world=world,
+                                latents=world if job.shard_latents else None))
                  for hook, run, sae, train in members[start:start + size]]
         # torchrun restarting the workers after a failure (--max-restarts): continue the checkpoints
-        fit_together(group, source, resume=job.resume or restarted(), progress=progress)
-        for hook, trainer in group:
-            sae = trainer.sae
+        saes = fit_together(group, source, resume=job.resume or restarted(), progress=progress)
+        for (hook, trainer), sae in zip(group, saes, strict=True):   # (latent shards: the whole on rank 0)
             metrics = None
             if heldout is not None and world.writes:
                 metrics = evaluate(sae, heldout.view(hook).batches(4096, shuffle=False))

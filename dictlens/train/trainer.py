@@ -28,8 +28,9 @@ from dictlens.io import atomic_write_bytes
 from dictlens.provenance import Provenance
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.model import SAE
+from dictlens.sae.shard import LatentShard
 from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
-from dictlens.train.config import TrainConfig, check_compatible
+from dictlens.train.config import TrainConfig, check_compatible, check_shardable
 from dictlens.train.dead import DeadTracker, boost, resample
 from dictlens.train.losses import auxk_is_sparse, loss_terms
 from dictlens.train.optim import Plateau, build_optimizer, lr_factor
@@ -151,7 +152,11 @@ class Trainer:
     """Trains one SAE on a source; ``out`` (optional) receives checkpoints, logs and the SAE."""
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source: Source, out: str | Path | None = None,
-                 *, provenance: Provenance | None = None, progress: bool = True, world: World | None = None):
+                 *, provenance: Provenance | None = None, progress: bool = True, world: World | None = None,
+                 latents: World | None = None):
+        """``world``: the ranks splitting each batch (data parallel); ``latents``: the ranks splitting
+        the dictionary's features instead (latent parallel, dictlens/sae/shard.py; every rank then
+        reads the whole batch, and ``world`` is its :meth:`World.solo`)."""
         d = int(source.d_in)
         if sae_cfg.d_in and sae_cfg.d_in != d:
             raise InputError(f"d_in: the SAE expects width {sae_cfg.d_in}, the activations have width {d}")
@@ -161,14 +166,19 @@ class Trainer:
         self.source = source
         self.out = Path(out) if out is not None else None
         self.world = world or World()   # the other ranks, when data parallel (dictlens/distributed.py)
+        shard = None
+        if latents is not None and not latents.alone:
+            shard = LatentShard.of(latents, self.sae_cfg)
+            check_shardable(self.sae_cfg, cfg)
+            self.world = latents.solo()
         self.progress = progress and self.world.writes
         self.device = torch.device(cfg.device) if cfg.device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda" and self.device.index is None and not self.world.alone:
+        if self.device.type == "cuda" and self.device.index is None and (latents or self.world).size > 1:
             self.device = torch.device("cuda", self.world.local_rank)   # one GPU per rank
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.sae = SAE(self.sae_cfg, device=self.device, seed=cfg.seed)
+        self.sae = SAE(self.sae_cfg, device=self.device, seed=cfg.seed, shard=shard)
         self.sae.world = self.world
         self._provenance = provenance  # None: the source's own description, taken at the end
         self.lr = cfg.learning_rate(self.sae_cfg)
@@ -201,10 +211,14 @@ class Trainer:
         if self.cfg.batch_size % self.world.size:
             raise ConfigError(f"batch_size: the global batch of {self.cfg.batch_size} rows does not divide among "
                               f"{self.world.size} ranks")
-        self.world.check_same({"sae": to_dict(self.sae_cfg), "train": to_dict(self.cfg)}, "configuration")
+        shard = self.sae.shard
+        for world in (self.world, shard.world) if shard is not None else (self.world,):
+            world.check_same({"sae": to_dict(self.sae_cfg), "train": to_dict(self.cfg)}, "configuration")
         self.sae.train()
         if not (resume and self.resume()):
             self._initialise(sample or self.init_sample)
+        if shard is not None:
+            shard.sync_replicated(self.sae)
         if self.out is not None and self.world.writes:
             self.out.mkdir(parents=True, exist_ok=True)
             self._truncate_log()
@@ -246,21 +260,40 @@ class Trainer:
         if changed:
             raise CheckpointMismatch(f"{self.out / CHECKPOINT} was trained with other settings (saved vs asked: "
                                      f"{changed}); resume with the same settings, or use another --out")
-        self.sae.load_state(ck["sae"], str(self.out / CHECKPOINT))
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.dead.since_fired.copy_(ck["since_fired"])
+        where = str(self.out / CHECKPOINT)
+        self.sae.load_state(ck["sae"], where)
+        optimizer, since_fired = ck["optimizer"], ck["since_fired"]
+        if (shard := self.sae.shard) is not None:   # this shard's rows of the whole dictionary's state
+            optimizer = shard.slice_optimizer(optimizer, self._names(), self.sae.per_feature_keys, where)
+            since_fired = shard.slice(since_fired, "since_fired", where)
+        self.optimizer.load_state_dict(optimizer)
+        self.dead.since_fired.copy_(since_fired)
         self.generator.set_state(ck["rng"])
         self.state = TrainState(**ck["state"])
         return True
 
+    def _names(self) -> list[str]:
+        """The SAE's parameter names in the optimiser's order."""
+        return [name for name, _ in self.sae.named_parameters()]
+
     def save_checkpoint(self) -> None:
-        """Everything to resume exactly (rank 0 writes it: every rank holds the same state)."""
-        if self.out is None or not self.world.writes:
+        """Everything to resume exactly (rank 0 writes it: every rank holds the same state; latent
+        shards gather theirs into it first, so every rank calls this)."""
+        if self.out is None:
             return
+        sae = self.sae.full_state()
+        optimizer: dict[str, Any] | None = self.optimizer.state_dict()
+        since_fired: torch.Tensor | None = self.dead.since_fired
+        if (shard := self.sae.shard) is not None:
+            optimizer = shard.gather_optimizer(self.optimizer.state_dict(), self._names(), self.sae.per_feature_keys)
+            since_fired = shard.gather(self.dead.since_fired, "gathering the dead-feature counters")
+        if not self.world.writes:
+            return
+        assert sae is not None and optimizer is not None and since_fired is not None
         self.out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.out / CHECKPOINT, {
-            "sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "since_fired": self.dead.since_fired, "rng": self.generator.get_state(),
+            "sae": sae, "optimizer": optimizer,
+            "since_fired": since_fired, "rng": self.generator.get_state(),
             "state": asdict(self.state), "sae_config": to_dict(self.sae_cfg), "train_config": to_dict(self.cfg),
         })
 
@@ -279,6 +312,8 @@ class Trainer:
             self._nonfinite(x)
             return None
         self.world.heartbeat(self.state.step)
+        if self.sae.shard is not None:
+            self.sae.shard.world.heartbeat(self.state.step)
         log_now = (self.state.step + 1) % self.cfg.log_every == 0 or self.state.step + 1 == self.cfg.steps
         metrics = self._optimise(x * self.sae.input_scale, measure=log_now)
         n = len(x) * self.world.size   # the global batch
@@ -308,9 +343,10 @@ class Trainer:
             aux_rows = max(0, min(len(x), aux_rows - self.world.rank * len(x)))
             sparse_aux = sparse_aux and aux_rows > 0
         codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, aux_rows)
-        world = self.world
+        world, shard = self.world, sae.shard
         terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method, world)
-        if world.any(not bool(torch.isfinite(terms["total"])), "checking the loss is finite"):
+        if (shard.world if shard else world).any(not bool(torch.isfinite(terms["total"])),
+                                                 "checking the loss is finite"):
             self.save_checkpoint()
             values = {k: round(float(v.detach()), 4) for k, v in terms.items()}
             raise ActivationError(f"step {self.state.step}: the loss became {values['total']} ({values}); "
@@ -319,8 +355,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         world.average_grads(list(sae.parameters()))
+        if shard is not None:
+            shard.reduce_grads(sae)
         sae.project_decoder_grad()
-        if cfg.clip_grad > 0:
+        if cfg.clip_grad > 0 and shard is not None:
+            shard.clip_grad_norm_(sae, cfg.clip_grad)
+        elif cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad)
         self.optimizer.step()
         sae.normalize_decoder()
@@ -334,7 +374,16 @@ class Trainer:
         out: dict[str, float] = {}
         if measure:
             with torch.no_grad():
-                if world.alone:
+                if shard is not None:   # the reconstruction is every shard's; the other terms sum over features
+                    names = [k for k in terms if k not in ("mse", "total")]
+                    parts = shard.world.sum_(torch.stack([terms[k].detach().float() for k in names] + [
+                        (codes.vals > 0).sum().float()]), "reducing the logged metrics")
+                    out = {"mse": float(terms["mse"]), **{k: float(parts[i]) for i, k in enumerate(names)}}
+                    out["total"] = sum(out.values())
+                    err = (x - codes.x_hat).pow(2).sum()
+                    out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+                    out["l0"] = float(parts[-1]) / len(x)
+                elif world.alone:
                     out = {k: float(v.detach()) for k, v in terms.items()}
                     err = (x - codes.x_hat).pow(2).sum()
                     out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
@@ -371,8 +420,11 @@ class Trainer:
 
     def _log(self, metrics: dict[str, float]) -> dict[str, Any]:
         t0, tokens0 = self._clock
+        dead = torch.tensor([float(self.dead.dead.sum()), float(self.dead.turnover())])
+        if self.sae.shard is not None:   # the whole dictionary's
+            self.sae.shard.world.sum_(dead, "counting the dead features")
         record = {"step": self.state.step, "tokens": self.state.tokens, **metrics,
-                  "dead_fraction": float(self.dead.dead.float().mean()), "turnover": self.dead.turnover(),
+                  "dead_fraction": float(dead[0]) / self.sae_cfg.n_features, "turnover": int(dead[1]),
                   "lr": self.optimizer.param_groups[0]["lr"],
                   "tokens_per_s": (self.state.tokens - tokens0) / max(1e-9, time.perf_counter() - t0)}
         if self.cfg.schedule == "plateau":
@@ -428,14 +480,16 @@ class Trainer:
         record = self._provenance or (describe() if describe is not None else Provenance())
         self.sae.provenance = record.replace(normalization=self.sae_cfg.normalize,
                                              input_scale=float(self.sae.input_scale))
+        whole = self.sae.gathered()   # latent shards: the whole dictionary, on rank 0
         if self.out is not None and self.world.writes:
-            self.sae.save(self.out, extra={"train": {**to_dict(self.cfg), "lr_used": self.lr,
-                                                     "state": asdict(self.state)}})
+            assert whole is not None
+            whole.save(self.out, extra={"train": {**to_dict(self.cfg), "lr_used": self.lr,
+                                                  "state": asdict(self.state)}})
             if self.cfg.plots:
                 from dictlens.train.plots import plot_log
 
                 plot_log(self.out / LOG, self.out / "curves.png")
-        return self.sae.eval()
+        return (whole or self.sae).eval()
 
     def close_logs(self) -> None:
         if self.log_file is not None:

@@ -86,6 +86,12 @@ class Activation:
     supports_pre_act: ClassVar[bool] = False
     #: state-dict keys this activation adds to the SAE's (checked on load)
     owned_keys: ClassVar[tuple[str, ...]] = ()
+    #: those of them with one row per feature (a latent shard holds its rows)
+    per_feature_keys: ClassVar[tuple[str, ...]] = ()
+    #: whether latent shards (dictlens/sae/shard.py) can train it: selections that look at each
+    #: feature alone, or per row across features through the shard merge, and losses that sum
+    #: over features
+    shardable: ClassVar[bool] = False
     #: its inference codes in the terms other libraries' formats use (dictlens.formats writes by
     #: it): "relu" relu(pre); "topk" the k largest of pre, ReLU'd; "threshold" pre·1[pre > θ_f]
     #: with θ_f ≥ 0 from :meth:`inference_threshold`; "gated"; "groupmax"

@@ -28,6 +28,7 @@ class Gated(Activation):
     help = "a gate picks the active features, a rescaled magnitude path their values; L1 on the gate"
     default_penalty = "l1"
     owned_keys = ("r_mag", "b_mag")
+    per_feature_keys = ("r_mag", "b_mag")
 
     def add_parameters(self, sae: SAE) -> None:
         sae.register_parameter("r_mag", nn.Parameter(torch.zeros(sae.n_features)))

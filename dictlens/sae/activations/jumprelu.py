@@ -80,6 +80,8 @@ class JumpReLU(Activation):
     supports_l0 = True
     supports_pre_act = True
     owned_keys = ("log_threshold",)
+    per_feature_keys = ("log_threshold",)
+    shardable = True
 
     def add_parameters(self, sae: SAE) -> None:
         sae.register_parameter("log_threshold", nn.Parameter(

@@ -19,6 +19,7 @@ class TopK(Activation):
     help = "the k largest pre-activations of each token (ReLU'd)"
     uses_k = True
     default_dead = "boost"
+    shardable = True
 
     def select(self, sae: SAE, x_c: torch.Tensor, *, dead: torch.Tensor | None = None, k_aux: int = 0,
                aux_rows: int = 0) -> Selection:
@@ -26,7 +27,13 @@ class TopK(Activation):
         n_dead = int(dead.sum()) if dead is not None else 0
         # the selection runs in chunks and never holds the B×F product, so AuxK's dead
         # features are ranked in the same pass
-        idx, aux_idx = topk_select(x_c, sae.W_enc, sae.b_enc, sae.cfg.k, dtype=sae.ranking_dtype(),
-                                   dead=dead if n_dead else None, k_aux=min(k_aux, n_dead),
-                                   aux_rows=aux_rows)
+        k, shard = sae.cfg.k, sae.shard
+        if shard is not None:   # this shard's candidates, merged into the global top k
+            idx, _, vals = topk_select(x_c, sae.W_enc, sae.b_enc, min(k, sae.n_features),
+                                       dtype=sae.ranking_dtype(), values=True)
+            assert vals is not None
+            return Selection(shard.merge_topk(vals, idx, k))
+        idx, aux_idx, _ = topk_select(x_c, sae.W_enc, sae.b_enc, k, dtype=sae.ranking_dtype(),
+                                      dead=dead if n_dead else None, k_aux=min(k_aux, n_dead),
+                                      aux_rows=aux_rows)
         return Selection(Pattern.from_indices(idx, sae.n_features), aux_idx)
