@@ -83,13 +83,14 @@ def test_backward_saves_no_dense_activations():
     assert max(saved) <= max(F * D, B * D) and B * F not in saved and B * K * D not in saved
 
 
-@pytest.mark.parametrize(("n", "chunk"), [(50, 7), (2500, 1024)])
-def test_topk_select_matches_a_full_sort(n, chunk):
+@pytest.mark.parametrize(("n", "chunk", "F"), [(50, 7, 200), (2500, 1024, 200), (300, 128, 1024)],
+                         ids=["ragged-chunks", "chunks", "grouped-prefilter"])
+def test_topk_select_matches_a_full_sort(n, chunk, F):
     """Chunked selection (more rows than one chunk, a ragged last chunk) = the k largest of the
     whole dense product, and AuxK's picks = the k_aux largest among the dead columns, on the
     first aux_rows rows only."""
     g = torch.Generator().manual_seed(n)
-    D, F, K, K_AUX = 24, 200, 6, 5
+    D, K, K_AUX = 24, 6, 5
     x, W, b = torch.randn(n, D, generator=g), torch.randn(F, D, generator=g), torch.randn(F, generator=g)
     dead = torch.zeros(F, dtype=torch.bool)
     dead[torch.randperm(F, generator=g)[:40]] = True
@@ -120,3 +121,39 @@ def test_dense_path_matches_reference():
     ref = _run(reference_encode, reference_decode, x, W_enc, b_enc, W_dec, p, grad)
     for a, b in zip([dense[0], dense[1], *dense[2]], [ref[0], ref[1], *ref[2]], strict=True):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_the_grouped_top_k_is_exact_on_ties_and_on_rows_whose_top_k_shares_a_slot():
+    """The pre-filter's claim: every row's k largest values, even when they all sit in one slot
+    (one column of the [G, F/G] view) or tie."""
+    from dictlens.sae.kernels import grouped_topk
+
+    g = torch.Generator().manual_seed(7)
+    groups, width, k = 16, 64, 8
+    block = torch.randn(40, groups * width, generator=g)
+    block[0, torch.arange(groups) * width + 5] = 10 + torch.arange(groups, dtype=torch.float)  # one slot
+    block[1] = block[1].round()                                                     # many ties
+    block = block.bfloat16()
+    vals, idx = grouped_topk(block, k, groups)
+    expected = block.topk(k, dim=1).values
+    assert torch.equal(vals.sort(1).values, expected.sort(1).values)
+    assert torch.equal(block.gather(1, idx), vals) and all(len(set(r.tolist())) == k for r in idx)
+
+
+def test_the_centre_gets_the_gradient_of_the_subtraction_without_the_per_row_one():
+    """sparse_encode(x − c, ..., center=c), the inputs formed without gradient, gives c (b_dec) and
+    the weights the gradients autograd gives through the subtraction."""
+    g = torch.Generator().manual_seed(3)
+    B, D, F = 30, 12, 40
+    x, c0 = torch.randn(B, D, generator=g), torch.randn(D, generator=g)
+    W0, b0 = torch.randn(F, D, generator=g), torch.randn(F, generator=g)
+    p = Pattern.from_indices(torch.randn(B, F, generator=g).topk(5, dim=1).indices, F)
+    up = torch.randn(p.nnz, generator=g)
+    grads = []
+    for trick in (False, True):
+        c, W, b = (t.clone().requires_grad_() for t in (c0, W0, b0))
+        out = sparse_encode((x - c).detach(), W, b, p, c) if trick else sparse_encode(x - c, W, b, p)
+        (out * up).sum().backward()
+        grads.append((out.detach(), c.grad, W.grad, b.grad))
+    for a, b_ in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b_)

@@ -144,11 +144,24 @@ class SAE(nn.Module):
             return torch.addmm(self.b_enc.detach().to(dtype), x_c.detach().to(dtype),
                                self.W_enc.detach().to(dtype).T)
 
-    def encode_values(self, x_c: torch.Tensor, bias: torch.Tensor, p: Pattern) -> torch.Tensor:
-        """Exact pre-activations [nnz] on ``p`` (with gradient), sparse or dense by density."""
+    def encode_values(self, x_c: torch.Tensor, bias: torch.Tensor, p: Pattern,
+                      center: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact pre-activations [nnz] on ``p`` (with gradient), sparse or dense by density.
+
+        ``center``: ``x_c`` is an input that needs no gradient minus ``center`` (b_dec); the sparse
+        path then gives ``center`` its gradient without the per-row one of ``x_c``."""
         if p.nnz > SPARSE_KERNELS_BELOW * p.n_rows * p.n_features:
             return dense_encode(x_c, self.W_enc, bias, p)
+        if center is not None:
+            return sparse_encode(x_c.detach(), self.W_enc, bias, p, center)
         return sparse_encode(x_c, self.W_enc, bias, p)
+
+    def centring(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The centred inputs x − b_dec (or x without ``pre_bias``) and the centre to hand
+        :meth:`encode_values` (b_dec, where the inputs themselves need no gradient)."""
+        if not self.cfg.pre_bias:
+            return x_BD, None
+        return x_BD - self.b_dec, None if x_BD.requires_grad else self.b_dec
 
     def decode_values(self, vals: torch.Tensor, p: Pattern, W: torch.Tensor | None = None) -> torch.Tensor:
         """Σ over the pairs of ``vals · W[f]`` [B, D] (W: the decoder unless given); no bias."""
@@ -165,9 +178,9 @@ class SAE(nn.Module):
         the top-``k_aux`` dead features for AuxK, where the activation's selection can.
         """
         self._check_input(x_BD)
-        x_c = x_BD - self.b_dec if self.cfg.pre_bias else x_BD
+        x_c, center = self.centring(x_BD)
         sel = self.activation.select(self, x_c, dead=dead, k_aux=k_aux, aux_rows=aux_rows)
-        pre = self.encode_values(x_c, self.b_enc, sel.pattern)
+        pre = self.encode_values(x_c, self.b_enc, sel.pattern, center)
         vals, extra = self.activation.values(self, pre, sel.pattern)
         if self.shard is None:
             x_hat = self.decode_values(vals, sel.pattern) + self.b_dec

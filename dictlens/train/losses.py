@@ -94,11 +94,12 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
     start = world.rank * len(x)   # this slice's first row in the global batch
     n = len(x) if rows <= 0 else max(0, min(len(x), rows - start))
     x, x_hat = x[:n], codes.x_hat[:n]
-    x_c = x - sae.b_dec if sae.cfg.pre_bias else x
+    x_c, center = sae.centring(x)
     e = (x - x_hat).detach()
     if codes.aux_idx is not None:  # picked during the chunked TopK selection: sparse kernels
         p = Pattern.from_indices(codes.aux_idx, sae.n_features)
-        vals = sparse_encode(x_c, sae.W_enc, sae.b_enc, p).relu()
+        vals = (sparse_encode(x_c.detach(), sae.W_enc, sae.b_enc, p, center) if center is not None
+                else sparse_encode(x_c, sae.W_enc, sae.b_enc, p)).relu()
         e_hat = sparse_decode(vals, sae.W_dec, p)
     else:  # few dead features: dense over their columns only, [n, n_dead]
         cols = dead.nonzero()[:, 0]

@@ -93,7 +93,7 @@ class BatchTopK(Activation):
         L0 at 9 for k = 16 and a quarter of the features silent at inference."""
         k, rows, pres = int(sae.cfg.k or 0), 0, []
         for x in batches:
-            pre = sae.dense_pre(x - sae.b_dec if sae.cfg.pre_bias else x).relu()
+            pre = sae.dense_pre(sae.centring(x)[0]).relu()
             # a row's 4k largest bound its share of the top k·N (memory: [N, 4k], not [N, F])
             pres.append(pre.topk(min(4 * k, sae.n_features), dim=1, sorted=False).values.flatten())
             rows += len(x)

@@ -113,7 +113,7 @@ class JumpReLU(Activation):
 def pre_activation_loss(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     """Σ_f ReLU(θ_f − z_f)·‖W_dec[f]‖, averaged over rows (dense: costs a matmul). It pulls
     features that never reach their threshold up towards it (Conerly et al. 2025)."""
-    x_c = x - sae.b_dec if sae.cfg.pre_bias else x
+    x_c = sae.centring(x)[0]
     z = x_c @ sae.W_enc.T + sae.b_enc
     theta = sae.log_threshold.exp()
     return ((theta - z).relu() * sae.decoder_norms()).sum(1).mean()
