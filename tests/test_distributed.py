@@ -209,15 +209,19 @@ def test_initial_weights_do_not_depend_on_how_the_features_are_split(monkeypatch
         assert torch.equal(torch.cat(parts), blocked)
 
 
-@pytest.mark.parametrize("flags", [["--activation", "topk", "--k", "4", "--select-dtype", "float32"],
-                                   ["--activation", "jumprelu"],
-                                   ["--activation", "relu", "--clip-grad", "0.5"]],
-                         ids=["topk-boost-float32-ranking", "jumprelu-resample", "relu-l1-clipped"])
+@pytest.mark.parametrize("flags", [["--activation", "topk", "--k", "4", "--select-dtype", "float32",
+                                    "--expansion", "4"],
+                                   ["--activation", "topk", "--k", "2", "--select-dtype", "float32", "--dead", "auxk",
+                                    "--dead-tokens", "256", "--expansion", "16"],   # half the features dead
+                                   ["--activation", "jumprelu", "--expansion", "4"],
+                                   ["--activation", "relu", "--clip-grad", "0.5", "--expansion", "4"]],
+                         ids=["topk-boost-float32-ranking", "topk-auxk-float32-ranking", "jumprelu-resample",
+                              "relu-l1-clipped"])
 def test_two_shards_train_to_the_weights_of_one_process(acts, tmp_path, flags):
     """(TopK ranks in float32 here: ranked in bfloat16, values tied at a row's k-th place are frequent,
     and the merge of the shards' candidates breaks such ties otherwise than one torch.topk does: both
     are top-k selections of the same ranking.)"""
-    common = ["train", "--acts", str(acts), *flags, "--expansion", "4", "--tokens", "4096", "--batch-size", "256",
+    common = ["train", "--acts", str(acts), *flags, "--tokens", "4096", "--batch-size", "256",
               "--log-every", "4", "--no-plots"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     torchrun(2, [*common, "--shard-latents", "--out", str(tmp_path / "two")])
@@ -229,6 +233,8 @@ def test_two_shards_train_to_the_weights_of_one_process(acts, tmp_path, flags):
         for key in ("fvu", "l0", "total", "mse"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
         assert b["dead_fraction"] == a["dead_fraction"]
+        if "auxk" in a:   # (AuxK really reconstructs from the dead features of both shards)
+            assert b["auxk"] == pytest.approx(a["auxk"], rel=1e-4) and a["auxk"] > 0 and a["dead_fraction"] > 0.2
 
 
 def test_a_sharded_checkpoint_resumes_in_one_process_and_back(acts, tmp_path):
@@ -246,7 +252,7 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_back(acts, tmp_path):
 @pytest.mark.parametrize(("flags", "message"), [
     (["--n-features", "255"], "255 features do not divide among 2 ranks"),
     (["--activation", "batchtopk"], "batchtopk SAEs cannot be split across ranks yet"),
-    (["--dead", "auxk"], "--dead auxk (a top-k over the dead features of every shard) cannot be split")])
+    (["--diversity-coeff", "0.1"], "--diversity-coeff (pairs of features from every shard) cannot be split")])
 def test_bad_shardings_are_one_line_errors_on_every_rank(acts, tmp_path, flags, message):
     proc = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "dictlens", "train", "--acts", str(acts),
                            "--k", "4", *flags, "--tokens", "1024", "--batch-size", "256", "--shard-latents",

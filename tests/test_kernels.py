@@ -95,7 +95,7 @@ def test_topk_select_matches_a_full_sort(n, chunk, F):
     dead = torch.zeros(F, dtype=torch.bool)
     dead[torch.randperm(F, generator=g)[:40]] = True
     aux_rows = n - 3
-    idx, aux, vals = topk_select(x, W, b, K, dtype=torch.float32, dead=dead, k_aux=K_AUX, aux_rows=aux_rows,
+    idx, aux, vals, aux_vals = topk_select(x, W, b, K, dtype=torch.float32, dead=dead, k_aux=K_AUX, aux_rows=aux_rows,
                                  chunk=chunk, values=True)
     pre = x @ W.T + b
     assert torch.equal(idx.sort(1).values, pre.topk(K, dim=1).indices.sort(1).values)
@@ -106,6 +106,8 @@ def test_topk_select_matches_a_full_sort(n, chunk, F):
     expected = dead_cols[pre[:aux_rows, dead_cols].topk(K_AUX, dim=1).indices]
     assert torch.equal(aux.sort(1).values, expected.sort(1).values)
     assert bool(dead[aux].all())
+    assert aux_vals is not None
+    torch.testing.assert_close(aux_vals, pre.gather(1, aux))
 
 
 def test_dense_path_matches_reference():

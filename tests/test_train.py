@@ -237,7 +237,7 @@ def test_auxk_dense_and_sparse_paths_agree():
     for sparse in (False, True):
         sae.zero_grad(set_to_none=True)
         codes = sae.encode_codes(x, dead if sparse else None, 8)
-        assert (codes.aux_idx is not None) == sparse
+        assert (codes.aux is not None) == sparse
         loss = auxk(sae, codes, x, dead, 8)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}))

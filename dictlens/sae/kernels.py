@@ -20,7 +20,7 @@ encoder and decoder directions are the contiguous rows ``W_enc[f]`` and ``W_dec[
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +195,16 @@ def sparse_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.T
     return out
 
 
+class Picks(NamedTuple):
+    """What :func:`topk_select` picked: each row's top-k features [B, k], the top dead features
+    [B', k_aux] for AuxK (or None), and with ``values`` the ranked values of both."""
+
+    idx: torch.Tensor
+    aux: torch.Tensor | None
+    top: torch.Tensor | None = None
+    aux_top: torch.Tensor | None = None
+
+
 # The exact pre-filter of the top-k on CPU: columns in TOPK_GROUPS strided groups (column c in
 # group c // (F/G)'s slot c mod F/G: slot j's group maxima are one vectorised max over G rows of
 # the [n, G, F/G] view). Measured at F = 9,216, k = 32, 1,024 bf16 rows on 2 cores: 7.9 ms
@@ -229,10 +239,10 @@ def grouped_topk(block: torch.Tensor, k: int, groups: int) -> tuple[torch.Tensor
 @torch.no_grad()
 def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: int, *, dtype: torch.dtype,
                 dead: torch.Tensor | None = None, k_aux: int = 0, aux_rows: int = 0, chunk: int = 1024,
-                values: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                values: bool = False) -> Picks:
     """Indices of the top-k pre-activations per row [B, k] (and of the top-``k_aux`` among
     ``dead`` features, for AuxK, in the first ``aux_rows`` rows or all when 0), from the
-    dense encoder product in ``dtype``; with ``values``, also the ranked values [B, k].
+    dense encoder product in ``dtype``; with ``values``, also the ranked values of both.
 
     The product is formed ``chunk`` rows at a time and ranked while it is still in cache,
     so the B×F matrix never exists whole; nothing here is kept for the backward pass.
@@ -252,6 +262,7 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     dead_idx = dead.nonzero()[:, 0] if dead is not None and k_aux else None
     n_aux = min(n, aux_rows) if aux_rows > 0 else n
     aux = torch.empty(n_aux, k_aux, dtype=torch.long, device=x_BD.device) if dead_idx is not None else None
+    aux_top = torch.empty(n_aux, k_aux, dtype=dtype, device=x_BD.device) if aux is not None and values else None
     groups = topk_groups(W_FD.shape[0], k) if x_BD.device.type == "cpu" else 0
     for s in range(0, n, chunk):
         rows = min(chunk, n - s)
@@ -269,8 +280,11 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
             block = block[:n_aux - s]
             assert dead_idx is not None
             # rank only the dead columns: usually a small share of F
-            aux[s:s + chunk] = dead_idx[block.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices]
-    return idx, aux, top
+            v, j = block.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
+            aux[s:s + chunk] = dead_idx[j]
+            if aux_top is not None:
+                aux_top[s:s + chunk] = v
+    return Picks(idx, aux, top, aux_top)
 
 
 # ---- the dense path: what the SAE uses where most pairs are active ---------------------

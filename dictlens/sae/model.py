@@ -187,7 +187,7 @@ class SAE(nn.Module):
         else:   # the shards' partial decodes summed (b_dec split among them: its gradient too)
             n = self.shard.world.size
             x_hat = self.shard.world.sum_shared(self.decode_values(vals, sel.pattern) + self.b_dec / n)
-        codes = Codes(sel.pattern, pre, vals, x_hat, sel.aux_idx, extra)
+        codes = Codes(sel.pattern, pre, vals, x_hat, sel.aux, extra)
         self.activation.after_forward(self, codes)
         return codes
 

@@ -25,8 +25,10 @@ rank 0's host memory (:meth:`LatentShard.gather`), so one process loads them and
 under any N that divides F. Initialisation does not depend on N (``initial_directions`` draws
 fixed blocks of rows from seeds of their own), so N shards train to the weights one process
 reaches. Selections across features and batch together (BatchTopK), groups of features
-(GroupMax), the Gated SAE's gate loss, Matryoshka prefixes, the per-token Hoyer penalty,
-AuxK and decoder diversity are refused with a one-line error (``check``).
+(GroupMax), the Gated SAE's gate loss, Matryoshka prefixes, the per-token Hoyer penalty and
+decoder diversity are refused with a one-line error (``check``). AuxK's dead features are
+merged like the top k (from the selection's pass, however few are dead), and the auxiliary
+reconstruction is summed like the main one.
 """
 
 from __future__ import annotations
@@ -77,13 +79,26 @@ class LatentShard:
         return self.hi - self.lo
 
     # ---- the forward pass ---------------------------------------------------------------
-    def merge_topk(self, vals_BK: torch.Tensor, idx_BK: torch.Tensor, k: int) -> Pattern:
-        """This shard's share of each row's global top ``k``, from every shard's own top
-        candidates (``vals_BK`` and this shard's ``idx_BK`` [B, ≤k]): a pattern over its features."""
-        n, world = len(vals_BK), self.world
+    def count(self, mask: torch.Tensor | None) -> int:
+        """How many of the whole dictionary's features a per-feature ``mask`` marks (a collective)."""
+        device = mask.device if mask is not None else torch.device("cpu")
+        mine = torch.tensor([float(mask.sum()) if mask is not None else 0.0], device=device)
+        return int(self.world.sum_(mine, "counting features across shards").item())
+
+    def merge_topk(self, vals_BK: torch.Tensor | None, idx_BK: torch.Tensor | None, k: int, n: int) -> Pattern:
+        """This shard's share of each of ``n`` rows' global top ``k``, from every shard's own top
+        candidates (``vals_BK`` and this shard's ``idx_BK`` [n, ≤k]; None: it has none, as a
+        shard without dead features for AuxK): a pattern over its features."""
+        world = self.world
         what = "merging the shards' top-k"
-        vals = world.gather_rows(vals_BK.float(), what).view(world.size, n, -1)
-        idx = world.gather_rows(idx_BK + self.lo, what).view(world.size, n, -1)
+        device = vals_BK.device if vals_BK is not None else torch.device("cpu")
+        vals = torch.full((n, k), -torch.inf, device=device)   # padded: every shard sends [n, k]
+        idx = torch.full((n, k), -1, dtype=torch.long, device=device)
+        if vals_BK is not None and idx_BK is not None and vals_BK.shape[1]:
+            vals[:, :vals_BK.shape[1]] = vals_BK
+            idx[:, :idx_BK.shape[1]] = idx_BK + self.lo
+        vals = world.gather_rows(vals, what).view(world.size, n, k)
+        idx = world.gather_rows(idx, what).view(world.size, n, k)
         vals, idx = (t.permute(1, 0, 2).reshape(n, -1) for t in (vals, idx))
         chosen = idx.gather(1, vals.topk(k, dim=1, sorted=False).indices).sort(dim=1).values
         mine = (chosen >= self.lo) & (chosen < self.hi)

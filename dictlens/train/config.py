@@ -153,7 +153,6 @@ def check_shardable(sae: SAEConfig, train: TrainConfig) -> None:
     """Refuse the training settings latent shards cannot split yet (the SAE's own are refused by
     :meth:`dictlens.sae.shard.LatentShard.of`), each named."""
     refused = {"the hoyer penalty (a per-token ratio over every feature)": train.penalty(sae) == "hoyer",
-               "--dead auxk (a top-k over the dead features of every shard)": train.dead_method(sae) == "auxk",
                "--diversity-coeff (pairs of features from every shard)": train.diversity_coeff > 0}
     for what, bad in refused.items():
         if bad:

@@ -19,12 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from dictlens.distributed import World
+from dictlens.errors import ActivationError
 from dictlens.sae.activations import Codes
-from dictlens.sae.kernels import Pattern, sparse_decode, sparse_encode
+from dictlens.sae.kernels import sparse_decode, sparse_encode
 from dictlens.sae.model import SAE
 from dictlens.train.config import TrainConfig
 
 SMOOTH_L0_ALPHA, SMOOTH_L0_BETA = 10.0, -3.0
+# the terms a latent shard computes whole (from the summed reconstructions); the others are sums
+# over features, each shard holding its part
+WHOLE_ON_EVERY_SHARD = ("mse", "auxk")
 
 
 def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +91,8 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
     Data parallel (``world``), ``x`` is this rank's slice of the global batch: the first rows
     and the variance are the global batch's, and the term is scaled so that the ranks'
     averaged gradients are the global term's."""
-    world = world or World()
-    n_dead = int(dead.sum())
+    world, shard = world or World(), sae.shard
+    n_dead = shard.count(dead) if shard is not None else int(dead.sum())   # (latent shards: the whole's)
     if n_dead == 0:
         return x.new_zeros(())
     start = world.rank * len(x)   # this slice's first row in the global batch
@@ -96,12 +100,16 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
     x, x_hat = x[:n], codes.x_hat[:n]
     x_c, center = sae.centring(x)
     e = (x - x_hat).detach()
-    if codes.aux_idx is not None:  # picked during the chunked TopK selection: sparse kernels
-        p = Pattern.from_indices(codes.aux_idx, sae.n_features)
+    if codes.aux is not None:  # picked during the chunked TopK selection: sparse kernels
+        p = codes.aux
         vals = (sparse_encode(x_c.detach(), sae.W_enc, sae.b_enc, p, center) if center is not None
                 else sparse_encode(x_c, sae.W_enc, sae.b_enc, p)).relu()
         e_hat = sparse_decode(vals, sae.W_dec, p)
+        if shard is not None:   # the shards' partial auxiliary reconstructions
+            e_hat = shard.world.sum_shared(e_hat, "summing the partial AuxK reconstructions")
     else:  # few dead features: dense over their columns only, [n, n_dead]
+        if shard is not None:
+            raise ActivationError("AuxK on latent shards takes its dead features from the TopK selection")
         cols = dead.nonzero()[:, 0]
         pre = torch.addmm(sae.b_enc[cols], x_c, sae.W_enc[cols].T)
         acts = pre.relu()

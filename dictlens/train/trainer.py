@@ -32,7 +32,7 @@ from dictlens.sae.shard import LatentShard
 from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
 from dictlens.train.config import TrainConfig, check_compatible, check_shardable
 from dictlens.train.dead import DeadTracker, boost, resample
-from dictlens.train.losses import auxk_is_sparse, loss_terms
+from dictlens.train.losses import WHOLE_ON_EVERY_SHARD, auxk_is_sparse, loss_terms
 from dictlens.train.optim import Plateau, build_optimizer, lr_factor
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -337,13 +337,17 @@ class Trainer:
         k_aux = cfg.aux_k(sae.cfg)
         # Many dead features: AuxK's pairs come out of the TopK selection (sparse);
         # few: the loss takes a dense product over the dead columns instead.
-        sparse_aux = self.dead_method == "auxk" and cfg.auxk_coeff > 0 and auxk_is_sparse(int(dead.sum()), k_aux)
+        shard = sae.shard
+        if shard is None:
+            sparse_aux = self.dead_method == "auxk" and cfg.auxk_coeff > 0 and auxk_is_sparse(int(dead.sum()), k_aux)
+        else:   # latent shards merge AuxK's features from the selection, however few are dead
+            sparse_aux = self.dead_method == "auxk" and cfg.auxk_coeff > 0 and shard.count(dead) > 0
         aux_rows = cfg.auxk_rows
         if aux_rows > 0 and not self.world.alone:  # the global batch's first rows: this slice's share
             aux_rows = max(0, min(len(x), aux_rows - self.world.rank * len(x)))
             sparse_aux = sparse_aux and aux_rows > 0
         codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, aux_rows)
-        world, shard = self.world, sae.shard
+        world = self.world
         terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method, world)
         if (shard.world if shard else world).any(not bool(torch.isfinite(terms["total"])),
                                                  "checking the loss is finite"):
@@ -375,10 +379,11 @@ class Trainer:
         if measure:
             with torch.no_grad():
                 if shard is not None:   # the reconstruction is every shard's; the other terms sum over features
-                    names = [k for k in terms if k not in ("mse", "total")]
+                    names = [k for k in terms if k not in (*WHOLE_ON_EVERY_SHARD, "total")]
                     parts = shard.world.sum_(torch.stack([terms[k].detach().float() for k in names] + [
                         (codes.vals > 0).sum().float()]), "reducing the logged metrics")
-                    out = {"mse": float(terms["mse"]), **{k: float(parts[i]) for i, k in enumerate(names)}}
+                    out = {k: float(v) for k, v in terms.items() if k in WHOLE_ON_EVERY_SHARD}
+                    out.update({k: float(parts[i]) for i, k in enumerate(names)})
                     out["total"] = sum(out.values())
                     err = (x - codes.x_hat).pow(2).sum()
                     out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))

@@ -31,15 +31,15 @@ class Codes:
 
     ``pre`` [nnz] holds the exact pre-activations on ``pattern`` (with gradient), ``vals``
     [nnz] the activations, ``x_hat`` [B, D] the reconstruction (all in normalised units).
-    ``aux_idx`` [B', k_aux]: the top dead features per row for AuxK, when the TopK selection
-    picked them. ``extra``: tensors an activation keeps for its own loss terms (named by it).
+    ``aux``: the top dead features of each of the first B' rows for AuxK, as a pattern, when the
+    TopK selection picked them. ``extra``: tensors an activation keeps for its own loss terms (named by it).
     """
 
     pattern: Pattern
     pre: torch.Tensor
     vals: torch.Tensor
     x_hat: torch.Tensor
-    aux_idx: torch.Tensor | None = None
+    aux: Pattern | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -48,7 +48,7 @@ class Selection:
     """Which pairs are active, and (TopK only) the dead features AuxK should use."""
 
     pattern: Pattern
-    aux_idx: torch.Tensor | None = None
+    aux: Pattern | None = None
 
 
 class Form(StrEnum):

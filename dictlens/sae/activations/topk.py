@@ -28,12 +28,15 @@ class TopK(Activation):
         # the selection runs in chunks and never holds the B×F product, so AuxK's dead
         # features are ranked in the same pass
         k, shard = sae.cfg.k, sae.shard
-        if shard is not None:   # this shard's candidates, merged into the global top k
-            idx, _, vals = topk_select(x_c, sae.W_enc, sae.b_enc, min(k, sae.n_features),
-                                       dtype=sae.ranking_dtype(), values=True)
-            assert vals is not None
-            return Selection(shard.merge_topk(vals, idx, k))
-        idx, aux_idx, _ = topk_select(x_c, sae.W_enc, sae.b_enc, k, dtype=sae.ranking_dtype(),
-                                      dead=dead if n_dead else None, k_aux=min(k_aux, n_dead),
-                                      aux_rows=aux_rows)
-        return Selection(Pattern.from_indices(idx, sae.n_features), aux_idx)
+        if shard is not None:   # this shard's candidates, merged into the global top k (and AuxK's)
+            k_aux = min(k_aux, shard.count(dead)) if dead is not None else 0
+            mine = min(k_aux, n_dead)
+            picks = topk_select(x_c, sae.W_enc, sae.b_enc, min(k, sae.n_features), dtype=sae.ranking_dtype(),
+                                dead=dead if mine else None, k_aux=mine, aux_rows=aux_rows, values=True)
+            n_aux = min(len(x_c), aux_rows) if aux_rows > 0 else len(x_c)
+            aux = shard.merge_topk(picks.aux_top, picks.aux, k_aux, n_aux) if k_aux else None
+            return Selection(shard.merge_topk(picks.top, picks.idx, k, len(x_c)), aux)
+        picks = topk_select(x_c, sae.W_enc, sae.b_enc, k, dtype=sae.ranking_dtype(),
+                            dead=dead if n_dead else None, k_aux=min(k_aux, n_dead), aux_rows=aux_rows)
+        aux = Pattern.from_indices(picks.aux, sae.n_features) if picks.aux is not None else None
+        return Selection(Pattern.from_indices(picks.idx, sae.n_features), aux)
