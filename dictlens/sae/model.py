@@ -156,6 +156,14 @@ class SAE(nn.Module):
             return sparse_encode(x_c.detach(), self.W_enc, bias, p, center)
         return sparse_encode(x_c, self.W_enc, bias, p)
 
+    def reconstruct(self, vals: torch.Tensor, p: Pattern) -> torch.Tensor:
+        """x̂ = Σ over the pairs of ``vals · W_dec[f]`` + b_dec [B, D], with gradient; latent shards
+        sum their partial decodes (b_dec split among them, so its gradient is too)."""
+        if self.shard is None:
+            return self.decode_values(vals, p) + self.b_dec
+        n = self.shard.world.size
+        return self.shard.world.sum_shared(self.decode_values(vals, p) + self.b_dec / n)
+
     def centring(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The centred inputs x − b_dec (or x without ``pre_bias``) and the centre to hand
         :meth:`encode_values` (b_dec, where the inputs themselves need no gradient)."""
@@ -182,11 +190,7 @@ class SAE(nn.Module):
         sel = self.activation.select(self, x_c, dead=dead, k_aux=k_aux, aux_rows=aux_rows)
         pre = self.encode_values(x_c, self.b_enc, sel.pattern, center)
         vals, extra = self.activation.values(self, pre, sel.pattern)
-        if self.shard is None:
-            x_hat = self.decode_values(vals, sel.pattern) + self.b_dec
-        else:   # the shards' partial decodes summed (b_dec split among them: its gradient too)
-            n = self.shard.world.size
-            x_hat = self.shard.world.sum_shared(self.decode_values(vals, sel.pattern) + self.b_dec / n)
+        x_hat = self.reconstruct(vals, sel.pattern)
         codes = Codes(sel.pattern, pre, vals, x_hat, sel.aux, extra)
         self.activation.after_forward(self, codes)
         return codes

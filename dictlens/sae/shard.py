@@ -25,10 +25,11 @@ rank 0's host memory (:meth:`LatentShard.gather`), so one process loads them and
 under any N that divides F. Initialisation does not depend on N (``initial_directions`` draws
 fixed blocks of rows from seeds of their own), so N shards train to the weights one process
 reaches. Selections across features and batch together (BatchTopK), groups of features
-(GroupMax), the Gated SAE's gate loss, Matryoshka prefixes, the per-token Hoyer penalty and
-decoder diversity are refused with a one-line error (``check``). AuxK's dead features are
+(GroupMax), the Gated SAE's gate loss, the per-token Hoyer penalty and decoder diversity are
+refused with a one-line error (``check``). AuxK's dead features are
 merged like the top k (from the selection's pass, however few are dead), and the auxiliary
-reconstruction is summed like the main one.
+reconstruction is summed like the main one, and so is each Matryoshka prefix's (every shard
+decodes its features below the prefix size).
 """
 
 from __future__ import annotations
@@ -69,8 +70,6 @@ class LatentShard:
             able = [name for name, a in activations.REGISTRY.items() if a.shardable]
             raise ConfigError(f"shard_latents: {cfg.activation} SAEs cannot be split across ranks yet "
                               f"(these can: {', '.join(able)})")
-        if cfg.matryoshka:
-            raise ConfigError("shard_latents: Matryoshka prefixes cannot be split across ranks yet")
         per = F // n
         return cls(world, F, world.rank * per, (world.rank + 1) * per)
 

@@ -38,12 +38,12 @@ def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
     if not prefixes:
         return full
     losses = [full]
+    first = sae.shard.lo if sae.shard is not None else 0   # a latent shard's first feature
     for m in prefixes:
-        if m >= sae.n_features:
+        if m >= sae.cfg.n_features:
             continue
-        keep = codes.pattern.cols < m
-        sub = codes.pattern.subset(keep)
-        x_hat = sae.decode_values(codes.vals[keep], sub) + sae.b_dec
+        keep = codes.pattern.cols < m - first
+        x_hat = sae.reconstruct(codes.vals[keep], codes.pattern.subset(keep))
         losses.append(F.mse_loss(x_hat, x, reduction="sum") / len(x))
     return torch.stack(losses).mean()
 
