@@ -215,11 +215,13 @@ def test_initial_weights_do_not_depend_on_how_the_features_are_split(monkeypatch
                                    ["--activation", "topk", "--k", "2", "--select-dtype", "float32", "--dead", "auxk",
                                     "--dead-tokens", "256", "--expansion", "16"],   # half the features dead
                                    ["--activation", "jumprelu", "--expansion", "4"],
+                                   ["--activation", "batchtopk", "--k", "4", "--select-dtype", "float32",
+                                    "--expansion", "4"],
                                    ["--activation", "topk", "--k", "4", "--select-dtype", "float32", "--n-features",
                                     "128", "--prefix", "16", "--prefix", "80"],   # a prefix inside each shard
                                    ["--activation", "relu", "--clip-grad", "0.5", "--expansion", "4"]],
                          ids=["topk-boost-float32-ranking", "topk-auxk-float32-ranking", "jumprelu-resample",
-                              "topk-matryoshka",
+                              "batchtopk-float32-ranking", "topk-matryoshka",
                               "relu-l1-clipped"])
 def test_two_shards_train_to_the_weights_of_one_process(acts, tmp_path, flags):
     """(TopK ranks in float32 here: ranked in bfloat16, values tied at a row's k-th place are frequent,
@@ -255,7 +257,7 @@ def test_a_sharded_checkpoint_resumes_in_one_process_and_back(acts, tmp_path):
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--n-features", "255"], "255 features do not divide among 2 ranks"),
-    (["--activation", "batchtopk"], "batchtopk SAEs cannot be split across ranks yet"),
+    (["--activation", "groupmax"], "groupmax SAEs cannot be split across ranks yet"),
     (["--diversity-coeff", "0.1"], "--diversity-coeff (pairs of features from every shard) cannot be split")])
 def test_bad_shardings_are_one_line_errors_on_every_rank(acts, tmp_path, flags, message):
     proc = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "-m", "dictlens", "train", "--acts", str(acts),

@@ -24,12 +24,13 @@ Checkpoints and the saved SAE hold the whole dictionary in the ordinary layout, 
 rank 0's host memory (:meth:`LatentShard.gather`), so one process loads them and a run resumes
 under any N that divides F. Initialisation does not depend on N (``initial_directions`` draws
 fixed blocks of rows from seeds of their own), so N shards train to the weights one process
-reaches. Selections across features and batch together (BatchTopK), groups of features
-(GroupMax), the Gated SAE's gate loss, the per-token Hoyer penalty and decoder diversity are
-refused with a one-line error (``check``). AuxK's dead features are
-merged like the top k (from the selection's pass, however few are dead), and the auxiliary
-reconstruction is summed like the main one, and so is each Matryoshka prefix's (every shard
-decodes its features below the prefix size).
+reaches. BatchTopK's batch-wide cut is found from every shard's candidates as data parallel
+finds it from every rank's rows, and its calibration merges each row's candidates. Groups of
+features (GroupMax), the Gated SAE's gate loss, the per-token Hoyer penalty and decoder
+diversity are refused with a one-line error (``check``). AuxK's dead features are merged like
+the top k (from the selection's pass, however few are dead), and the auxiliary reconstruction
+is summed like the main one, and so is each Matryoshka prefix's (every shard decodes its
+features below the prefix size).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from dictlens.sae.activations.base import Activation, Codes, Form, Selection
 from dictlens.sae.kernels import Pattern
 
 if TYPE_CHECKING:
+    from dictlens.distributed import World
     from dictlens.sae.model import SAE
 
 
@@ -29,6 +30,7 @@ class BatchTopK(Activation):
     uses_k = True
     default_dead = "boost"
     owned_keys = ("threshold",)
+    shardable = True
 
     def add_parameters(self, sae: SAE) -> None:
         # -1: not set yet (the first training batch sets it; training ends by calibrating it)
@@ -40,13 +42,14 @@ class BatchTopK(Activation):
             return Selection(Pattern.from_mask(sae.dense_pre(x_c) > sae.threshold.clamp_min(0)))
         assert sae.cfg.k is not None
         pre_BF = sae.dense_pre(x_c, sae.ranking_dtype())
-        world = sae.world
+        world, rows = _splitting(sae, pre_BF.shape[0])
         if not world.alone:
-            # data parallel: the k·B largest of the global batch. A rank's share of them is among
-            # its own k·B largest; their union, gathered, gives the global cut. Values tied at
-            # the cut (frequent when ranking in bfloat16) fill the budget exactly: rank by rank,
-            # each rank's first in row order
-            budget = sae.cfg.k * pre_BF.shape[0] * world.size
+            # data parallel (the ranks split the rows) or latent shards (the features): the k·B
+            # largest of the whole batch. A rank's share of them is among its own k·B largest;
+            # their union, gathered, gives the global cut. Values tied at the cut (frequent when
+            # ranking in bfloat16) fill the budget exactly: rank by rank, each rank's first in
+            # its own order
+            budget = sae.cfg.k * rows
             flat = pre_BF.flatten()
             mine = flat.topk(min(budget, flat.numel()), sorted=False).values
             everyone = world.gather_rows(mine, "selecting the batch top-k across ranks")
@@ -73,7 +76,8 @@ class BatchTopK(Activation):
         vals = codes.vals.detach()
         big = torch.finfo(vals.dtype).max
         smallest = vals[vals > 0].min() if bool((vals > 0).any()) else vals.new_tensor(big)
-        smallest = -sae.world.max_(-smallest.reshape(1), "the smallest kept activation across ranks")[0]
+        world, _ = _splitting(sae, 0)
+        smallest = -world.max_(-smallest.reshape(1), "the smallest kept activation across ranks")[0]
         smallest = torch.where(smallest == big, torch.zeros_like(smallest), smallest)
         if float(sae.threshold) < 0:
             sae.threshold.copy_(smallest)
@@ -95,7 +99,13 @@ class BatchTopK(Activation):
         for x in batches:
             pre = sae.dense_pre(sae.centring(x)[0]).relu()
             # a row's 4k largest bound its share of the top k·N (memory: [N, 4k], not [N, F])
-            pres.append(pre.topk(min(4 * k, sae.n_features), dim=1, sorted=False).values.flatten())
+            top = pre.topk(min(4 * k, sae.n_features), dim=1, sorted=False).values
+            if sae.shard is not None:   # each row's 4k largest of the whole dictionary, from every shard's
+                world = sae.shard.world
+                every = world.gather_rows(top, "gathering the calibration values").view(world.size, len(x), -1)
+                top = every.permute(1, 0, 2).reshape(len(x), -1)
+                top = top.topk(min(4 * k, sae.cfg.n_features), dim=1, sorted=False).values
+            pres.append(top.flatten())
             rows += len(x)
         values = torch.cat(pres)
         n = min(k * rows, len(values))
@@ -106,3 +116,11 @@ class BatchTopK(Activation):
     def fold_scale(self, state: dict[str, torch.Tensor], scale: float) -> None:
         if float(state["threshold"]) > 0:
             state["threshold"] /= scale
+
+
+def _splitting(sae: SAE, rows: int) -> tuple[World, int]:
+    """The ranks that split the batch's B×F pre-activations, and how many rows the whole batch
+    has (``rows`` this rank's): data parallel splits the rows, latent shards the features."""
+    if sae.shard is not None:
+        return sae.shard.world, rows
+    return sae.world, rows * sae.world.size
