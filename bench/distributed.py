@@ -72,7 +72,7 @@ def run(cmd: list[str], threads: int) -> tuple[float, list[float]]:
     while proc.poll() is None:
         for pid in [proc.pid, *_workers(proc.pid)]:
             hwm = _hwm_gib(pid)
-            if hwm is not None and (pid != proc.pid or "-m" in cmd[1:3]):
+            if hwm is not None:
                 peaks[pid] = max(peaks.get(pid, 0.0), hwm)
         time.sleep(0.2)
     _, err = proc.communicate()

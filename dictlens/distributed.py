@@ -177,17 +177,22 @@ class World:
         return bool(self.max_(torch.tensor([int(flag)], device=self._device()), what).item())
 
     def average_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Replace each gradient by its mean over the ranks (one flat all-reduce); a missing
-        gradient counts as zeros so that every rank reduces the same buffer."""
-        if self.alone:
+        """Replace each gradient by its mean over the ranks (one flat all-reduce)."""
+        self.sum_grads(params, "averaging gradients", mean=True)
+
+    def sum_grads(self, params: list[torch.nn.Parameter], what: str = "summing gradients", mean: bool = False) -> None:
+        """Replace each gradient by its sum (or ``mean``) over the ranks, in one flat all-reduce; a
+        missing gradient counts as zeros so that every rank reduces the same buffer."""
+        if self.alone or not params:
             return
         grads = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        self.sum_(flat, "averaging gradients").div_(self.size)
+        flat = self.sum_(torch.cat([g.reshape(-1) for g in grads]), what)
+        if mean:
+            flat.div_(self.size)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))

@@ -85,21 +85,23 @@ class LatentShard:
         mine = torch.tensor([float(mask.sum()) if mask is not None else 0.0], device=device)
         return int(self.world.sum_(mine, "counting features across shards").item())
 
-    def merge_topk(self, vals_BK: torch.Tensor | None, idx_BK: torch.Tensor | None, k: int, n: int) -> Pattern:
+    def gather_columns(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        """Every shard's [n, c] side by side, in rank order: [n, N·c] on every rank."""
+        n, world = len(t), self.world
+        return world.gather_rows(t, what).view(world.size, n, -1).permute(1, 0, 2).reshape(n, -1)
+
+    def merge_topk(self, vals_BK: torch.Tensor | None, idx_BK: torch.Tensor | None, k: int, n: int,
+                   device: torch.device) -> Pattern:
         """This shard's share of each of ``n`` rows' global top ``k``, from every shard's own top
         candidates (``vals_BK`` and this shard's ``idx_BK`` [n, ≤k]; None: it has none, as a
         shard without dead features for AuxK): a pattern over its features."""
-        world = self.world
         what = "merging the shards' top-k"
-        device = vals_BK.device if vals_BK is not None else torch.device("cpu")
         vals = torch.full((n, k), -torch.inf, device=device)   # padded: every shard sends [n, k]
         idx = torch.full((n, k), -1, dtype=torch.long, device=device)
         if vals_BK is not None and idx_BK is not None and vals_BK.shape[1]:
             vals[:, :vals_BK.shape[1]] = vals_BK
             idx[:, :idx_BK.shape[1]] = idx_BK + self.lo
-        vals = world.gather_rows(vals, what).view(world.size, n, k)
-        idx = world.gather_rows(idx, what).view(world.size, n, k)
-        vals, idx = (t.permute(1, 0, 2).reshape(n, -1) for t in (vals, idx))
+        vals, idx = self.gather_columns(vals, what), self.gather_columns(idx, what)
         chosen = idx.gather(1, vals.topk(k, dim=1, sorted=False).indices).sort(dim=1).values
         mine = (chosen >= self.lo) & (chosen < self.hi)
         rows = torch.arange(n, device=chosen.device).repeat_interleave(k).view(n, k)
@@ -108,15 +110,8 @@ class LatentShard:
     # ---- gradients ------------------------------------------------------------------------
     def reduce_grads(self, sae: SAE) -> None:
         """Sum the replicated parameters' gradients across ranks (each holds its features' part)."""
-        grads = [p.grad for name, p in sae.named_parameters() if name not in sae.per_feature_keys
-                 and p.grad is not None]
-        if not grads:
-            return
-        flat = self.world.sum_(torch.cat([g.reshape(-1) for g in grads]), "summing the shared gradients")
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        shared = [p for name, p in sae.named_parameters() if name not in sae.per_feature_keys]
+        self.world.sum_grads(shared, "summing the shared gradients")
 
     def clip_grad_norm_(self, sae: SAE, max_norm: float) -> float:
         """``torch.nn.utils.clip_grad_norm_`` over the whole dictionary's gradients."""

@@ -92,7 +92,9 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
     and the variance are the global batch's, and the term is scaled so that the ranks'
     averaged gradients are the global term's."""
     world, shard = world or World(), sae.shard
-    n_dead = shard.count(dead) if shard is not None else int(dead.sum())   # (latent shards: the whole's)
+    # latent shards: the trainer asks the selection for dead features whenever the whole dictionary
+    # has some, so no pattern means none
+    n_dead = int(dead.sum()) if shard is None else int(codes.aux is not None)
     if n_dead == 0:
         return x.new_zeros(())
     start = world.rank * len(x)   # this slice's first row in the global batch

@@ -338,10 +338,12 @@ class Trainer:
         # Many dead features: AuxK's pairs come out of the TopK selection (sparse);
         # few: the loss takes a dense product over the dead columns instead.
         shard = sae.shard
-        if shard is None:
-            sparse_aux = self.dead_method == "auxk" and cfg.auxk_coeff > 0 and auxk_is_sparse(int(dead.sum()), k_aux)
-        else:   # latent shards merge AuxK's features from the selection, however few are dead
-            sparse_aux = self.dead_method == "auxk" and cfg.auxk_coeff > 0 and shard.count(dead) > 0
+        sparse_aux = False
+        if self.dead_method == "auxk" and cfg.auxk_coeff > 0:
+            n_dead = shard.count(dead) if shard is not None else int(dead.sum())   # the whole dictionary's
+            # latent shards merge AuxK's features from the selection, however few are dead
+            sparse_aux = n_dead > 0 if shard is not None else auxk_is_sparse(n_dead, k_aux)
+            k_aux = min(k_aux, n_dead)
         aux_rows = cfg.auxk_rows
         if aux_rows > 0 and not self.world.alone:  # the global batch's first rows: this slice's share
             aux_rows = max(0, min(len(x), aux_rows - self.world.rank * len(x)))

@@ -101,9 +101,7 @@ class BatchTopK(Activation):
             # a row's 4k largest bound its share of the top k·N (memory: [N, 4k], not [N, F])
             top = pre.topk(min(4 * k, sae.n_features), dim=1, sorted=False).values
             if sae.shard is not None:   # each row's 4k largest of the whole dictionary, from every shard's
-                world = sae.shard.world
-                every = world.gather_rows(top, "gathering the calibration values").view(world.size, len(x), -1)
-                top = every.permute(1, 0, 2).reshape(len(x), -1)
+                top = sae.shard.gather_columns(top, "gathering the calibration values")
                 top = top.topk(min(4 * k, sae.cfg.n_features), dim=1, sorted=False).values
             pres.append(top.flatten())
             rows += len(x)

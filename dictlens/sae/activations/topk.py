@@ -29,13 +29,15 @@ class TopK(Activation):
         # features are ranked in the same pass
         k, shard = sae.cfg.k, sae.shard
         if shard is not None:   # this shard's candidates, merged into the global top k (and AuxK's)
-            k_aux = min(k_aux, shard.count(dead)) if dead is not None else 0
+            # (the trainer asks for dead features only when the whole dictionary has some, and for at
+            # most k_aux of them; a shard with fewer of its own offers what it has)
+            k_aux = k_aux if dead is not None else 0
             mine = min(k_aux, n_dead)
             picks = topk_select(x_c, sae.W_enc, sae.b_enc, min(k, sae.n_features), dtype=sae.ranking_dtype(),
                                 dead=dead if mine else None, k_aux=mine, aux_rows=aux_rows, values=True)
             n_aux = min(len(x_c), aux_rows) if aux_rows > 0 else len(x_c)
-            aux = shard.merge_topk(picks.aux_top, picks.aux, k_aux, n_aux) if k_aux else None
-            return Selection(shard.merge_topk(picks.top, picks.idx, k, len(x_c)), aux)
+            aux = shard.merge_topk(picks.aux_top, picks.aux, k_aux, n_aux, x_c.device) if k_aux else None
+            return Selection(shard.merge_topk(picks.top, picks.idx, k, len(x_c), x_c.device), aux)
         picks = topk_select(x_c, sae.W_enc, sae.b_enc, k, dtype=sae.ranking_dtype(),
                             dead=dead if n_dead else None, k_aux=min(k_aux, n_dead), aux_rows=aux_rows)
         aux = Pattern.from_indices(picks.aux, sae.n_features) if picks.aux is not None else None
