@@ -7,7 +7,8 @@ with a mean offset (as residual streams have). Prints the CPU's relevant feature
 AVX-512 bfloat16 make bf16 products several times faster than float32), the encoder product
 alone in float32 and bfloat16 (as one allocating ``addmm``, and as the trainer forms it: in
 1,024-row chunks into one reused buffer), the trainer's step (``Trainer.step``, schedule-free
-Adam, dead-feature boost), both ratios, and the operators that take the step's time (torch's
+Adam, dead-feature boost) on the compiled kernels (dictlens/sae/native.c) and on eager PyTorch
+alone, both ratios, and the operators that take the step's time (torch's
 profiler). Nothing else should run on the machine while it is timed.
 """
 
@@ -72,6 +73,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from dictlens.data.store import ArraySource
+    from dictlens.sae import native
     from dictlens.sae.config import SAEConfig
     from dictlens.train.config import TrainConfig
     from dictlens.train.trainer import Trainer
@@ -87,6 +89,10 @@ def main() -> None:
     for i in range(3):
         trainer.step(batches[i % 4])
     step = _time(lambda: [trainer.step(batches[i % 4]) for i in range(args.steps)], 1) / args.steps
+    kernels = native.status()
+    with native.disabled():  # the same step on eager PyTorch alone (no C compiler, DICTLENS_NATIVE=0)
+        trainer.step(batches[0])
+        eager = _time(lambda: [trainer.step(batches[i % 4]) for i in range(args.steps)], 1) / args.steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(4):
             trainer.step(batches[i % 4])
@@ -94,16 +100,18 @@ def main() -> None:
     ops = sorted(((e.key, e.self_cpu_time_total / total) for e in prof.key_averages()), key=lambda t: -t[1])[:12]
     print(f"# CPU: {cpu['model']}; " + ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in FLAGS)
           + f"; {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"# B={B}, D={D}, F={F}, k={K}")
+    print(f"# B={B}, D={D}, F={F}, k={K}; {kernels}")
     print("| | ms |\n|---|---:|")
     for name in ("float32", "float32_chunked", "bfloat16", "bfloat16_chunked"):
         print(f"| encoder product, {name.replace('_', ', ')} | {floor[name] * 1e3:.1f} |")
     print(f"| training step | {step * 1e3:.1f} |")
+    print(f"| training step, eager PyTorch only | {eager * 1e3:.1f} |")
     print(f"step / bf16 product: {step / floor['bfloat16']:.2f} (allocating), "
           f"{step / floor['bfloat16_chunked']:.2f} (chunked); step / fp32 product: {step / floor['float32']:.2f}")
     print("share of the step's CPU time: " + ", ".join(f"{k} {v:.0%}" for k, v in ops))
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu, "floor_s": floor, "step_s": step, "ops": ops, "F": F,
+                                         "eager_step_s": eager, "kernels": kernels,
                                          "threads": torch.get_num_threads(), "torch": torch.__version__},
                                         indent=2) + "\n")
 

@@ -1,10 +1,14 @@
-"""The sparse kernels agree with the dense reference, forward and every gradient."""
+"""The sparse kernels agree with the dense reference, forward and every gradient, on the
+compiled kernels (dictlens/sae/native.c) and on eager PyTorch alike."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
+from dictlens.sae import native
 from dictlens.sae.kernels import (
     Pattern,
     reference_decode,
@@ -13,6 +17,15 @@ from dictlens.sae.kernels import (
     sparse_encode,
     topk_select,
 )
+
+
+@pytest.fixture(autouse=True, params=["compiled", "eager"])
+def backend(request):
+    """Every test here twice: on the compiled kernels (where this machine builds them) and eager."""
+    if request.param == "compiled" and native.library() is None:
+        pytest.skip(f"compiled kernels unavailable: {native.status()}")
+    with native.disabled() if request.param == "eager" else contextlib.nullcontext():
+        yield request.param
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

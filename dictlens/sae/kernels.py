@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from dictlens.sae import native
+
 # torch warns that CSR support is "beta" and that invariant checks are off: we build the
 # patterns ourselves (sorted, in-range indices), so both are noise here.
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -91,6 +93,9 @@ class Pattern:
                                        check_invariants=False)
 
     def _transpose(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pattern by feature: (perm, crow_t, rows_t); a feature's pairs in row order."""
+        if self._t is None:
+            self._t = native.transpose(self.crow, self.cols, self.n_features)
         if self._t is None:
             perm = torch.argsort(self.cols, stable=True)
             counts = torch.bincount(self.cols, minlength=self.n_features)
@@ -109,33 +114,60 @@ class Pattern:
         return torch.zeros(self.n_features, dtype=vals.dtype, device=vals.device).index_add_(0, self.cols, vals)
 
 
-# Both sparse-dense products are weighted bag sums of rows, which ``embedding_bag`` does
-# 4-5x faster on CPU than torch's CSR matmul (measured at B=4096, F=9216, K=32, D=576).
+# Every product below runs on the compiled kernels of native.c where they can be used (CPU,
+# float32, contiguous: one pass per row or feature, at B=4096, F=9216, K=32, D=576 about twice
+# as fast as torch's), else on torch: ``embedding_bag`` for the sparse-dense products (a weighted
+# bag sum of rows, 4-5x faster on CPU than torch's CSR matmul) and ``sampled_addmm`` for the
+# sampled one.
 
 def spmm(p: Pattern, vals: torch.Tensor, dense_FD: torch.Tensor) -> torch.Tensor:
     """[B, D] = S @ dense, S the B×F matrix of ``vals`` on pattern ``p``."""
     if p.nnz == 0:
         return dense_FD.new_zeros(p.n_rows, dense_FD.shape[1])
+    done = native.spmm(p.crow, p.cols, vals, dense_FD, p.n_rows)
+    if done is not None:
+        return done[0]
     return F.embedding_bag(p.cols, dense_FD, p.crow, per_sample_weights=vals, mode="sum",
                            include_last_offset=True)
 
 
-def spmm_t(p: Pattern, vals: torch.Tensor, dense_BD: torch.Tensor) -> torch.Tensor:
-    """[F, D] = Sᵀ @ dense."""
+def spmm_t(p: Pattern, vals: torch.Tensor, dense_BD: torch.Tensor,
+           sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[F, D] = Sᵀ @ dense; with ``sums`` also Σ over rows of ``vals`` per feature [F]."""
     if p.nnz == 0:
-        return dense_BD.new_zeros(p.n_features, dense_BD.shape[1])
+        zero = dense_BD.new_zeros(p.n_features)
+        return dense_BD.new_zeros(p.n_features, dense_BD.shape[1]), zero if sums else None
     perm, crow_t, rows_t = p._transpose()
-    return F.embedding_bag(rows_t, dense_BD, crow_t, per_sample_weights=vals[perm], mode="sum",
-                           include_last_offset=True)
+    done = native.spmm(crow_t, rows_t, vals, dense_BD, p.n_features, perm=perm, sums=sums)
+    if done is not None:
+        return done
+    out = F.embedding_bag(rows_t, dense_BD, crow_t, per_sample_weights=vals[perm], mode="sum",
+                          include_last_offset=True)
+    return out, p.scatter_features(vals) if sums else None
 
 
-def sddmm(p: Pattern, a_BD: torch.Tensor, b_FD: torch.Tensor) -> torch.Tensor:
-    """[nnz]: a[b]·b[f] for each active pair (b, f), without the dense B×F product."""
+def sddmm(p: Pattern, a_BD: torch.Tensor, b_FD: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[nnz]: a[b]·b[f] (+ bias[f]) for each active pair (b, f), without the dense B×F product."""
     if p.nnz == 0:
         return a_BD.new_zeros(0)
+    done = native.sddmm(p.crow, p.cols, a_BD, b_FD, bias)
+    if done is not None:
+        return done
     ones = torch.ones(p.nnz, dtype=a_BD.dtype, device=a_BD.device)
     out: torch.Tensor = torch.sparse.sampled_addmm(p.csr(ones), a_BD, b_FD.T, beta=0.0).values()
-    return out
+    return out if bias is None else out + bias[p.cols]
+
+
+def decode_backward(p: Pattern, vals: torch.Tensor, g_BD: torch.Tensor, W_FD: torch.Tensor,
+                    need_gv: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The decoder's gradients: per pair g[b]·W[f] (if ``need_gv``) and Sᵀ @ g [F, D]; one sweep
+    over the pairs by feature with the compiled kernels."""
+    if p.nnz:
+        perm, crow_t, rows_t = p._transpose()
+        done = native.decode_backward(crow_t, rows_t, perm, vals, g_BD, W_FD, need_gv)
+        if done is not None:
+            return done
+    return sddmm(p, g_BD, W_FD) if need_gv else None, spmm_t(p, vals, g_BD)[0]
 
 
 class _SparseEncode(Function):
@@ -144,16 +176,18 @@ class _SparseEncode(Function):
                 p: Pattern) -> torch.Tensor:
         ctx.save_for_backward(x_BD, W_FD)
         ctx.p = p
-        return sddmm(p, x_BD, W_FD) + b_F[p.cols]
+        return sddmm(p, x_BD, W_FD, b_F)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         x_BD, W_FD = ctx.saved_tensors
         p: Pattern = ctx.p
         g = g.contiguous()
+        need_b = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         gx = spmm(p, g, W_FD) if ctx.needs_input_grad[0] else None
-        gW = spmm_t(p, g, x_BD) if ctx.needs_input_grad[1] else None
-        gb = p.scatter_features(g) if ctx.needs_input_grad[2] or ctx.needs_input_grad[3] else None
+        gW, gb = spmm_t(p, g, x_BD, sums=need_b) if ctx.needs_input_grad[1] else (None, None)
+        if need_b and gb is None:
+            gb = p.scatter_features(g)
         # x = x_raw − center: −Σ_rows gx[b] = −(Σ_n g_n W[f_n]) = −(per-feature sums of g) · W, an F×D
         # product instead of the per-row B×k×D one
         gc = -(gb @ W_FD) if ctx.needs_input_grad[3] and gb is not None else None
@@ -172,9 +206,10 @@ class _SparseDecode(Function):
         vals, W_FD = ctx.saved_tensors
         p: Pattern = ctx.p
         g_BD = g_BD.contiguous()
-        gv = sddmm(p, g_BD, W_FD) if ctx.needs_input_grad[0] else None
-        gW = spmm_t(p, vals, g_BD) if ctx.needs_input_grad[1] else None
-        return gv, gW, None
+        if ctx.needs_input_grad[1]:
+            gv, gW = decode_backward(p, vals, g_BD, W_FD, ctx.needs_input_grad[0])
+            return gv, gW, None
+        return sddmm(p, g_BD, W_FD) if ctx.needs_input_grad[0] else None, None, None
 
 
 def sparse_encode(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, p: Pattern,
@@ -205,10 +240,12 @@ class Picks(NamedTuple):
     aux_top: torch.Tensor | None = None
 
 
-# The exact pre-filter of the top-k on CPU: columns in TOPK_GROUPS strided groups (column c in
-# group c // (F/G)'s slot c mod F/G: slot j's group maxima are one vectorised max over G rows of
-# the [n, G, F/G] view). Measured at F = 9,216, k = 32, 1,024 bf16 rows on 2 cores: 7.9 ms
-# against 11.8 ms for torch.topk over all columns (bench/step.py); only where F/G >= 4k.
+# The exact pre-filter of the top-k on CPU where the compiled kernels cannot be built
+# (native.topk_rows applies the same bound in one vectorised pass: 2.9 ms per 1,024-row chunk):
+# columns in TOPK_GROUPS strided groups (column c in group c // (F/G)'s slot c mod F/G: slot j's
+# group maxima are one vectorised max over G rows of the [n, G, F/G] view). Measured at
+# F = 9,216, k = 32, 1,024 bf16 rows on 2 cores: 7.9 ms against 11.8 ms for torch.topk over all
+# columns (bench/step.py); only where F/G >= 4k.
 TOPK_GROUPS = 16
 
 
@@ -263,17 +300,24 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     n_aux = min(n, aux_rows) if aux_rows > 0 else n
     aux = torch.empty(n_aux, k_aux, dtype=torch.long, device=x_BD.device) if dead_idx is not None else None
     aux_top = torch.empty(n_aux, k_aux, dtype=dtype, device=x_BD.device) if aux is not None and values else None
-    groups = topk_groups(W_FD.shape[0], k) if x_BD.device.type == "cpu" else 0
+    cpu = x_BD.device.type == "cpu"
+    compiled = cpu and native.usable()
+    groups = topk_groups(W_FD.shape[0], k) if cpu and not compiled else 0
+    top32 = torch.empty(n, k) if compiled and top is not None else None  # the compiled kernel's values
     for s in range(0, n, chunk):
         rows = min(chunk, n - s)
         block = torch.mm(xd[s:s + rows], Wd.T, out=pre[:rows])  # one reused buffer
-        if groups:
+        if compiled and native.topk_rows(block, k, idx[s:s + rows], top32[s:s + rows] if top32 is not None else None):
+            pass
+        elif groups:
             v, i = grouped_topk(block, k, groups)
             idx[s:s + rows] = i
             if top is not None:
                 top[s:s + rows] = v
         elif top is not None:
             torch.topk(block, k, dim=1, sorted=False, out=(top[s:s + rows], idx[s:s + rows]))
+            if top32 is not None:
+                top32[s:s + rows] = top[s:s + rows]
         else:
             idx[s:s + rows] = block.topk(k, dim=1, sorted=False).indices
         if aux is not None and s < n_aux:
@@ -284,6 +328,8 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
             aux[s:s + chunk] = dead_idx[j]
             if aux_top is not None:
                 aux_top[s:s + chunk] = v
+    if top is not None and top32 is not None:
+        top.copy_(top32)  # exact: the values were bf16 or float32 to begin with
     return Picks(idx, aux, top, aux_top)
 
 

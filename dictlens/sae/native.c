@@ -1,0 +1,438 @@
+/* dictlens's compiled CPU kernels: the parts of a training step eager PyTorch cannot make fast.
+ *
+ * Built on first use by dictlens/sae/native.py (cc -O3 -march=native, cached per source and
+ * machine), loaded through ctypes; every function has an eager PyTorch twin the tests compare
+ * it with, and dictlens uses that twin wherever this library cannot be built.
+ *
+ * Conventions: matrices are dense, row-major and contiguous (the caller checks); indices are
+ * int64 (torch.long); floats are IEEE single precision, bfloat16 is passed as uint16 bits.
+ * Sparse patterns are CSR: row r's pairs are n in [crow[r], crow[r+1]), column idx[n].
+ * Each function splits its rows over `threads` POSIX threads (the caller passes torch's
+ * intra-op thread count) so that the work of each output row stays on one thread: results do
+ * not depend on the thread count.
+ *
+ * Compiled with -ffp-contract=off (no multiply-add is fused behind the code's back: where
+ * one is meant, fmaf says so, so the elementwise kernels round like the eager PyTorch operations
+ * they replace) and -fno-math-errno
+ * (sqrtf vectorises; nothing here reads errno).
+ */
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+/* ---- a parallel for over [0, n), cut where a cumulative weight (CSR offsets) is even ---- */
+
+typedef void (*range_fn)(void *arg, i64 lo, i64 hi);
+
+#ifndef _OPENMP
+typedef struct {
+    range_fn fn;
+    void *arg;
+    i64 lo, hi;
+} job_t;
+
+static void *run_job(void *p) {
+    job_t *j = (job_t *)p;
+    if (j->hi > j->lo) j->fn(j->arg, j->lo, j->hi);
+    return NULL;
+}
+#endif
+
+/* The first row r with offsets[r] >= target (offsets non-decreasing, n + 1 of them). */
+static i64 lower_row(const i64 *offsets, i64 n, i64 target) {
+    i64 lo = 0, hi = n;
+    while (lo < hi) {
+        i64 mid = lo + (hi - lo) / 2;
+        if (offsets[mid] < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+/* Where the t-th of `threads` ranges over rows [0, n) starts: equal counts, or equal pairs
+ * with `offsets` (CSR offsets, n + 1 of them). */
+static i64 range_start(i64 n, int t, int threads, const i64 *offsets) {
+    if (t >= threads) return n;
+    if (!offsets) return n * t / threads;
+    return lower_row(offsets, n, offsets[0] + (offsets[n] - offsets[0]) * t / threads);
+}
+
+/* Rows [0, n) in `threads` contiguous ranges, one per thread. With OpenMP (linked against the
+ * libgomp torch has loaded, so that the kernels run on torch's own thread pool and do not
+ * fight its spinning workers for the cores), else POSIX threads. */
+static void parallel_rows(i64 n, int threads, const i64 *offsets, range_fn fn, void *arg) {
+    if (threads > 64) threads = 64;
+    if (threads <= 1 || n < 2) {
+        fn(arg, 0, n);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), used = omp_get_num_threads();
+        i64 lo = range_start(n, t, used, offsets), hi = range_start(n, t + 1, used, offsets);
+        if (hi > lo) fn(arg, lo, hi);
+    }
+#else
+    job_t jobs[64];
+    pthread_t tid[64];
+    for (int t = 0; t < threads; t++)
+        jobs[t] = (job_t){fn, arg, range_start(n, t, threads, offsets), range_start(n, t + 1, threads, offsets)};
+    int started[64] = {0};
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&tid[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else run_job(&jobs[t]);  /* no thread to be had: do its share here */
+    }
+#endif
+}
+
+/* ---- vector helpers: GCC/Clang vector types, 16 floats (one AVX-512 register, or two or four
+ * narrower ones where the machine has no 512-bit units); loads need not be aligned ---- */
+
+#define LANES 16
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef float vf_unaligned __attribute__((vector_size(4 * LANES), aligned(4), may_alias));
+
+static inline vf load_v(const float *p) { return *(const vf_unaligned *)p; }
+
+static inline void store_v(float *p, vf v) { *(vf_unaligned *)p = v; }
+
+/* a . b over d floats; `next` (or NULL): a row the next call will read, fetched meanwhile (the
+ * rows are scattered, so the hardware prefetcher cannot guess them). */
+static inline float dot(const float *a, const float *b, i64 d, const float *next) {
+    vf acc0 = {0}, acc1 = {0};
+    i64 i = 0;
+    for (; i + 2 * LANES <= d; i += 2 * LANES) {
+        if (next) {
+            __builtin_prefetch(next + i, 0, 3);
+            __builtin_prefetch(next + i + LANES, 0, 3);
+        }
+        acc0 += load_v(a + i) * load_v(b + i);
+        acc1 += load_v(a + i + LANES) * load_v(b + i + LANES);
+    }
+    for (; i + LANES <= d; i += LANES) {
+        if (next) __builtin_prefetch(next + i, 0, 3);
+        acc0 += load_v(a + i) * load_v(b + i);
+    }
+    acc0 += acc1;
+    float s = 0;
+    for (int q = 0; q < LANES; q++) s += acc0[q];
+    for (; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y += w x over d floats (prefetching `next` like dot). */
+static inline void axpy(float *y, float w, const float *x, i64 d, const float *next) {
+    i64 i = 0;
+    for (; i + LANES <= d; i += LANES) {
+        if (next) __builtin_prefetch(next + i, 0, 3);
+        store_v(y + i, load_v(y + i) + w * load_v(x + i));
+    }
+    for (; i < d; i++) y[i] += w * x[i];
+}
+
+/* ---- exact top-k of each row -------------------------------------------------------------
+ * Values are compared as integers: a float's bits with the magnitude bits of negative numbers
+ * flipped order exactly like the floats (-0 just below +0; a NaN above +inf when its sign bit is
+ * clear, below -inf when set, so a positive NaN is ranked first, as torch.topk ranks NaN).
+ * The row's columns are cut into G strided groups (column c = g * W + j sits in slot j of group
+ * g) and each slot's maximum over the groups is taken, a vertical max the compiler vectorises.
+ * The k largest slot maxima are k of the row's values, so the k-th largest of them, t, is at
+ * most the row's k-th largest value: every value of the row's top k is >= t and lies in a slot
+ * whose maximum is >= t. Only those slots (about k of W) are read again, their values >= t
+ * collected (every value >= t is, ties at the k-th place included), and the k largest of the
+ * candidates kept (quickselect), ties going to the highest columns. About one vectorised pass.
+ */
+
+/* A candidate: its key in the high half, its column in the low half, so that a larger rank is a
+ * larger value or, among equal values, a higher column: ties go to the highest columns, the
+ * same ones every time (torch.topk breaks ties as its algorithm happens to meet them). */
+typedef int64_t cand_t;
+
+static inline cand_t rank_of(int32_t key, i64 col) {
+    return (cand_t)key * 4294967296LL + (cand_t)(uint32_t)col;
+}
+
+static inline int32_t key_of(cand_t c) { return (int32_t)(c >> 32); } /* arithmetic shift (gcc, clang) */
+
+static inline i64 col_of(cand_t c) { return (i64)(uint32_t)(c & 0xFFFFFFFF); }
+
+static inline int32_t key_f32(uint32_t u) {
+    int32_t s = (int32_t)u;
+    return s ^ ((s >> 31) & 0x7FFFFFFF);
+}
+
+static inline int32_t key_bf16(uint16_t u) {
+    int32_t s = (int16_t)u;
+    return s ^ ((s >> 15) & 0x7FFF);
+}
+
+/* Reorder c[0..m) so that c[0..k) hold the k largest (0 < k <= m). */
+static void keep_largest(cand_t *c, i64 m, i64 k) {
+    i64 lo = 0, hi = m - 1;
+    while (lo < hi) {
+        cand_t pivot = c[lo + (hi - lo) / 2];
+        i64 i = lo, j = hi;
+        while (i <= j) {
+            while (c[i] > pivot) i++;
+            while (c[j] < pivot) j--;
+            if (i <= j) {
+                cand_t t = c[i];
+                c[i] = c[j];
+                c[j] = t;
+                i++;
+                j--;
+            }
+        }
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+typedef struct {
+    const void *src;
+    int bf16;
+    i64 cols, ld, k, groups;
+    i64 *idx;
+    float *vals;
+    int failed; /* set where a thread could not get its scratch memory */
+} topk_args;
+
+/* One row type at a time: T the element, KEY its key, TO_F32 its value as a float. */
+#define TOPK_ROW(NAME, T, KEY, TO_F32)                                                              \
+    static void NAME(const T *row, const topk_args *a, int32_t *slot_max, cand_t *c, i64 *idx,      \
+                     float *vals) {                                                                 \
+        i64 n = a->cols, k = a->k, G = a->groups, W = n / G, tail = W * G;                          \
+        for (i64 j = 0; j < W; j++) slot_max[j] = KEY(row[j]);                                      \
+        for (i64 g = 1; g < G; g++) {                                                               \
+            const T *r = row + g * W;                                                               \
+            for (i64 j = 0; j < W; j++) {                                                           \
+                int32_t v = KEY(r[j]);                                                              \
+                slot_max[j] = v > slot_max[j] ? v : slot_max[j];                                    \
+            }                                                                                       \
+        }                                                                                           \
+        int32_t t = INT32_MIN; /* the k-th largest slot maximum, or none with fewer than k slots */ \
+        if (W >= k) {                                                                               \
+            for (i64 j = 0; j < W; j++) c[j] = rank_of(slot_max[j], j);                             \
+            keep_largest(c, W, k);                                                                  \
+            t = INT32_MAX;                                                                          \
+            for (i64 q = 0; q < k; q++) {                                                           \
+                int32_t v = key_of(c[q]);                                                           \
+                t = v < t ? v : t;                                                                  \
+            }                                                                                       \
+        }                                                                                           \
+        i64 m = 0;                                                                                  \
+        for (i64 j = 0; j < W; j++) {                                                               \
+            if (slot_max[j] < t) continue;                                                          \
+            for (i64 g = 0; g < G; g++) { /* branch-free: write always, keep if >= t */             \
+                int32_t v = KEY(row[g * W + j]);                                                    \
+                c[m] = rank_of(v, g * W + j);                                                       \
+                m += v >= t;                                                                        \
+            }                                                                                       \
+        }                                                                                           \
+        for (i64 j = tail; j < n; j++) {                                                            \
+            int32_t v = KEY(row[j]);                                                                \
+            if (v >= t) c[m++] = rank_of(v, j);                                                     \
+        }                                                                                           \
+        if (m > k) keep_largest(c, m, k);                                                           \
+        for (i64 q = 0; q < k; q++) {                                                               \
+            idx[q] = col_of(c[q]);                                                                  \
+            if (vals) vals[q] = TO_F32(row[idx[q]]);                                                \
+        }                                                                                           \
+    }
+
+static inline float f32_of_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#define KEY_F32(x) key_f32(x)
+#define KEY_BF16(x) key_bf16(x)
+#define F32_OF_F32(x) f32_of_bits(x)
+#define F32_OF_BF16(x) f32_of_bits((uint32_t)(x) << 16)
+TOPK_ROW(topk_row_f32, uint32_t, KEY_F32, F32_OF_F32)
+TOPK_ROW(topk_row_bf16, uint16_t, KEY_BF16, F32_OF_BF16)
+
+static void topk_range(void *p, i64 lo, i64 hi) {
+    topk_args *a = (topk_args *)p;
+    /* candidates (at most every column; first the slot maxima being ranked), the slot maxima */
+    void *mem = malloc(sizeof(cand_t) * (size_t)a->cols + sizeof(int32_t) * (size_t)a->cols);
+    if (!mem) {
+        a->failed = 1;
+        return;
+    }
+    cand_t *c = (cand_t *)mem;
+    int32_t *slot_max = (int32_t *)(c + a->cols);
+    for (i64 r = lo; r < hi; r++) {
+        i64 *idx = a->idx + r * a->k;
+        float *vals = a->vals ? a->vals + r * a->k : NULL;
+        if (a->bf16) topk_row_bf16((const uint16_t *)a->src + r * a->ld, a, slot_max, c, idx, vals);
+        else topk_row_f32((const uint32_t *)a->src + r * a->ld, a, slot_max, c, idx, vals);
+    }
+    free(mem);
+}
+
+/* Each of `rows` rows (row stride `ld` elements, `cols` of them, float32 or bfloat16 bits): the
+ * columns of its k largest values into idx [rows, k] and, if vals, those values as float32.
+ * `groups` strided groups (0: a choice that suits k and cols). 0 < k <= cols < 2^31. Returns 0,
+ * or 1 where memory ran out (the output is then incomplete). */
+int dl_topk_rows(const void *src, int bf16, i64 rows, i64 cols, i64 ld, i64 k, i64 groups, i64 *idx, float *vals,
+                  int threads) {
+    if (groups <= 0) {
+        groups = 64;  /* the most groups that leave 4k slots: a tight bound, a short first pass */
+        while (groups > 1 && cols / groups < 4 * k) groups /= 2;
+    }
+    if (groups > cols) groups = cols;
+    topk_args a = {src, bf16, cols, ld, k, groups, idx, vals, 0};
+    parallel_rows(rows, threads, NULL, topk_range, &a);
+    return a.failed;
+}
+
+/* ---- sparse products on a CSR pattern -------------------------------------------------- */
+
+/* How many pairs ahead a scattered row is fetched into cache. */
+#ifndef PREFETCH
+#define PREFETCH 2
+#endif
+
+typedef struct {
+    i64 d;
+    const i64 *crow, *idx, *perm;
+    const float *w, *dense, *other, *bias;
+    float *out, *out2;
+} sparse_args;
+
+/* out[n] = dense[r] . other[idx[n]] (+ bias[idx[n]]) for every pair n of row r. */
+static void sddmm_range(void *p, i64 lo, i64 hi) {
+    sparse_args *a = (sparse_args *)p;
+    for (i64 r = lo; r < hi; r++) {
+        const float *x = a->dense + r * a->d;
+        for (i64 n = a->crow[r]; n < a->crow[r + 1]; n++) {
+            i64 f = a->idx[n];
+            const float *next = n + PREFETCH < a->crow[hi] ? a->other + a->idx[n + PREFETCH] * a->d : NULL;
+            a->out[n] = dot(x, a->other + f * a->d, a->d, next) + (a->bias ? a->bias[f] : 0.0f);
+        }
+    }
+}
+
+void dl_sddmm(i64 rows, i64 d, const i64 *crow, const i64 *idx, const float *a, const float *b, const float *bias,
+              float *out, int threads) {
+    sparse_args s = {d, crow, idx, NULL, NULL, a, b, bias, out, NULL};
+    parallel_rows(rows, threads, crow, sddmm_range, &s);
+}
+
+/* out[r] = sum over pairs n of row r of w[perm ? perm[n] : n] * dense[idx[n]]; with out2,
+ * out2[r] = the sum of those weights. Rows without pairs come out zero. */
+static void spmm_range(void *p, i64 lo, i64 hi) {
+    sparse_args *a = (sparse_args *)p;
+    for (i64 r = lo; r < hi; r++) {
+        float *y = a->out + r * a->d, total = 0;
+        memset(y, 0, sizeof(float) * (size_t)a->d);
+        for (i64 n = a->crow[r]; n < a->crow[r + 1]; n++) {
+            float w = a->w[a->perm ? a->perm[n] : n];
+            const float *next = n + PREFETCH < a->crow[hi] ? a->dense + a->idx[n + PREFETCH] * a->d : NULL;
+            axpy(y, w, a->dense + a->idx[n] * a->d, a->d, next);
+            total += w;
+        }
+        if (a->out2) a->out2[r] = total;
+    }
+}
+
+void dl_spmm(i64 rows, i64 d, const i64 *crow, const i64 *idx, const i64 *perm, const float *w, const float *dense,
+             float *out, float *sums, int threads) {
+    sparse_args s = {d, crow, idx, perm, w, dense, NULL, NULL, out, sums};
+    parallel_rows(rows, threads, crow, spmm_range, &s);
+}
+
+/* The decoder's backward pass in one sweep over the transposed pattern (features as rows):
+ * for each pair n of feature f (row idx[n], original position perm[n]),
+ * gv[perm[n]] = g[idx[n]] . W[f] and gW[f] = sum of vals[perm[n]] * g[idx[n]]. */
+static void decode_back_range(void *p, i64 lo, i64 hi) {
+    sparse_args *a = (sparse_args *)p;
+    for (i64 f = lo; f < hi; f++) {
+        float *y = a->out2 + f * a->d;
+        const float *wf = a->other + f * a->d;
+        memset(y, 0, sizeof(float) * (size_t)a->d);
+        for (i64 n = a->crow[f]; n < a->crow[f + 1]; n++) {
+            const float *g = a->dense + a->idx[n] * a->d;
+            const float *next = n + PREFETCH < a->crow[hi] ? a->dense + a->idx[n + PREFETCH] * a->d : NULL;
+            i64 at = a->perm[n];
+            if (a->out) a->out[at] = dot(g, wf, a->d, next);
+            axpy(y, a->w[at], g, a->d, a->out ? NULL : next);
+        }
+    }
+}
+
+void dl_decode_backward(i64 n_features, i64 d, const i64 *crow_t, const i64 *rows_t, const i64 *perm,
+                        const float *vals, const float *g, const float *W, float *gv, float *gW, int threads) {
+    sparse_args s = {d, crow_t, rows_t, perm, vals, g, W, NULL, gv, gW};
+    parallel_rows(n_features, threads, crow_t, decode_back_range, &s);
+}
+
+/* The transposed pattern by a counting sort (stable: pairs of a feature keep their order):
+ * crow_t [F + 1], perm [nnz] (the original position of each transposed pair), rows_t [nnz].
+ * Returns 0, or 1 where memory ran out (nothing usable written). */
+int dl_transpose(i64 n_rows, i64 n_features, const i64 *crow, const i64 *idx, i64 *crow_t, i64 *perm,
+                  i64 *rows_t) {
+    i64 nnz = crow[n_rows] - crow[0];
+    memset(crow_t, 0, sizeof(i64) * (size_t)(n_features + 1));
+    for (i64 n = 0; n < nnz; n++) crow_t[idx[n] + 1]++;
+    for (i64 f = 0; f < n_features; f++) crow_t[f + 1] += crow_t[f];
+    i64 *next = (i64 *)malloc(sizeof(i64) * (size_t)(n_features > 0 ? n_features : 1));
+    if (!next) return 1;
+    memcpy(next, crow_t, sizeof(i64) * (size_t)n_features);
+    for (i64 r = 0; r < n_rows; r++)
+        for (i64 n = crow[r] - crow[0]; n < crow[r + 1] - crow[0]; n++) {
+            i64 at = next[idx[n]]++;
+            perm[at] = n;
+            rows_t[at] = r;
+        }
+    free(next);
+    return 0;
+}
+
+/* ---- schedule-free AdamW in one pass ---------------------------------------------------
+ * Per element, in this order (the eager ScheduleFreeAdam.step of dictlens/train/optim.py):
+ *   v = beta2 v + (one_m g) g  (one_m = 1 - beta2 rounded once, as torch gets it);  u = g / (sqrt(v) + eps_bc);  u += wd * p  (if wd)
+ *   p = p + c (z - p);  p = p + a u;  z = z - b u
+ * with the multiply-adds fused where torch's vectorised CPU kernels fuse them (addcmul, add and
+ * sub with alpha, lerp's two forms), so that both round alike. */
+
+typedef struct {
+    float *p, *z, *v;
+    const float *g;
+    float beta2, one_m, eps_bc, wd, c, a, b;
+} sfadam_args;
+
+static void sfadam_range(void *q, i64 lo, i64 hi) {
+    sfadam_args *s = (sfadam_args *)q;
+    float beta2 = s->beta2, one_m = s->one_m, eps = s->eps_bc, wd = s->wd, c = s->c, a = s->a, b = s->b;
+    float *p = s->p, *z = s->z, *v = s->v;
+    const float *g = s->g;
+    for (i64 i = lo; i < hi; i++) {
+        float gi = g[i], vi = fmaf(one_m * gi, gi, v[i] * beta2);
+        v[i] = vi;
+        float u = gi / (sqrtf(vi) + eps);
+        if (wd != 0.0f) u = fmaf(wd, p[i], u);
+        float pi = p[i], zi = z[i];
+        pi = c < 0.5f ? fmaf(c, zi - pi, pi) : fmaf(-(zi - pi), 1.0f - c, zi);
+        p[i] = fmaf(a, u, pi);
+        z[i] = fmaf(-b, u, zi);
+    }
+}
+
+void dl_sfadam(i64 n, float *p, float *z, float *v, const float *g, float beta2, float one_m, float eps_bc, float wd,
+               float c, float a, float b, int threads) {
+    sfadam_args s = {p, z, v, g, beta2, one_m, eps_bc, wd, c, a, b};
+    /* blocks of 64k elements keep each thread's share contiguous and large */
+    parallel_rows(n, n < (1 << 16) ? 1 : threads, NULL, sfadam_range, &s);
+}
