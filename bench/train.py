@@ -287,6 +287,8 @@ def main() -> None:
     # run as a script, bench/ is on the path: bench/step.py times the step against its floor in detail
     from step import FLAGS, cpu_features
 
+    from dictlens.sae import native
+
     cpu = cpu_features()
     results = []
     for m in args.methods:
@@ -303,7 +305,8 @@ def main() -> None:
                        default=float("nan"))
     print(f"# {args.tokens:,} training tokens, B={B}, D={D}, F={F}, k={K}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"# CPU: {cpu['model']}; " + ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in FLAGS))
+    print(f"# CPU: {cpu['model']}; " + ", ".join(f"{f} {'yes' if cpu[f] else 'no'}" for f in FLAGS)
+          + f"; dictlens on {native.status()}")
     print(f"# encoder matmul alone: float32 {floor['float32']:,.0f} tok/s ({floor['float32_gflops']:.0f} GFLOP/s), "
           f"bfloat16 {floor['bfloat16']:,.0f} tok/s ({floor['bfloat16_gflops']:.0f} GFLOP/s)")
     print("| method | tokens/s | vs fastest peer | step / fp32 matmul | step / bf16 matmul | held-out FVU | L0 | "

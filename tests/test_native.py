@@ -174,3 +174,38 @@ def test_the_built_library_is_cached_and_reused(tmp_path):
     again = _child(STEP, DICTLENS_CACHE=str(tmp_path))
     assert again.returncode == 0 and built[0].stat().st_mtime_ns == stamp
     assert not [f for f in (tmp_path / "native").iterdir() if f.name.startswith(".native-")]  # no temp left
+
+
+@needs_lib
+def test_the_decoder_gradient_projection_equals_eager_pytorch():
+    from dictlens.sae.config import SAEConfig
+    from dictlens.sae.model import SAE
+
+    def projected() -> torch.Tensor:
+        sae = SAE(SAEConfig(d_in=37, n_features=90), seed=3)
+        sae.W_dec.grad = torch.randn(90, 37, generator=torch.Generator().manual_seed(11))
+        sae.project_decoder_grad()
+        assert sae.W_dec.grad is not None
+        assert float((sae.W_dec.grad * sae.W_dec.detach()).sum(1).abs().max()) < 1e-5  # orthogonal to each row
+        return sae.W_dec.grad
+
+    fast = projected()
+    with native.disabled():
+        ref = projected()
+    assert rel_err(fast, ref) <= 1e-6
+
+
+def test_the_one_sum_finiteness_check_misses_nothing():
+    from dictlens.train.trainer import all_finite
+
+    x = torch.randn(64, 9)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[17, 3] = bad
+        assert not all_finite(y)
+    pair = x.clone()
+    pair[0, 0], pair[1, 1] = float("inf"), float("-inf")  # their sum is NaN: still caught
+    assert not all_finite(pair)
+    huge = torch.full((64, 9), 3e38)  # finite values whose sum overflows: the full check says finite
+    assert all_finite(huge)

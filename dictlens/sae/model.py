@@ -27,7 +27,7 @@ from dictlens.distributed import World
 from dictlens.errors import CheckpointError, ConfigError, InputError
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 from dictlens.provenance import Provenance
-from dictlens.sae import activations
+from dictlens.sae import activations, native
 from dictlens.sae.activations import Codes
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.kernels import Pattern, dense_decode, dense_encode, sparse_decode, sparse_encode
@@ -247,7 +247,8 @@ class SAE(nn.Module):
         if self.cfg.decoder_norm != "unit" or self.W_dec.grad is None:
             return
         W, g = self.W_dec.detach(), self.W_dec.grad
-        g.addcmul_(W, torch.linalg.vecdot(g, W).unsqueeze(1), value=-1.0)
+        if not native.project_rows(W, g):  # one pass over both on CPU
+            g.addcmul_(W, torch.linalg.vecdot(g, W).unsqueeze(1), value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -400,6 +400,28 @@ int dl_transpose(i64 n_rows, i64 n_features, const i64 *crow, const i64 *idx, i6
     return 0;
 }
 
+/* ---- the decoder's gradient, projected off its unit rows: g[f] -= (g[f] . W[f]) W[f] ---- */
+
+typedef struct {
+    i64 d;
+    const float *W;
+    float *g;
+} project_args;
+
+static void project_range(void *p, i64 lo, i64 hi) {
+    project_args *a = (project_args *)p;
+    for (i64 f = lo; f < hi; f++) {
+        const float *w = a->W + f * a->d;
+        float *g = a->g + f * a->d;
+        axpy(g, -dot(g, w, a->d, NULL), w, a->d, NULL);
+    }
+}
+
+void dl_project_rows(i64 rows, i64 d, const float *W, float *g, int threads) {
+    project_args a = {d, W, g};
+    parallel_rows(rows, threads, NULL, project_range, &a);
+}
+
 /* ---- schedule-free AdamW in one pass ---------------------------------------------------
  * Per element, in this order (the eager ScheduleFreeAdam.step of dictlens/train/optim.py):
  *   v = beta2 v + (one_m g) g  (one_m = 1 - beta2 rounded once, as torch gets it);  u = g / (sqrt(v) + eps_bc);  u += wd * p  (if wd)

@@ -95,6 +95,7 @@ _SIGNATURES = {
     "dl_spmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _int]),
     "dl_decode_backward": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _int]),
     "dl_transpose": (_int, [_i64, _i64, _p, _p, _p, _p, _p]),
+    "dl_project_rows": (None, [_i64, _i64, _p, _p, _int]),
     "dl_sfadam": (None, [_i64, _p, _p, _p, _p, _f, _f, _f, _f, _f, _f, _f, _int]),
 }
 
@@ -244,6 +245,16 @@ def transpose(crow: torch.Tensor, cols: torch.Tensor,
                         _ptr(rows_t)):
         return None  # out of memory: the caller sorts with torch
     return perm, crow_t, rows_t
+
+
+def project_rows(W: torch.Tensor, g: torch.Tensor) -> bool:
+    """g[f] −= (g[f]·W[f]) W[f] for every row, in place (W's rows of unit norm); False if unusable."""
+    if not usable(W, g) or W.shape != g.shape or W.ndim != 2:
+        return False
+    lib = library()
+    assert lib is not None
+    lib.dl_project_rows(W.shape[0], W.shape[1], _ptr(W), _ptr(g), _threads())
+    return True
 
 
 def sfadam_step(p: torch.Tensor, z: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, beta2: float, eps_bc: float,

@@ -103,6 +103,13 @@ class TrainState:
     plateau: dict[str, Any] = field(default_factory=lambda: asdict(Plateau()))
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite, in one sum: a NaN or an infinity anywhere makes the
+    sum NaN or infinite; only a sum of large finite values that overflows needs the full check
+    (a pass of its own, which at B=4,096, D=576 cost 5 ms of a 110 ms step)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def geometric_median(x: torch.Tensor, iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the sum of distances to the rows of x."""
     m = x.mean(0)
@@ -308,7 +315,7 @@ class Trainer:
         x = x.to(self.device, torch.float32)
         if x.ndim != 2 or x.shape[1] != self.sae.d_in:
             raise InputError(f"batch shape {list(x.shape)} does not match the SAE's d_in {self.sae.d_in}")
-        if self.world.any(not bool(torch.isfinite(x).all()), "checking the batches are finite"):
+        if self.world.any(not all_finite(x), "checking the batches are finite"):
             self._nonfinite(x)
             return None
         self.world.heartbeat(self.state.step)
