@@ -303,23 +303,23 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     cpu = x_BD.device.type == "cpu"
     compiled = cpu and native.usable()
     groups = topk_groups(W_FD.shape[0], k) if cpu and not compiled else 0
-    top32 = torch.empty(n, k) if compiled and top is not None else None  # the compiled kernel's values
+    v32 = torch.empty(min(n, chunk), k) if compiled and top is not None else None  # the compiled kernel's values
     for s in range(0, n, chunk):
         rows = min(chunk, n - s)
         block = torch.mm(xd[s:s + rows], Wd.T, out=pre[:rows])  # one reused buffer
-        if compiled and native.topk_rows(block, k, idx[s:s + rows], top32[s:s + rows] if top32 is not None else None):
-            pass
+        i_out, t_out = idx[s:s + rows], top[s:s + rows] if top is not None else None
+        if compiled and native.topk_rows(block, k, i_out, v32[:rows] if v32 is not None else None):
+            if t_out is not None and v32 is not None:
+                t_out.copy_(v32[:rows])  # exact: the values were bf16 or float32 to begin with
         elif groups:
             v, i = grouped_topk(block, k, groups)
-            idx[s:s + rows] = i
-            if top is not None:
-                top[s:s + rows] = v
-        elif top is not None:
-            torch.topk(block, k, dim=1, sorted=False, out=(top[s:s + rows], idx[s:s + rows]))
-            if top32 is not None:
-                top32[s:s + rows] = top[s:s + rows]
+            i_out.copy_(i)
+            if t_out is not None:
+                t_out.copy_(v)
+        elif t_out is not None:
+            torch.topk(block, k, dim=1, sorted=False, out=(t_out, i_out))
         else:
-            idx[s:s + rows] = block.topk(k, dim=1, sorted=False).indices
+            i_out.copy_(block.topk(k, dim=1, sorted=False).indices)
         if aux is not None and s < n_aux:
             block = block[:n_aux - s]
             assert dead_idx is not None
@@ -328,8 +328,6 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
             aux[s:s + chunk] = dead_idx[j]
             if aux_top is not None:
                 aux_top[s:s + chunk] = v
-    if top is not None and top32 is not None:
-        top.copy_(top32)  # exact: the values were bf16 or float32 to begin with
     return Picks(idx, aux, top, aux_top)
 
 

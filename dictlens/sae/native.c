@@ -6,7 +6,7 @@
  *
  * Conventions: matrices are dense, row-major and contiguous (the caller checks); indices are
  * int64 (torch.long); floats are IEEE single precision, bfloat16 is passed as uint16 bits.
- * Sparse patterns are CSR: row r's pairs are n in [crow[r], crow[r+1]), column idx[n].
+ * Sparse patterns are CSR: row r's pairs are n in [crow[r], crow[r+1]), column idx[n]; crow[0] = 0.
  * Each function splits its rows over `threads` POSIX threads (the caller passes torch's
  * intra-op thread count) so that the work of each output row stays on one thread: results do
  * not depend on the thread count.
@@ -383,7 +383,7 @@ void dl_decode_backward(i64 n_features, i64 d, const i64 *crow_t, const i64 *row
  * Returns 0, or 1 where memory ran out (nothing usable written). */
 int dl_transpose(i64 n_rows, i64 n_features, const i64 *crow, const i64 *idx, i64 *crow_t, i64 *perm,
                   i64 *rows_t) {
-    i64 nnz = crow[n_rows] - crow[0];
+    i64 nnz = crow[n_rows];
     memset(crow_t, 0, sizeof(i64) * (size_t)(n_features + 1));
     for (i64 n = 0; n < nnz; n++) crow_t[idx[n] + 1]++;
     for (i64 f = 0; f < n_features; f++) crow_t[f + 1] += crow_t[f];
@@ -391,7 +391,7 @@ int dl_transpose(i64 n_rows, i64 n_features, const i64 *crow, const i64 *idx, i6
     if (!next) return 1;
     memcpy(next, crow_t, sizeof(i64) * (size_t)n_features);
     for (i64 r = 0; r < n_rows; r++)
-        for (i64 n = crow[r] - crow[0]; n < crow[r + 1] - crow[0]; n++) {
+        for (i64 n = crow[r]; n < crow[r + 1]; n++) {
             i64 at = next[idx[n]]++;
             perm[at] = n;
             rows_t[at] = r;

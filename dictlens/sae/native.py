@@ -162,9 +162,18 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def usable(*ts: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the library is built and these tensors are CPU, contiguous and ``dtype``."""
-    return (not ts or _ok(*ts, dtype=dtype)) and library() is not None
+def usable() -> bool:
+    """Whether the library is built (and not disabled)."""
+    return library() is not None
+
+
+def _lib_for(floats: tuple[torch.Tensor | None, ...] = (),
+             longs: tuple[torch.Tensor | None, ...] = ()) -> ctypes.CDLL | None:
+    """The library, if it is usable and the given tensors (None: absent) are CPU and contiguous,
+    ``floats`` float32 and ``longs`` int64; else None, and the caller takes its eager path."""
+    lib = library()
+    ok = _ok(*(t for t in floats if t is not None)) and _ok(*(t for t in longs if t is not None), dtype=torch.long)
+    return lib if ok else None
 
 
 def topk_rows(block: torch.Tensor, k: int, idx: torch.Tensor, vals: torch.Tensor | None = None,
@@ -175,11 +184,10 @@ def topk_rows(block: torch.Tensor, k: int, idx: torch.Tensor, vals: torch.Tensor
     bit is clear).
     ``groups``: the column groups of the bound (0: chosen for k and F; any count is exact).
     False where the library cannot be used (or ran out of memory): rank with torch instead."""
-    lib = library()
+    lib = _lib_for((vals,), (idx,))
     n, f = block.shape
     if (lib is None or block.device.type != "cpu" or block.dtype not in (torch.float32, torch.bfloat16)
-            or block.stride(1) != 1 or not _ok(idx, dtype=torch.long) or not 0 < k <= f < 2 ** 31
-            or (vals is not None and not _ok(vals))):
+            or block.stride(1) != 1 or not 0 < k <= f < 2 ** 31):
         return False
     failed = lib.dl_topk_rows(_ptr(block), int(block.dtype == torch.bfloat16), n, f, block.stride(0), k, groups,
                               _ptr(idx), _ptr(vals) if vals is not None else None, _threads())
@@ -189,10 +197,9 @@ def topk_rows(block: torch.Tensor, k: int, idx: torch.Tensor, vals: torch.Tensor
 def sddmm(crow: torch.Tensor, cols: torch.Tensor, a_BD: torch.Tensor, b_FD: torch.Tensor,
           bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """[nnz]: a[row]·b[col] (+ bias[col]) for every pair of the CSR pattern; None if unusable."""
-    if not usable(a_BD, b_FD) or not _ok(crow, cols, dtype=torch.long) or (bias is not None and not _ok(bias)):
+    lib = _lib_for((a_BD, b_FD, bias), (crow, cols))
+    if lib is None:
         return None
-    lib = library()
-    assert lib is not None
     out = torch.empty(cols.numel(), dtype=torch.float32)
     lib.dl_sddmm(a_BD.shape[0], a_BD.shape[1], _ptr(crow), _ptr(cols), _ptr(a_BD), _ptr(b_FD),
                  _ptr(bias) if bias is not None else None, _ptr(out), _threads())
@@ -203,11 +210,9 @@ def spmm(crow: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, dense: torch.T
          perm: torch.Tensor | None = None, sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """[n_rows, D]: row r = Σ over its pairs n of w[perm[n] or n] · dense[cols[n]]; with ``sums``
     also each row's Σ of those weights [n_rows]. None if unusable."""
-    if not usable(w, dense) or not _ok(crow, cols, dtype=torch.long) or (perm is not None and not _ok(perm,
-                                                                                                      dtype=torch.long)):
+    lib = _lib_for((w, dense), (crow, cols, perm))
+    if lib is None:
         return None
-    lib = library()
-    assert lib is not None
     out = torch.empty(n_rows, dense.shape[1], dtype=torch.float32)
     total = torch.empty(n_rows, dtype=torch.float32) if sums else None
     lib.dl_spmm(n_rows, dense.shape[1], _ptr(crow), _ptr(cols), _ptr(perm) if perm is not None else None, _ptr(w),
@@ -220,10 +225,9 @@ def decode_backward(crow_t: torch.Tensor, rows_t: torch.Tensor, perm: torch.Tens
                     need_gv: bool = True) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """The decoder's two gradients in one sweep over the transposed pattern: gv [nnz] =
     g[row]·W[col] per pair and gW [F, D] = Σ vals · g[row] per feature. None if unusable."""
-    if not usable(vals, g_BD, W_FD) or not _ok(crow_t, rows_t, perm, dtype=torch.long):
+    lib = _lib_for((vals, g_BD, W_FD), (crow_t, rows_t, perm))
+    if lib is None:
         return None
-    lib = library()
-    assert lib is not None
     gv = torch.empty(vals.numel(), dtype=torch.float32) if need_gv else None
     gW = torch.empty_like(W_FD)
     lib.dl_decode_backward(W_FD.shape[0], W_FD.shape[1], _ptr(crow_t), _ptr(rows_t), _ptr(perm), _ptr(vals),
@@ -234,10 +238,9 @@ def decode_backward(crow_t: torch.Tensor, rows_t: torch.Tensor, perm: torch.Tens
 def transpose(crow: torch.Tensor, cols: torch.Tensor,
               n_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The pattern by feature: (perm, crow_t, rows_t), pairs of a feature in row order; None if unusable."""
-    if not usable() or not _ok(crow, cols, dtype=torch.long):
+    lib = _lib_for(longs=(crow, cols))
+    if lib is None:
         return None
-    lib = library()
-    assert lib is not None
     nnz = cols.numel()
     crow_t = torch.empty(n_features + 1, dtype=torch.long)
     perm, rows_t = torch.empty(nnz, dtype=torch.long), torch.empty(nnz, dtype=torch.long)
@@ -249,10 +252,9 @@ def transpose(crow: torch.Tensor, cols: torch.Tensor,
 
 def project_rows(W: torch.Tensor, g: torch.Tensor) -> bool:
     """g[f] −= (g[f]·W[f]) W[f] for every row, in place (W's rows of unit norm); False if unusable."""
-    if not usable(W, g) or W.shape != g.shape or W.ndim != 2:
+    lib = _lib_for((W, g))
+    if lib is None or W.shape != g.shape or W.ndim != 2:
         return False
-    lib = library()
-    assert lib is not None
     lib.dl_project_rows(W.shape[0], W.shape[1], _ptr(W), _ptr(g), _threads())
     return True
 
@@ -261,9 +263,8 @@ def sfadam_step(p: torch.Tensor, z: torch.Tensor, v: torch.Tensor, g: torch.Tens
                 wd: float, c: float, a: float, b: float) -> bool:
     """One schedule-free AdamW update of p, z, v in place from g (see ScheduleFreeAdam.step);
     False (nothing changed) if unusable."""
-    if not usable(p, z, v, g) or p.requires_grad and torch.is_grad_enabled():
+    lib = _lib_for((p, z, v, g))
+    if lib is None or p.requires_grad and torch.is_grad_enabled():
         return False
-    lib = library()
-    assert lib is not None
     lib.dl_sfadam(p.numel(), _ptr(p), _ptr(z), _ptr(v), _ptr(g), beta2, 1 - beta2, eps_bc, wd, c, a, b, _threads())
     return True
