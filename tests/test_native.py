@@ -52,6 +52,23 @@ def test_topk_rows_finds_each_rows_k_largest(dtype, rows, F, k, groups):
     assert torch.equal(block.gather(1, idx).float(), vals)
     assert all(len(set(r)) == k for r in idx.tolist())  # k distinct columns, ties or not
     assert int(idx[2].eq(5).sum()) == 1
+    assert torch.equal(idx, idx.sort(dim=1).values)  # each row's columns ascending
+    tied = sorted(range(F), key=lambda c: (float(block[0, c]), c), reverse=True)[:k]
+    assert idx[0].tolist() == sorted(tied)  # ties at the k-th place: the highest columns
+
+
+def test_topk_select_gives_ascending_columns_on_both_paths():
+    from dictlens.sae.kernels import topk_select
+
+    g = torch.Generator().manual_seed(5)
+    x, W, b = torch.randn(300, 24, generator=g), torch.randn(1000, 24, generator=g), torch.randn(1000, generator=g)
+    picks = topk_select(x, W, b, 9, dtype=torch.float32, chunk=128, values=True)
+    with native.disabled():
+        eager = topk_select(x, W, b, 9, dtype=torch.float32, chunk=128, values=True)
+    assert torch.equal(picks.idx, picks.idx.sort(dim=1).values)
+    assert torch.equal(picks.idx, eager.idx)
+    assert picks.top is not None and eager.top is not None and torch.equal(picks.top, eager.top)
+    assert torch.allclose(picks.top, torch.addmm(b, x, W.T).gather(1, picks.idx), rtol=1e-5, atol=1e-5)
 
 
 def test_topk_rows_ranks_nan_first_like_torch():

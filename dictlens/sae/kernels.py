@@ -44,10 +44,11 @@ class Pattern:
         self._t: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
-    def from_indices(cls, idx_BK: torch.Tensor, n_features: int) -> Pattern:
-        """K active features per row (e.g. from top-k); indices need not be sorted."""
+    def from_indices(cls, idx_BK: torch.Tensor, n_features: int, ascending: bool = False) -> Pattern:
+        """K active features per row (e.g. from top-k); sorted here unless ``ascending`` says
+        each row's already are."""
         n_rows, k = idx_BK.shape
-        cols = idx_BK.sort(dim=1).values.reshape(-1)
+        cols = (idx_BK if ascending else idx_BK.sort(dim=1).values).reshape(-1)
         crow = torch.arange(0, n_rows * k + 1, k, device=idx_BK.device)
         return cls(crow, cols, n_rows, n_features)
 
@@ -231,8 +232,9 @@ def sparse_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.T
 
 
 class Picks(NamedTuple):
-    """What :func:`topk_select` picked: each row's top-k features [B, k], the top dead features
-    [B', k_aux] for AuxK (or None), and with ``values`` the ranked values of both."""
+    """What :func:`topk_select` picked: each row's top-k features [B, k] in ascending order, the
+    top dead features [B', k_aux] for AuxK (or None, in no order), and with ``values`` the ranked
+    values of both (in the order of their features)."""
 
     idx: torch.Tensor
     aux: torch.Tensor | None
@@ -304,6 +306,7 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
     compiled = cpu and native.usable()
     groups = topk_groups(W_FD.shape[0], k) if cpu and not compiled else 0
     v32 = torch.empty(min(n, chunk), k) if compiled and top is not None else None  # the compiled kernel's values
+    ascending = True  # the compiled kernel's columns are; torch's are sorted at the end
     for s in range(0, n, chunk):
         rows = min(chunk, n - s)
         block = torch.mm(xd[s:s + rows], Wd.T, out=pre[:rows])  # one reused buffer
@@ -312,13 +315,16 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
             if t_out is not None and v32 is not None:
                 t_out.copy_(v32[:rows])  # exact: the values were bf16 or float32 to begin with
         elif groups:
+            ascending = False
             v, i = grouped_topk(block, k, groups)
             i_out.copy_(i)
             if t_out is not None:
                 t_out.copy_(v)
         elif t_out is not None:
+            ascending = False
             torch.topk(block, k, dim=1, sorted=False, out=(t_out, i_out))
         else:
+            ascending = False
             i_out.copy_(block.topk(k, dim=1, sorted=False).indices)
         if aux is not None and s < n_aux:
             block = block[:n_aux - s]
@@ -328,6 +334,9 @@ def topk_select(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, k: in
             aux[s:s + chunk] = dead_idx[j]
             if aux_top is not None:
                 aux_top[s:s + chunk] = v
+    if not ascending:
+        idx, order = idx.sort(dim=1)
+        top = top.gather(1, order) if top is not None else None
     return Picks(idx, aux, top, aux_top)
 
 

@@ -145,11 +145,12 @@ static inline void axpy(float *y, float w, const float *x, i64 d, const float *n
  * clear, below -inf when set, so a positive NaN is ranked first, as torch.topk ranks NaN).
  * The row's columns are cut into G strided groups (column c = g * W + j sits in slot j of group
  * g) and each slot's maximum over the groups is taken, a vertical max the compiler vectorises.
- * The k largest slot maxima are k of the row's values, so the k-th largest of them, t, is at
- * most the row's k-th largest value: every value of the row's top k is >= t and lies in a slot
- * whose maximum is >= t. Only those slots (about k of W) are read again, their values >= t
- * collected (every value >= t is, ties at the k-th place included), and the k largest of the
- * candidates kept (quickselect), ties going to the highest columns. About one vectorised pass.
+ * The k largest slot maxima are k of the row's values, so the k-th largest of them, t (found by
+ * bisection on the key, each step a vectorised count), is at most the row's k-th largest value:
+ * every value of the row's top k is >= t and lies in a slot whose maximum is >= t. Only those
+ * slots (about k of W) are read again, their values >= t collected in column order (every value
+ * >= t is, ties at the k-th place included), and the k largest of the candidates kept in that
+ * order, ties going to the highest columns: each row's columns come out ascending.
  */
 
 /* A candidate: its key in the high half, its column in the low half, so that a larger rank is a
@@ -160,8 +161,6 @@ typedef int64_t cand_t;
 static inline cand_t rank_of(int32_t key, i64 col) {
     return (cand_t)key * 4294967296LL + (cand_t)(uint32_t)col;
 }
-
-static inline int32_t key_of(cand_t c) { return (int32_t)(c >> 32); } /* arithmetic shift (gcc, clang) */
 
 static inline i64 col_of(cand_t c) { return (i64)(uint32_t)(c & 0xFFFFFFFF); }
 
@@ -198,6 +197,25 @@ static void keep_largest(cand_t *c, i64 m, i64 k) {
     }
 }
 
+/* The k-th largest of s[0..w) (0 < k <= w): the largest t with at least k values >= t, by
+ * bisection between the least and the largest value (for bfloat16 keys at most 17 steps, each a
+ * branch-free count the compiler vectorises). */
+static int32_t kth_largest(const int32_t *s, i64 w, i64 k) {
+    int32_t least = s[0], most = s[0];
+    for (i64 j = 1; j < w; j++) {
+        least = s[j] < least ? s[j] : least;
+        most = s[j] > most ? s[j] : most;
+    }
+    int64_t lo = least, hi = most; /* at least k values >= lo; fewer than k > hi */
+    while (lo < hi) {
+        int32_t mid = (int32_t)(lo + (hi - lo + 1) / 2), count = 0;
+        for (i64 j = 0; j < w; j++) count += s[j] >= mid;
+        if (count >= k) lo = mid;
+        else hi = (int64_t)mid - 1;
+    }
+    return (int32_t)lo;
+}
+
 typedef struct {
     const void *src;
     int bf16;
@@ -207,10 +225,11 @@ typedef struct {
     int failed; /* set where a thread could not get its scratch memory */
 } topk_args;
 
-/* One row type at a time: T the element, KEY its key, TO_F32 its value as a float. */
+/* One row type at a time: T the element, KEY its key, TO_F32 its value as a float. Scratch:
+ * slot_max [W], slots [W], c and c2 [cols] each. */
 #define TOPK_ROW(NAME, T, KEY, TO_F32)                                                              \
-    static void NAME(const T *row, const topk_args *a, int32_t *slot_max, cand_t *c, i64 *idx,      \
-                     float *vals) {                                                                 \
+    static void NAME(const T *row, const topk_args *a, int32_t *slot_max, i64 *slots, cand_t *c,    \
+                     cand_t *c2, i64 *idx, float *vals) {                                           \
         i64 n = a->cols, k = a->k, G = a->groups, W = n / G, tail = W * G;                          \
         for (i64 j = 0; j < W; j++) slot_max[j] = KEY(row[j]);                                      \
         for (i64 g = 1; g < G; g++) {                                                               \
@@ -220,22 +239,18 @@ typedef struct {
                 slot_max[j] = v > slot_max[j] ? v : slot_max[j];                                    \
             }                                                                                       \
         }                                                                                           \
-        int32_t t = INT32_MIN; /* the k-th largest slot maximum, or none with fewer than k slots */ \
-        if (W >= k) {                                                                               \
-            for (i64 j = 0; j < W; j++) c[j] = rank_of(slot_max[j], j);                             \
-            keep_largest(c, W, k);                                                                  \
-            t = INT32_MAX;                                                                          \
-            for (i64 q = 0; q < k; q++) {                                                           \
-                int32_t v = key_of(c[q]);                                                           \
-                t = v < t ? v : t;                                                                  \
-            }                                                                                       \
+        /* the k-th largest slot maximum, or none with fewer than k slots */                        \
+        int32_t t = W >= k ? kth_largest(slot_max, W, k) : INT32_MIN;                               \
+        i64 ns = 0, m = 0;                                                                          \
+        for (i64 j = 0; j < W; j++) { /* the slots that can hold the top k, ascending */            \
+            slots[ns] = j;                                                                          \
+            ns += slot_max[j] >= t;                                                                 \
         }                                                                                           \
-        i64 m = 0;                                                                                  \
-        for (i64 j = 0; j < W; j++) {                                                               \
-            if (slot_max[j] < t) continue;                                                          \
-            for (i64 g = 0; g < G; g++) { /* branch-free: write always, keep if >= t */             \
-                int32_t v = KEY(row[g * W + j]);                                                    \
-                c[m] = rank_of(v, g * W + j);                                                       \
+        for (i64 g = 0; g < G; g++) { /* column order; branch-free: write always, keep if >= t */   \
+            const T *r = row + g * W;                                                               \
+            for (i64 q = 0; q < ns; q++) {                                                          \
+                int32_t v = KEY(r[slots[q]]);                                                       \
+                c[m] = rank_of(v, g * W + slots[q]);                                                \
                 m += v >= t;                                                                        \
             }                                                                                       \
         }                                                                                           \
@@ -243,10 +258,18 @@ typedef struct {
             int32_t v = KEY(row[j]);                                                                \
             if (v >= t) c[m++] = rank_of(v, j);                                                     \
         }                                                                                           \
-        if (m > k) keep_largest(c, m, k);                                                           \
-        for (i64 q = 0; q < k; q++) {                                                               \
-            idx[q] = col_of(c[q]);                                                                  \
-            if (vals) vals[q] = TO_F32(row[idx[q]]);                                                \
+        cand_t least = INT64_MIN; /* the k-th largest candidate: keep those >= it, in order */      \
+        if (m > k) {                                                                                \
+            memcpy(c2, c, sizeof(cand_t) * (size_t)m);                                              \
+            keep_largest(c2, m, k);                                                                 \
+            least = INT64_MAX;                                                                      \
+            for (i64 q = 0; q < k; q++) least = c2[q] < least ? c2[q] : least;                      \
+        }                                                                                           \
+        for (i64 q = 0, out = 0; q < m; q++) { /* ranks are distinct: exactly k pass */             \
+            if (c[q] < least) continue;                                                             \
+            idx[out] = col_of(c[q]);                                                                \
+            if (vals) vals[out] = TO_F32(row[idx[out]]);                                            \
+            out++;                                                                                  \
         }                                                                                           \
     }
 
@@ -262,34 +285,76 @@ static inline float f32_of_bits(uint32_t u) {
 TOPK_ROW(topk_row_f32, uint32_t, KEY_F32, F32_OF_F32)
 TOPK_ROW(topk_row_bf16, uint16_t, KEY_BF16, F32_OF_BF16)
 
+/* Scratch memory kept per thread between calls (freed when the thread exits): a fresh malloc
+ * of a few hundred kB per call is an mmap and its page faults every time. */
+typedef struct {
+    void *mem;
+    size_t size;
+} scratch_t;
+
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_ok; /* the key was created */
+
+static void scratch_free(void *p) {
+    scratch_t *s = (scratch_t *)p;
+    free(s->mem);
+    free(s);
+}
+
+static void scratch_init(void) {
+    scratch_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
+
+static void *thread_scratch(size_t size) {
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_ok) return NULL;
+    scratch_t *s = (scratch_t *)pthread_getspecific(scratch_key);
+    if (!s) {
+        s = (scratch_t *)calloc(1, sizeof *s);
+        if (!s) return NULL;
+        if (pthread_setspecific(scratch_key, s)) {
+            free(s);
+            return NULL;
+        }
+    }
+    if (s->size < size) {
+        free(s->mem);
+        s->mem = malloc(size);
+        s->size = s->mem ? size : 0;
+    }
+    return s->mem;
+}
+
 static void topk_range(void *p, i64 lo, i64 hi) {
     topk_args *a = (topk_args *)p;
-    /* candidates (at most every column; first the slot maxima being ranked), the slot maxima */
-    void *mem = malloc(sizeof(cand_t) * (size_t)a->cols + sizeof(int32_t) * (size_t)a->cols);
+    /* two candidate lists (at most every column each), the slot maxima and the slots kept */
+    size_t n = (size_t)a->cols;
+    void *mem = thread_scratch(2 * sizeof(cand_t) * n + sizeof(int32_t) * n + sizeof(i64) * n);
     if (!mem) {
         a->failed = 1;
         return;
     }
-    cand_t *c = (cand_t *)mem;
-    int32_t *slot_max = (int32_t *)(c + a->cols);
+    cand_t *c = (cand_t *)mem, *c2 = c + n;
+    i64 *slots = (i64 *)(c2 + n);
+    int32_t *slot_max = (int32_t *)(slots + n);
     for (i64 r = lo; r < hi; r++) {
         i64 *idx = a->idx + r * a->k;
         float *vals = a->vals ? a->vals + r * a->k : NULL;
-        if (a->bf16) topk_row_bf16((const uint16_t *)a->src + r * a->ld, a, slot_max, c, idx, vals);
-        else topk_row_f32((const uint32_t *)a->src + r * a->ld, a, slot_max, c, idx, vals);
+        if (a->bf16) topk_row_bf16((const uint16_t *)a->src + r * a->ld, a, slot_max, slots, c, c2, idx, vals);
+        else topk_row_f32((const uint32_t *)a->src + r * a->ld, a, slot_max, slots, c, c2, idx, vals);
     }
-    free(mem);
 }
 
 /* Each of `rows` rows (row stride `ld` elements, `cols` of them, float32 or bfloat16 bits): the
- * columns of its k largest values into idx [rows, k] and, if vals, those values as float32.
+ * columns of its k largest values into idx [rows, k], ascending, and, if vals, their values as float32.
  * `groups` strided groups (0: a choice that suits k and cols). 0 < k <= cols < 2^31. Returns 0,
- * or 1 where memory ran out (the output is then incomplete). */
+ * or 1 where memory ran out (the output is then incomplete: rank with torch). */
 int dl_topk_rows(const void *src, int bf16, i64 rows, i64 cols, i64 ld, i64 k, i64 groups, i64 *idx, float *vals,
                   int threads) {
     if (groups <= 0) {
-        groups = 64;  /* the most groups that leave 4k slots: a tight bound, a short first pass */
-        while (groups > 1 && cols / groups < 4 * k) groups /= 2;
+        groups = 64;  /* the most groups that leave 8k slots: a tight bound, few values read again */
+        while (groups > 1 && cols / groups < 8 * k) groups /= 2;
     }
     if (groups > cols) groups = cols;
     topk_args a = {src, bf16, cols, ld, k, groups, idx, vals, 0};
@@ -380,23 +445,62 @@ void dl_decode_backward(i64 n_features, i64 d, const i64 *crow_t, const i64 *row
 
 /* The transposed pattern by a counting sort (stable: pairs of a feature keep their order):
  * crow_t [F + 1], perm [nnz] (the original position of each transposed pair), rows_t [nnz].
- * Returns 0, or 1 where memory ran out (nothing usable written). */
+ * The rows are cut into PARTS parts of equal pairs (however many threads run them, so the
+ * result never depends on the thread count): each part counts its columns, the counts give each
+ * (feature, part) its place, and each part writes its pairs there. */
+#define PARTS 8
+
+typedef struct {
+    i64 n_rows, n_features;
+    const i64 *crow, *idx;
+    i64 *counts; /* [PARTS, F]: counts, then where each part's next pair of a feature goes */
+    i64 *perm, *rows_t;
+} transpose_args;
+
+static void transpose_count(void *p, i64 lo, i64 hi) {
+    transpose_args *a = (transpose_args *)p;
+    for (i64 part = lo; part < hi; part++) {
+        i64 *count = a->counts + part * a->n_features;
+        i64 r0 = range_start(a->n_rows, (int)part, PARTS, a->crow);
+        i64 r1 = range_start(a->n_rows, (int)part + 1, PARTS, a->crow);
+        memset(count, 0, sizeof(i64) * (size_t)a->n_features);
+        for (i64 n = a->crow[r0]; n < a->crow[r1]; n++) count[a->idx[n]]++;
+    }
+}
+
+static void transpose_place(void *p, i64 lo, i64 hi) {
+    transpose_args *a = (transpose_args *)p;
+    for (i64 part = lo; part < hi; part++) {
+        i64 *next = a->counts + part * a->n_features;
+        i64 r0 = range_start(a->n_rows, (int)part, PARTS, a->crow);
+        i64 r1 = range_start(a->n_rows, (int)part + 1, PARTS, a->crow);
+        for (i64 r = r0; r < r1; r++)
+            for (i64 n = a->crow[r]; n < a->crow[r + 1]; n++) {
+                i64 at = next[a->idx[n]]++;
+                a->perm[at] = n;
+                a->rows_t[at] = r;
+            }
+    }
+}
+
 int dl_transpose(i64 n_rows, i64 n_features, const i64 *crow, const i64 *idx, i64 *crow_t, i64 *perm,
-                  i64 *rows_t) {
-    i64 nnz = crow[n_rows];
-    memset(crow_t, 0, sizeof(i64) * (size_t)(n_features + 1));
-    for (i64 n = 0; n < nnz; n++) crow_t[idx[n] + 1]++;
-    for (i64 f = 0; f < n_features; f++) crow_t[f + 1] += crow_t[f];
-    i64 *next = (i64 *)malloc(sizeof(i64) * (size_t)(n_features > 0 ? n_features : 1));
-    if (!next) return 1;
-    memcpy(next, crow_t, sizeof(i64) * (size_t)n_features);
-    for (i64 r = 0; r < n_rows; r++)
-        for (i64 n = crow[r]; n < crow[r + 1]; n++) {
-            i64 at = next[idx[n]]++;
-            perm[at] = n;
-            rows_t[at] = r;
+                  i64 *rows_t, int threads) {
+    i64 *counts = (i64 *)malloc(sizeof(i64) * PARTS * (size_t)(n_features > 0 ? n_features : 1));
+    if (!counts) return 1;
+    transpose_args a = {n_rows, n_features, crow, idx, counts, perm, rows_t};
+    parallel_rows(PARTS, threads, NULL, transpose_count, &a);
+    i64 at = 0; /* feature by feature, part by part: each count becomes that part's first place */
+    for (i64 f = 0; f < n_features; f++) {
+        crow_t[f] = at;
+        for (int part = 0; part < PARTS; part++) {
+            i64 c = counts[part * n_features + f];
+            counts[part * n_features + f] = at;
+            at += c;
         }
-    free(next);
+    }
+    crow_t[n_features] = at;
+    parallel_rows(PARTS, threads, NULL, transpose_place, &a);
+    free(counts);
     return 0;
 }
 

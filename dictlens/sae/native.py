@@ -94,7 +94,7 @@ _SIGNATURES = {
     "dl_sddmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _int]),
     "dl_spmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _int]),
     "dl_decode_backward": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _int]),
-    "dl_transpose": (_int, [_i64, _i64, _p, _p, _p, _p, _p]),
+    "dl_transpose": (_int, [_i64, _i64, _p, _p, _p, _p, _p, _int]),
     "dl_project_rows": (None, [_i64, _i64, _p, _p, _int]),
     "dl_sfadam": (None, [_i64, _p, _p, _p, _p, _f, _f, _f, _f, _f, _f, _f, _int]),
 }
@@ -162,6 +162,13 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _run(lib: ctypes.CDLL, name: str, *args: object) -> object:
+    """``lib.name(*args)``, named in torch's profiler ("dictlens::name"), where ctypes calls are
+    otherwise invisible (bench/step.py's table of where the step's time goes)."""
+    with torch.profiler.record_function(f"dictlens::{name}"):
+        return getattr(lib, name)(*args)
+
+
 def usable() -> bool:
     """Whether the library is built (and not disabled)."""
     return library() is not None
@@ -189,8 +196,8 @@ def topk_rows(block: torch.Tensor, k: int, idx: torch.Tensor, vals: torch.Tensor
     if (lib is None or block.device.type != "cpu" or block.dtype not in (torch.float32, torch.bfloat16)
             or block.stride(1) != 1 or not 0 < k <= f < 2 ** 31):
         return False
-    failed = lib.dl_topk_rows(_ptr(block), int(block.dtype == torch.bfloat16), n, f, block.stride(0), k, groups,
-                              _ptr(idx), _ptr(vals) if vals is not None else None, _threads())
+    failed = _run(lib, "dl_topk_rows", _ptr(block), int(block.dtype == torch.bfloat16), n, f, block.stride(0), k,
+                  groups, _ptr(idx), _ptr(vals) if vals is not None else None, _threads())
     return not failed
 
 
@@ -201,8 +208,8 @@ def sddmm(crow: torch.Tensor, cols: torch.Tensor, a_BD: torch.Tensor, b_FD: torc
     if lib is None:
         return None
     out = torch.empty(cols.numel(), dtype=torch.float32)
-    lib.dl_sddmm(a_BD.shape[0], a_BD.shape[1], _ptr(crow), _ptr(cols), _ptr(a_BD), _ptr(b_FD),
-                 _ptr(bias) if bias is not None else None, _ptr(out), _threads())
+    _run(lib, "dl_sddmm", a_BD.shape[0], a_BD.shape[1], _ptr(crow), _ptr(cols), _ptr(a_BD), _ptr(b_FD),
+         _ptr(bias) if bias is not None else None, _ptr(out), _threads())
     return out
 
 
@@ -215,8 +222,8 @@ def spmm(crow: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, dense: torch.T
         return None
     out = torch.empty(n_rows, dense.shape[1], dtype=torch.float32)
     total = torch.empty(n_rows, dtype=torch.float32) if sums else None
-    lib.dl_spmm(n_rows, dense.shape[1], _ptr(crow), _ptr(cols), _ptr(perm) if perm is not None else None, _ptr(w),
-                _ptr(dense), _ptr(out), _ptr(total) if total is not None else None, _threads())
+    _run(lib, "dl_spmm", n_rows, dense.shape[1], _ptr(crow), _ptr(cols), _ptr(perm) if perm is not None else None,
+         _ptr(w), _ptr(dense), _ptr(out), _ptr(total) if total is not None else None, _threads())
     return out, total
 
 
@@ -230,8 +237,8 @@ def decode_backward(crow_t: torch.Tensor, rows_t: torch.Tensor, perm: torch.Tens
         return None
     gv = torch.empty(vals.numel(), dtype=torch.float32) if need_gv else None
     gW = torch.empty_like(W_FD)
-    lib.dl_decode_backward(W_FD.shape[0], W_FD.shape[1], _ptr(crow_t), _ptr(rows_t), _ptr(perm), _ptr(vals),
-                           _ptr(g_BD), _ptr(W_FD), _ptr(gv) if gv is not None else None, _ptr(gW), _threads())
+    _run(lib, "dl_decode_backward", W_FD.shape[0], W_FD.shape[1], _ptr(crow_t), _ptr(rows_t), _ptr(perm), _ptr(vals),
+         _ptr(g_BD), _ptr(W_FD), _ptr(gv) if gv is not None else None, _ptr(gW), _threads())
     return gv, gW
 
 
@@ -244,8 +251,8 @@ def transpose(crow: torch.Tensor, cols: torch.Tensor,
     nnz = cols.numel()
     crow_t = torch.empty(n_features + 1, dtype=torch.long)
     perm, rows_t = torch.empty(nnz, dtype=torch.long), torch.empty(nnz, dtype=torch.long)
-    if lib.dl_transpose(crow.numel() - 1, n_features, _ptr(crow), _ptr(cols), _ptr(crow_t), _ptr(perm),
-                        _ptr(rows_t)):
+    if _run(lib, "dl_transpose", crow.numel() - 1, n_features, _ptr(crow), _ptr(cols), _ptr(crow_t), _ptr(perm),
+            _ptr(rows_t), _threads()):
         return None  # out of memory: the caller sorts with torch
     return perm, crow_t, rows_t
 
@@ -255,7 +262,7 @@ def project_rows(W: torch.Tensor, g: torch.Tensor) -> bool:
     lib = _lib_for((W, g))
     if lib is None or W.shape != g.shape or W.ndim != 2:
         return False
-    lib.dl_project_rows(W.shape[0], W.shape[1], _ptr(W), _ptr(g), _threads())
+    _run(lib, "dl_project_rows", W.shape[0], W.shape[1], _ptr(W), _ptr(g), _threads())
     return True
 
 
@@ -266,5 +273,6 @@ def sfadam_step(p: torch.Tensor, z: torch.Tensor, v: torch.Tensor, g: torch.Tens
     lib = _lib_for((p, z, v, g))
     if lib is None or p.requires_grad and torch.is_grad_enabled():
         return False
-    lib.dl_sfadam(p.numel(), _ptr(p), _ptr(z), _ptr(v), _ptr(g), beta2, 1 - beta2, eps_bc, wd, c, a, b, _threads())
+    _run(lib, "dl_sfadam", p.numel(), _ptr(p), _ptr(z), _ptr(v), _ptr(g), beta2, 1 - beta2, eps_bc, wd, c, a, b,
+         _threads())
     return True

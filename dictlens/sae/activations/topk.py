@@ -41,4 +41,4 @@ class TopK(Activation):
         picks = topk_select(x_c, sae.W_enc, sae.b_enc, k, dtype=sae.ranking_dtype(),
                             dead=dead if n_dead else None, k_aux=min(k_aux, n_dead), aux_rows=aux_rows)
         aux = Pattern.from_indices(picks.aux, sae.n_features) if picks.aux is not None else None
-        return Selection(Pattern.from_indices(picks.idx, sae.n_features), aux)
+        return Selection(Pattern.from_indices(picks.idx, sae.n_features, ascending=True), aux)
