@@ -455,28 +455,23 @@ typedef struct {
     const i64 *crow, *idx;
     i64 *counts; /* [PARTS, F]: counts, then where each part's next pair of a feature goes */
     i64 *perm, *rows_t;
+    int place; /* 0: count each part's columns; 1: write each part's pairs at their places */
 } transpose_args;
 
-static void transpose_count(void *p, i64 lo, i64 hi) {
+static void transpose_parts(void *p, i64 lo, i64 hi) {
     transpose_args *a = (transpose_args *)p;
     for (i64 part = lo; part < hi; part++) {
         i64 *count = a->counts + part * a->n_features;
         i64 r0 = range_start(a->n_rows, (int)part, PARTS, a->crow);
         i64 r1 = range_start(a->n_rows, (int)part + 1, PARTS, a->crow);
-        memset(count, 0, sizeof(i64) * (size_t)a->n_features);
-        for (i64 n = a->crow[r0]; n < a->crow[r1]; n++) count[a->idx[n]]++;
-    }
-}
-
-static void transpose_place(void *p, i64 lo, i64 hi) {
-    transpose_args *a = (transpose_args *)p;
-    for (i64 part = lo; part < hi; part++) {
-        i64 *next = a->counts + part * a->n_features;
-        i64 r0 = range_start(a->n_rows, (int)part, PARTS, a->crow);
-        i64 r1 = range_start(a->n_rows, (int)part + 1, PARTS, a->crow);
+        if (!a->place) {
+            memset(count, 0, sizeof(i64) * (size_t)a->n_features);
+            for (i64 n = a->crow[r0]; n < a->crow[r1]; n++) count[a->idx[n]]++;
+            continue;
+        }
         for (i64 r = r0; r < r1; r++)
             for (i64 n = a->crow[r]; n < a->crow[r + 1]; n++) {
-                i64 at = next[a->idx[n]]++;
+                i64 at = count[a->idx[n]]++;
                 a->perm[at] = n;
                 a->rows_t[at] = r;
             }
@@ -487,8 +482,8 @@ int dl_transpose(i64 n_rows, i64 n_features, const i64 *crow, const i64 *idx, i6
                   i64 *rows_t, int threads) {
     i64 *counts = (i64 *)malloc(sizeof(i64) * PARTS * (size_t)(n_features > 0 ? n_features : 1));
     if (!counts) return 1;
-    transpose_args a = {n_rows, n_features, crow, idx, counts, perm, rows_t};
-    parallel_rows(PARTS, threads, NULL, transpose_count, &a);
+    transpose_args a = {n_rows, n_features, crow, idx, counts, perm, rows_t, 0};
+    parallel_rows(PARTS, threads, NULL, transpose_parts, &a);
     i64 at = 0; /* feature by feature, part by part: each count becomes that part's first place */
     for (i64 f = 0; f < n_features; f++) {
         crow_t[f] = at;
@@ -499,7 +494,8 @@ int dl_transpose(i64 n_rows, i64 n_features, const i64 *crow, const i64 *idx, i6
         }
     }
     crow_t[n_features] = at;
-    parallel_rows(PARTS, threads, NULL, transpose_place, &a);
+    a.place = 1;
+    parallel_rows(PARTS, threads, NULL, transpose_parts, &a);
     free(counts);
     return 0;
 }
