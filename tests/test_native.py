@@ -114,6 +114,25 @@ def test_every_sparse_product_equals_eager_pytorch(D):
     assert torch.equal(fast[2][3], torch.zeros(D)) and torch.equal(fast[6][0], torch.zeros(D))
 
 
+@pytest.mark.parametrize("D", [37, 576])
+def test_the_decoders_row_kernels_equal_eager_pytorch(D):
+    """The gradient projected off unit rows, and rows renormalised (a zero row stays zero)."""
+    g = torch.Generator().manual_seed(D)
+    W = torch.randn(50, D, generator=g)
+    W /= W.norm(dim=1, keepdim=True)
+    grad = torch.randn(50, D, generator=g)
+    fast, ref = grad.clone(), grad - torch.linalg.vecdot(grad, W).unsqueeze(1) * W
+    assert native.project_rows(W, fast)
+    assert rel_err(fast, ref) <= 1e-6
+    assert torch.linalg.vecdot(fast, W).abs().max() < 1e-5
+    rows = torch.randn(50, D, generator=g) * 3
+    rows[7] = 0
+    fast = rows.clone()
+    assert native.normalize_rows(fast)
+    assert rel_err(fast, rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)) <= 1e-6
+    assert torch.equal(fast[7], torch.zeros(D))
+
+
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_the_compiled_schedule_free_step_rounds_like_the_eager_one(weight_decay):
     from dictlens.train.optim import ScheduleFreeAdam

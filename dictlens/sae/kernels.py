@@ -121,15 +121,16 @@ class Pattern:
 # bag sum of rows, 4-5x faster on CPU than torch's CSR matmul) and ``sampled_addmm`` for the
 # sampled one.
 
-def spmm(p: Pattern, vals: torch.Tensor, dense_FD: torch.Tensor) -> torch.Tensor:
-    """[B, D] = S @ dense, S the B×F matrix of ``vals`` on pattern ``p``."""
+def spmm(p: Pattern, vals: torch.Tensor, dense_FD: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, D] = S @ dense (+ bias [D] in every row), S the B×F matrix of ``vals`` on pattern ``p``."""
     if p.nnz == 0:
-        return dense_FD.new_zeros(p.n_rows, dense_FD.shape[1])
-    done = native.spmm(p.crow, p.cols, vals, dense_FD, p.n_rows)
+        out = dense_FD.new_zeros(p.n_rows, dense_FD.shape[1])
+        return out if bias is None else out + bias
+    done = native.spmm(p.crow, p.cols, vals, dense_FD, p.n_rows, bias=bias)
     if done is not None:
         return done[0]
-    return F.embedding_bag(p.cols, dense_FD, p.crow, per_sample_weights=vals, mode="sum",
-                           include_last_offset=True)
+    out = F.embedding_bag(p.cols, dense_FD, p.crow, per_sample_weights=vals, mode="sum", include_last_offset=True)
+    return out if bias is None else out + bias
 
 
 def spmm_t(p: Pattern, vals: torch.Tensor, dense_BD: torch.Tensor,
@@ -197,20 +198,22 @@ class _SparseEncode(Function):
 
 class _SparseDecode(Function):
     @staticmethod
-    def forward(ctx: Any, vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.Tensor:
+    def forward(ctx: Any, vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern,
+                bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(vals, W_FD)
         ctx.p = p
-        return spmm(p, vals, W_FD)
+        return spmm(p, vals, W_FD, bias)
 
     @staticmethod
     def backward(ctx: Any, g_BD: torch.Tensor) -> tuple[Any, ...]:
         vals, W_FD = ctx.saved_tensors
         p: Pattern = ctx.p
         g_BD = g_BD.contiguous()
+        gb = g_BD.sum(0) if ctx.needs_input_grad[3] else None
         if ctx.needs_input_grad[1]:
             gv, gW = decode_backward(p, vals, g_BD, W_FD, ctx.needs_input_grad[0])
-            return gv, gW, None
-        return sddmm(p, g_BD, W_FD) if ctx.needs_input_grad[0] else None, None, None
+            return gv, gW, None, gb
+        return sddmm(p, g_BD, W_FD) if ctx.needs_input_grad[0] else None, None, None, gb
 
 
 def sparse_encode(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, p: Pattern,
@@ -225,9 +228,10 @@ def sparse_encode(x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, p: 
     return out
 
 
-def sparse_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern) -> torch.Tensor:
-    """[B, D] = Σ over active pairs of ``vals · W[f]`` (add the decoder bias yourself)."""
-    out: torch.Tensor = _SparseDecode.apply(vals, W_FD, p)  # type: ignore[no-untyped-call]
+def sparse_decode(vals: torch.Tensor, W_FD: torch.Tensor, p: Pattern, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, D] = Σ over active pairs of ``vals · W[f]``, + ``bias`` [D] in every row if given (each
+    row starts from it: no pass of its own)."""
+    out: torch.Tensor = _SparseDecode.apply(vals, W_FD, p, bias)  # type: ignore[no-untyped-call]
     return out
 
 

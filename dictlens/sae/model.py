@@ -160,9 +160,9 @@ class SAE(nn.Module):
         """x̂ = Σ over the pairs of ``vals · W_dec[f]`` + b_dec [B, D], with gradient; latent shards
         sum their partial decodes (b_dec split among them, so its gradient is too)."""
         if self.shard is None:
-            return self.decode_values(vals, p) + self.b_dec
+            return self.decode_values(vals, p, bias=self.b_dec)
         n = self.shard.world.size
-        return self.shard.world.sum_shared(self.decode_values(vals, p) + self.b_dec / n)
+        return self.shard.world.sum_shared(self.decode_values(vals, p, bias=self.b_dec / n))
 
     def centring(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The centred inputs x − b_dec (or x without ``pre_bias``) and the centre to hand
@@ -171,12 +171,15 @@ class SAE(nn.Module):
             return x_BD, None
         return x_BD - self.b_dec, None if x_BD.requires_grad else self.b_dec
 
-    def decode_values(self, vals: torch.Tensor, p: Pattern, W: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ over the pairs of ``vals · W[f]`` [B, D] (W: the decoder unless given); no bias."""
+    def decode_values(self, vals: torch.Tensor, p: Pattern, W: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ over the pairs of ``vals · W[f]`` [B, D] (W: the decoder unless given), + ``bias`` [D]
+        if given."""
         W = self.W_dec if W is None else W
         if p.nnz > SPARSE_KERNELS_BELOW * p.n_rows * p.n_features:
-            return dense_decode(vals, W, p)
-        return sparse_decode(vals, W, p)
+            out = dense_decode(vals, W, p)
+            return out if bias is None else out + bias
+        return sparse_decode(vals, W, p, bias)
 
     def encode_codes(self, x_BD: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 0,
                      aux_rows: int = 0) -> Codes:
@@ -218,7 +221,7 @@ class SAE(nn.Module):
     def decode_sparse(self, p: Pattern, vals: torch.Tensor) -> torch.Tensor:
         """Reconstruction of raw inputs from sparse codes (as returned by encode_sparse)."""
         with torch.no_grad():
-            return self.decode_values(vals, p) + self.b_dec / self.input_scale
+            return self.decode_values(vals, p, bias=self.b_dec / self.input_scale)
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Dense codes f [B, F] of raw inputs."""
@@ -252,7 +255,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        if self.cfg.decoder_norm == "unit":
+        if self.cfg.decoder_norm == "unit" and not native.normalize_rows(self.W_dec):  # one pass on CPU
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     # ---- save / load ----------------------------------------------------------------

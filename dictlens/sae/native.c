@@ -395,13 +395,14 @@ void dl_sddmm(i64 rows, i64 d, const i64 *crow, const i64 *idx, const float *a, 
     parallel_rows(rows, threads, crow, sddmm_range, &s);
 }
 
-/* out[r] = sum over pairs n of row r of w[perm ? perm[n] : n] * dense[idx[n]]; with out2,
- * out2[r] = the sum of those weights. Rows without pairs come out zero. */
+/* out[r] = (bias, or zeros) + the sum over pairs n of row r of w[perm ? perm[n] : n] * dense[idx[n]];
+ * with out2, out2[r] = the sum of those weights. Rows without pairs come out as the bias. */
 static void spmm_range(void *p, i64 lo, i64 hi) {
     sparse_args *a = (sparse_args *)p;
     for (i64 r = lo; r < hi; r++) {
         float *y = a->out + r * a->d, total = 0;
-        memset(y, 0, sizeof(float) * (size_t)a->d);
+        if (a->bias) memcpy(y, a->bias, sizeof(float) * (size_t)a->d);
+        else memset(y, 0, sizeof(float) * (size_t)a->d);
         for (i64 n = a->crow[r]; n < a->crow[r + 1]; n++) {
             float w = a->w[a->perm ? a->perm[n] : n];
             const float *next = n + PREFETCH < a->crow[hi] ? a->dense + a->idx[n + PREFETCH] * a->d : NULL;
@@ -413,8 +414,8 @@ static void spmm_range(void *p, i64 lo, i64 hi) {
 }
 
 void dl_spmm(i64 rows, i64 d, const i64 *crow, const i64 *idx, const i64 *perm, const float *w, const float *dense,
-             float *out, float *sums, int threads) {
-    sparse_args s = {d, crow, idx, perm, w, dense, NULL, NULL, out, sums};
+             const float *bias, float *out, float *sums, int threads) {
+    sparse_args s = {d, crow, idx, perm, w, dense, NULL, bias, out, sums};
     parallel_rows(rows, threads, crow, spmm_range, &s);
 }
 
@@ -520,6 +521,29 @@ static void project_range(void *p, i64 lo, i64 hi) {
 void dl_project_rows(i64 rows, i64 d, const float *W, float *g, int threads) {
     project_args a = {d, W, g};
     parallel_rows(rows, threads, NULL, project_range, &a);
+}
+
+/* ---- each row divided by its norm (at least `least`), as W.div_(W.norm(dim=1).clamp_min(least)) ---- */
+
+typedef struct {
+    i64 d;
+    float least;
+    float *W;
+} normalize_args;
+
+static void normalize_range(void *p, i64 lo, i64 hi) {
+    normalize_args *a = (normalize_args *)p;
+    for (i64 f = lo; f < hi; f++) {
+        float *w = a->W + f * a->d;
+        float norm = sqrtf(dot(w, w, a->d, NULL));
+        norm = norm > a->least ? norm : a->least;
+        for (i64 i = 0; i < a->d; i++) w[i] = w[i] / norm;
+    }
+}
+
+void dl_normalize_rows(i64 rows, i64 d, float *W, float least, int threads) {
+    normalize_args a = {d, least, W};
+    parallel_rows(rows, threads, NULL, normalize_range, &a);
 }
 
 /* ---- schedule-free AdamW in one pass ---------------------------------------------------

@@ -92,10 +92,11 @@ _i64, _f, _int, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void
 _SIGNATURES = {
     "dl_topk_rows": (_int, [_p, _int, _i64, _i64, _i64, _i64, _i64, _p, _p, _int]),
     "dl_sddmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _int]),
-    "dl_spmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _int]),
+    "dl_spmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _int]),
     "dl_decode_backward": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _int]),
     "dl_transpose": (_int, [_i64, _i64, _p, _p, _p, _p, _p, _int]),
     "dl_project_rows": (None, [_i64, _i64, _p, _p, _int]),
+    "dl_normalize_rows": (None, [_i64, _i64, _p, _f, _int]),
     "dl_sfadam": (None, [_i64, _p, _p, _p, _p, _f, _f, _f, _f, _f, _f, _f, _int]),
 }
 
@@ -214,16 +215,18 @@ def sddmm(crow: torch.Tensor, cols: torch.Tensor, a_BD: torch.Tensor, b_FD: torc
 
 
 def spmm(crow: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, dense: torch.Tensor, n_rows: int,
-         perm: torch.Tensor | None = None, sums: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """[n_rows, D]: row r = Σ over its pairs n of w[perm[n] or n] · dense[cols[n]]; with ``sums``
-    also each row's Σ of those weights [n_rows]. None if unusable."""
-    lib = _lib_for((w, dense), (crow, cols, perm))
-    if lib is None:
+         perm: torch.Tensor | None = None, sums: bool = False,
+         bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """[n_rows, D]: row r = (bias, if given) + Σ over its pairs n of w[perm[n] or n] · dense[cols[n]];
+    with ``sums`` also each row's Σ of those weights [n_rows]. None if unusable."""
+    lib = _lib_for((w, dense, bias), (crow, cols, perm))
+    if lib is None or bias is not None and bias.shape != (dense.shape[1],):
         return None
     out = torch.empty(n_rows, dense.shape[1], dtype=torch.float32)
     total = torch.empty(n_rows, dtype=torch.float32) if sums else None
     _run(lib, "dl_spmm", n_rows, dense.shape[1], _ptr(crow), _ptr(cols), _ptr(perm) if perm is not None else None,
-         _ptr(w), _ptr(dense), _ptr(out), _ptr(total) if total is not None else None, _threads())
+         _ptr(w), _ptr(dense), _ptr(bias) if bias is not None else None, _ptr(out),
+         _ptr(total) if total is not None else None, _threads())
     return out, total
 
 
@@ -263,6 +266,15 @@ def project_rows(W: torch.Tensor, g: torch.Tensor) -> bool:
     if lib is None or W.shape != g.shape or W.ndim != 2:
         return False
     _run(lib, "dl_project_rows", W.shape[0], W.shape[1], _ptr(W), _ptr(g), _threads())
+    return True
+
+
+def normalize_rows(W: torch.Tensor, least: float = 1e-12) -> bool:
+    """W[f] /= max(‖W[f]‖, least) for every row, in place, in one pass; False if unusable."""
+    lib = _lib_for((W,))
+    if lib is None or W.ndim != 2 or W.requires_grad and torch.is_grad_enabled():
+        return False
+    _run(lib, "dl_normalize_rows", W.shape[0], W.shape[1], _ptr(W), least, _threads())
     return True
 
 

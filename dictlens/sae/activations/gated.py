@@ -44,7 +44,7 @@ class Gated(Activation):
 
     def extra_losses(self, sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
         """‖x − (W_dec_frozen·ReLU(π_gate) + b_dec_frozen)‖²: trains the gate path."""
-        x_hat = sae.decode_values(codes.extra["gate"], codes.pattern, sae.W_dec.detach()) + sae.b_dec.detach()
+        x_hat = sae.decode_values(codes.extra["gate"], codes.pattern, sae.W_dec.detach(), sae.b_dec.detach())
         return {"gated_aux": (x - x_hat).pow(2).sum(1).mean()}
 
     def fold_scale(self, state: dict[str, torch.Tensor], scale: float) -> None:
