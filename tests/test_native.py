@@ -3,6 +3,7 @@ and dictlens still trains where they cannot be built."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -131,6 +132,36 @@ def test_the_decoders_row_kernels_equal_eager_pytorch(D):
     assert native.normalize_rows(fast)
     assert rel_err(fast, rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)) <= 1e-6
     assert torch.equal(fast[7], torch.zeros(D))
+
+
+def test_a_step_keeping_unit_rows_equals_projecting_stepping_and_renormalising():
+    """ScheduleFreeAdam.keep_unit_rows (the decoder's constraint inside the step's pass), compiled and
+    eager, against the three separate operations the trainer otherwise runs around the step."""
+    from dictlens.sae.kernels import normalize_rows_, project_rows_
+    from dictlens.train.optim import ScheduleFreeAdam
+
+    def run(mode: str) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(2)
+        W = torch.randn(40, 70, generator=g)
+        W = torch.nn.Parameter(W / W.norm(dim=1, keepdim=True))
+        opt = ScheduleFreeAdam([W], lr=1e-2)
+        if mode != "separate":
+            opt.keep_unit_rows(W)
+        for _ in range(4):
+            W.grad = torch.randn(W.shape, generator=g)
+            if mode == "separate":
+                project_rows_(W.detach(), W.grad)
+            with native.disabled() if mode == "eager" else contextlib.nullcontext():
+                opt.step()
+            if mode == "separate":
+                normalize_rows_(W.detach())
+        return [W.detach().clone(), opt.state[W]["z"], opt.state[W]["exp_avg_sq"]]
+
+    ref = run("separate")
+    assert torch.allclose(ref[0].norm(dim=1), torch.ones(40), atol=1e-6)
+    for mode in ("fused", "eager"):
+        for a, b in zip(run(mode), ref, strict=True):
+            assert rel_err(a, b) <= 1e-6, mode
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

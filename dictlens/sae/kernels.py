@@ -172,6 +172,19 @@ def decode_backward(p: Pattern, vals: torch.Tensor, g_BD: torch.Tensor, W_FD: to
     return sddmm(p, g_BD, W_FD) if need_gv else None, spmm_t(p, vals, g_BD)[0]
 
 
+def project_rows_(W_FD: torch.Tensor, g_FD: torch.Tensor) -> None:
+    """g[f] −= (g[f]·W[f]) W[f] in place: the gradient's component along each unit row removed."""
+    if not native.project_rows(W_FD, g_FD):  # one pass over both on CPU
+        g_FD.addcmul_(W_FD, torch.linalg.vecdot(g_FD, W_FD).unsqueeze(1), value=-1.0)
+
+
+@torch.no_grad()
+def normalize_rows_(W_FD: torch.Tensor) -> None:
+    """W[f] /= max(‖W[f]‖, 1e-12) in place."""
+    if not native.normalize_rows(W_FD):  # one pass on CPU
+        W_FD.div_(W_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
 class _SparseEncode(Function):
     @staticmethod
     def forward(ctx: Any, x_BD: torch.Tensor, W_FD: torch.Tensor, b_F: torch.Tensor, center: torch.Tensor | None,

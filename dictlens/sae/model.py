@@ -27,10 +27,18 @@ from dictlens.distributed import World
 from dictlens.errors import CheckpointError, ConfigError, InputError
 from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
 from dictlens.provenance import Provenance
-from dictlens.sae import activations, native
+from dictlens.sae import activations
 from dictlens.sae.activations import Codes
 from dictlens.sae.config import SAEConfig
-from dictlens.sae.kernels import Pattern, dense_decode, dense_encode, sparse_decode, sparse_encode
+from dictlens.sae.kernels import (
+    Pattern,
+    dense_decode,
+    dense_encode,
+    normalize_rows_,
+    project_rows_,
+    sparse_decode,
+    sparse_encode,
+)
 from dictlens.sae.shard import LatentShard, initial_directions
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "sae.safetensors"
@@ -249,14 +257,12 @@ class SAE(nn.Module):
         """
         if self.cfg.decoder_norm != "unit" or self.W_dec.grad is None:
             return
-        W, g = self.W_dec.detach(), self.W_dec.grad
-        if not native.project_rows(W, g):  # one pass over both on CPU
-            g.addcmul_(W, torch.linalg.vecdot(g, W).unsqueeze(1), value=-1.0)
+        project_rows_(self.W_dec.detach(), self.W_dec.grad)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        if self.cfg.decoder_norm == "unit" and not native.normalize_rows(self.W_dec):  # one pass on CPU
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if self.cfg.decoder_norm == "unit":
+            normalize_rows_(self.W_dec)
 
     # ---- save / load ----------------------------------------------------------------
     def full_state(self) -> dict[str, torch.Tensor] | None:

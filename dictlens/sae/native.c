@@ -509,13 +509,11 @@ typedef struct {
     float *g;
 } project_args;
 
+static inline void project_row(float *g, const float *w, i64 d) { axpy(g, -dot(g, w, d, NULL), w, d, NULL); }
+
 static void project_range(void *p, i64 lo, i64 hi) {
     project_args *a = (project_args *)p;
-    for (i64 f = lo; f < hi; f++) {
-        const float *w = a->W + f * a->d;
-        float *g = a->g + f * a->d;
-        axpy(g, -dot(g, w, a->d, NULL), w, a->d, NULL);
-    }
+    for (i64 f = lo; f < hi; f++) project_row(a->g + f * a->d, a->W + f * a->d, a->d);
 }
 
 void dl_project_rows(i64 rows, i64 d, const float *W, float *g, int threads) {
@@ -531,14 +529,15 @@ typedef struct {
     float *W;
 } normalize_args;
 
+static inline void normalize_row(float *w, i64 d, float least) {
+    float norm = sqrtf(dot(w, w, d, NULL));
+    norm = norm > least ? norm : least;
+    for (i64 i = 0; i < d; i++) w[i] = w[i] / norm;
+}
+
 static void normalize_range(void *p, i64 lo, i64 hi) {
     normalize_args *a = (normalize_args *)p;
-    for (i64 f = lo; f < hi; f++) {
-        float *w = a->W + f * a->d;
-        float norm = sqrtf(dot(w, w, a->d, NULL));
-        norm = norm > a->least ? norm : a->least;
-        for (i64 i = 0; i < a->d; i++) w[i] = w[i] / norm;
-    }
+    for (i64 f = lo; f < hi; f++) normalize_row(a->W + f * a->d, a->d, a->least);
 }
 
 void dl_normalize_rows(i64 rows, i64 d, float *W, float least, int threads) {
@@ -555,12 +554,12 @@ void dl_normalize_rows(i64 rows, i64 d, float *W, float least, int threads) {
 
 typedef struct {
     float *p, *z, *v;
-    const float *g;
+    float *g;
     float beta2, one_m, eps_bc, wd, c, a, b;
+    i64 d; /* > 0: rows of d kept at unit norm (see dl_sfadam) */
 } sfadam_args;
 
-static void sfadam_range(void *q, i64 lo, i64 hi) {
-    sfadam_args *s = (sfadam_args *)q;
+static inline void sfadam_elements(const sfadam_args *s, i64 lo, i64 hi) {
     float beta2 = s->beta2, one_m = s->one_m, eps = s->eps_bc, wd = s->wd, c = s->c, a = s->a, b = s->b;
     float *p = s->p, *z = s->z, *v = s->v;
     const float *g = s->g;
@@ -576,9 +575,29 @@ static void sfadam_range(void *q, i64 lo, i64 hi) {
     }
 }
 
-void dl_sfadam(i64 n, float *p, float *z, float *v, const float *g, float beta2, float one_m, float eps_bc, float wd,
-               float c, float a, float b, int threads) {
-    sfadam_args s = {p, z, v, g, beta2, one_m, eps_bc, wd, c, a, b};
+static void sfadam_range(void *q, i64 lo, i64 hi) { sfadam_elements((const sfadam_args *)q, lo, hi); }
+
+/* Row by row, while the row is in cache: the gradient projected off the (unit) row, the update,
+ * the row renormalised: dl_project_rows, the update and dl_normalize_rows in one pass. */
+static void sfadam_rows_range(void *q, i64 lo, i64 hi) {
+    sfadam_args *s = (sfadam_args *)q;
+    for (i64 r = lo; r < hi; r++) {
+        project_row(s->g + r * s->d, s->p + r * s->d, s->d);
+        sfadam_elements(s, r * s->d, (r + 1) * s->d);
+        normalize_row(s->p + r * s->d, s->d, 1e-12f);
+    }
+}
+
+/* One schedule-free AdamW step of n weights. With d > 0 the weights are rows of d (n / d of them)
+ * held at unit norm: each row's gradient is first projected off the row (in place) and the row
+ * renormalised after its update, as the separate passes would. */
+void dl_sfadam(i64 n, float *p, float *z, float *v, float *g, float beta2, float one_m, float eps_bc, float wd,
+               float c, float a, float b, i64 d, int threads) {
+    sfadam_args s = {p, z, v, g, beta2, one_m, eps_bc, wd, c, a, b, d};
+    if (d > 0) {
+        parallel_rows(n / d, threads, NULL, sfadam_rows_range, &s);
+        return;
+    }
     /* blocks of 64k elements keep each thread's share contiguous and large */
     parallel_rows(n, n < (1 << 16) ? 1 : threads, NULL, sfadam_range, &s);
 }

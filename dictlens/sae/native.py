@@ -97,7 +97,7 @@ _SIGNATURES = {
     "dl_transpose": (_int, [_i64, _i64, _p, _p, _p, _p, _p, _int]),
     "dl_project_rows": (None, [_i64, _i64, _p, _p, _int]),
     "dl_normalize_rows": (None, [_i64, _i64, _p, _f, _int]),
-    "dl_sfadam": (None, [_i64, _p, _p, _p, _p, _f, _f, _f, _f, _f, _f, _f, _int]),
+    "dl_sfadam": (None, [_i64, _p, _p, _p, _p, _f, _f, _f, _f, _f, _f, _f, _i64, _int]),
 }
 
 
@@ -279,12 +279,14 @@ def normalize_rows(W: torch.Tensor, least: float = 1e-12) -> bool:
 
 
 def sfadam_step(p: torch.Tensor, z: torch.Tensor, v: torch.Tensor, g: torch.Tensor, *, beta2: float, eps_bc: float,
-                wd: float, c: float, a: float, b: float) -> bool:
+                wd: float, c: float, a: float, b: float, unit_rows: bool = False) -> bool:
     """One schedule-free AdamW update of p, z, v in place from g (see ScheduleFreeAdam.step);
-    False (nothing changed) if unusable."""
+    with ``unit_rows`` (p [rows, D], rows of unit norm) g is first projected off p's rows (in
+    place, as project_rows) and p's rows renormalised after (as normalize_rows), in the same
+    pass. False (nothing changed) if unusable."""
     lib = _lib_for((p, z, v, g))
-    if lib is None or p.requires_grad and torch.is_grad_enabled():
+    if lib is None or p.requires_grad and torch.is_grad_enabled() or unit_rows and p.ndim != 2:
         return False
     _run(lib, "dl_sfadam", p.numel(), _ptr(p), _ptr(z), _ptr(v), _ptr(g), beta2, 1 - beta2, eps_bc, wd, c, a, b,
-         _threads())
+         p.shape[1] if unit_rows else 0, _threads())
     return True

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from dictlens.sae import native
+from dictlens.sae.kernels import normalize_rows_, project_rows_
 from dictlens.train.config import TrainConfig
 
 
@@ -138,6 +139,20 @@ class ScheduleFreeAdam(_ScheduleFree):
                                   "weight_lr_power": weight_lr_power, "k": 0, "lr_max": 0.0, "weight_sum": 0.0,
                                   "train_mode": True})
         self._scratch: dict[torch.Tensor, torch.Tensor] = {}
+        # parameters [rows, D] whose rows are held at unit norm (an SAE's decoder): the step
+        # projects their gradient off the rows first and renormalises the rows after, in its own
+        # pass over them (see keep_unit_rows)
+        self.unit_rows: list[torch.Tensor] = []
+
+    def keep_unit_rows(self, p: torch.Tensor) -> None:
+        """Hold ``p``'s rows at unit norm from now on: each step removes the gradient's component
+        along each row before the update and renormalises the rows after it (what
+        ``SAE.project_decoder_grad`` and ``SAE.normalize_decoder`` do around a step, here in the
+        step's own pass on CPU). Only where nothing must see the projected gradient in between
+        (gradient clipping does)."""
+        if p.ndim != 2:
+            raise ValueError(f"keep_unit_rows: expected a matrix, found shape {list(p.shape)}")
+        self.unit_rows.append(p)
 
     def _beta(self, group: dict[str, Any]) -> float:
         return float(group["betas"][0])
@@ -160,9 +175,12 @@ class ScheduleFreeAdam(_ScheduleFree):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 z, v, g = state["z"], state["exp_avg_sq"], p.grad
                 a, b = root_bc2 * lr * (beta1 * (1 - c) - 1), root_bc2 * lr
+                rows = any(p is q for q in self.unit_rows)
                 if native.sfadam_step(p, z, v, g, beta2=beta2, eps_bc=group["eps"] * root_bc2,
-                                      wd=group["weight_decay"] / root_bc2, c=c, a=a, b=b):
+                                      wd=group["weight_decay"] / root_bc2, c=c, a=a, b=b, unit_rows=rows):
                     continue  # the same operations in one pass over the weights (dictlens/sae/native.c)
+                if rows:
+                    project_rows_(p, g)
                 u = self._scratch.get(p)
                 if u is None or u.shape != p.shape:
                     u = self._scratch[p] = torch.empty_like(p)
@@ -176,6 +194,8 @@ class ScheduleFreeAdam(_ScheduleFree):
                 p.lerp_(z, c)
                 p.add_(u, alpha=a)
                 z.sub_(u, alpha=b)
+                if rows:
+                    normalize_rows_(p)
             group["k"] = k + 1
         return None
 

@@ -33,7 +33,7 @@ from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
 from dictlens.train.config import TrainConfig, check_compatible, check_shardable
 from dictlens.train.dead import DeadTracker, boost, resample
 from dictlens.train.losses import WHOLE_ON_EVERY_SHARD, auxk_is_sparse, loss_terms
-from dictlens.train.optim import Plateau, build_optimizer, lr_factor
+from dictlens.train.optim import Plateau, ScheduleFreeAdam, build_optimizer, lr_factor
 
 CHECKPOINT = "checkpoint.safetensors"
 # TrainConfig fields a resumed run may change (more tokens, other logging); any other
@@ -190,6 +190,12 @@ class Trainer:
         self._provenance = provenance  # None: the source's own description, taken at the end
         self.lr = cfg.learning_rate(self.sae_cfg)
         self.optimizer = build_optimizer(list(self.sae.parameters()), cfg, self.lr)
+        # the decoder's unit rows kept by the optimizer's own pass where nothing needs the projected
+        # gradient before the update (clipping does): two passes over the decoder fewer a step
+        self._unit_rows_in_step = False
+        if isinstance(self.optimizer, ScheduleFreeAdam) and cfg.clip_grad <= 0 and self.sae_cfg.decoder_norm == "unit":
+            self.optimizer.keep_unit_rows(self.sae.W_dec)
+            self._unit_rows_in_step = True
         self.dead = DeadTracker(self.sae.n_features, cfg.dead_after(), self.device)
         self.dead_method = cfg.dead_method(self.sae_cfg)  # decided once: boost, auxk, resample or none
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -370,13 +376,15 @@ class Trainer:
         world.average_grads(list(sae.parameters()))
         if shard is not None:
             shard.reduce_grads(sae)
-        sae.project_decoder_grad()
+        if not self._unit_rows_in_step:
+            sae.project_decoder_grad()
         if cfg.clip_grad > 0 and shard is not None:
             shard.clip_grad_norm_(sae, cfg.clip_grad)
         elif cfg.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.clip_grad)
         self.optimizer.step()
-        sae.normalize_decoder()
+        if not self._unit_rows_in_step:
+            sae.normalize_decoder()
         fired = world.max_(self.dead.fired(codes.pattern, codes.vals.detach()), "counting the features that fired")
         self.dead.record(fired, len(x) * world.size)
         boosted = None
