@@ -83,12 +83,22 @@ def main() -> None:
     floor = floors(F)
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(B * 4, D, generator=g) @ torch.randn(D, D, generator=g) / D ** 0.5 + 3.0
-    trainer = Trainer(SAEConfig(n_features=F, k=K), TrainConfig(batch_size=B, tokens=B * 1000, log_every=10**6),
-                      ArraySource(rows.numpy()), progress=False)
     batches = [rows[i * B:(i + 1) * B] for i in range(4)]
-    for i in range(3):
-        trainer.step(batches[i % 4])
-    step = _time(lambda: [trainer.step(batches[i % 4]) for i in range(args.steps)], 1) / args.steps
+
+    def trainer_for(backward_dtype: str) -> Trainer:
+        t = Trainer(SAEConfig(n_features=F, k=K), TrainConfig(batch_size=B, tokens=B * 1000, log_every=10**6,
+                                                               backward_dtype=backward_dtype),
+                    ArraySource(rows.numpy()), progress=False)
+        for i in range(3):
+            t.step(batches[i % 4])
+        return t
+
+    def steps(t: Trainer) -> float:
+        return _time(lambda: [t.step(batches[i % 4]) for i in range(args.steps)], 1) / args.steps
+
+    step_bf16 = steps(trainer_for("bfloat16"))   # (freed before the float32 one is built)
+    trainer = trainer_for("float32")
+    step = steps(trainer)
     kernels = native.status()
     with native.disabled():  # the same step on eager PyTorch alone (no C compiler, DICTLENS_NATIVE=0)
         trainer.step(batches[0])
@@ -105,12 +115,15 @@ def main() -> None:
     for name in ("float32", "float32_chunked", "bfloat16", "bfloat16_chunked"):
         print(f"| encoder product, {name.replace('_', ', ')} | {floor[name] * 1e3:.1f} |")
     print(f"| training step | {step * 1e3:.1f} |")
+    print(f"| training step, --backward-dtype bfloat16 | {step_bf16 * 1e3:.1f} |")
     print(f"| training step, eager PyTorch only | {eager * 1e3:.1f} |")
     print(f"step / bf16 product: {step / floor['bfloat16']:.2f} (allocating), "
-          f"{step / floor['bfloat16_chunked']:.2f} (chunked); step / fp32 product: {step / floor['float32']:.2f}")
+          f"{step / floor['bfloat16_chunked']:.2f} (chunked); step / fp32 product: {step / floor['float32']:.2f}; "
+          f"with --backward-dtype bfloat16: {step_bf16 / floor['bfloat16']:.2f} (allocating)")
     print("share of the step's CPU time: " + ", ".join(f"{k} {v:.0%}" for k, v in ops))
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu, "floor_s": floor, "step_s": step, "ops": ops, "F": F,
+        args.json.write_text(json.dumps({"cpu": cpu, "floor_s": floor, "step_s": step,
+                                         "step_bf16_backward_s": step_bf16, "ops": ops, "F": F,
                                          "eager_step_s": eager, "kernels": kernels,
                                          "threads": torch.get_num_threads(), "torch": torch.__version__},
                                         indent=2) + "\n")

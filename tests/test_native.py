@@ -116,22 +116,38 @@ def test_every_sparse_product_equals_eager_pytorch(D):
 
 
 @pytest.mark.parametrize("D", [37, 576])
-def test_the_decoders_row_kernels_equal_eager_pytorch(D):
-    """The gradient projected off unit rows, and rows renormalised (a zero row stays zero)."""
-    g = torch.Generator().manual_seed(D)
-    W = torch.randn(50, D, generator=g)
-    W /= W.norm(dim=1, keepdim=True)
-    grad = torch.randn(50, D, generator=g)
-    fast, ref = grad.clone(), grad - torch.linalg.vecdot(grad, W).unsqueeze(1) * W
-    assert native.project_rows(W, fast)
-    assert rel_err(fast, ref) <= 1e-6
-    assert torch.linalg.vecdot(fast, W).abs().max() < 1e-5
-    rows = torch.randn(50, D, generator=g) * 3
+def test_rows_renormalised_in_one_pass_equal_eager_pytorch(D):
+    """(A zero row stays zero.)"""
+    rows = torch.randn(50, D, generator=torch.Generator().manual_seed(D)) * 3
     rows[7] = 0
     fast = rows.clone()
     assert native.normalize_rows(fast)
     assert rel_err(fast, rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)) <= 1e-6
     assert torch.equal(fast[7], torch.zeros(D))
+
+
+@pytest.mark.parametrize("D", [37, 64])
+def test_the_backward_products_on_bfloat16_rows_equal_float32_ones_on_the_rounded_rows(D):
+    """--backward-dtype bfloat16: the gathered rows are read as bfloat16 (widened exactly), everything
+    else float32: the compiled kernels and eager PyTorch both equal the float32 products of the rows
+    rounded once."""
+    g = torch.Generator().manual_seed(D)
+    B, F = 70, 120
+    p = _pattern(g, B, F, empty_rows=(3,))
+    x, W, gy = torch.randn(B, D, generator=g), torch.randn(F, D, generator=g), torch.randn(B, D, generator=g)
+    vals = torch.randn(p.nnz, generator=g)
+    xr, gr = x.bfloat16(), gy.bfloat16()
+    ref_t, ref_sums = spmm_t(p, vals, xr.float(), sums=True)
+    ref_gv, ref_gW = decode_backward(p, vals, gr.float(), W, need_gv=True)
+    for ctx in (contextlib.nullcontext(), native.disabled()):
+        with ctx:
+            q = Pattern(p.crow, p.cols, p.n_rows, p.n_features)
+            got_t, sums = spmm_t(q, vals, xr, sums=True)
+            gv, gW = decode_backward(q, vals, gr, W, need_gv=True)
+        assert got_t.dtype == gW.dtype == torch.float32 and sums is not None and gv is not None
+        for a, b in ((got_t, ref_t), (sums, ref_sums), (gv, ref_gv), (gW, ref_gW)):
+            assert rel_err(a, b) <= 1e-6
+    assert rel_err(ref_t, spmm_t(p, vals, x)[0]) > 1e-4  # the rounding is real
 
 
 def test_a_step_keeping_unit_rows_equals_projecting_stepping_and_renormalising():
@@ -195,18 +211,21 @@ def test_training_on_the_compiled_kernels_equals_training_on_eager_pytorch():
     g = torch.Generator().manual_seed(0)
     rows = (torch.randn(2048, 48, generator=g) + 1.0).numpy()
 
-    def run() -> dict[str, torch.Tensor]:
+    def run(backward_dtype: str = "float32") -> dict[str, torch.Tensor]:
         t = Trainer(SAEConfig(n_features=384, k=8, select_dtype="float32"),
-                    TrainConfig(batch_size=256, tokens=2048, log_every=10**6, dead="auxk", dead_tokens=512),
+                    TrainConfig(batch_size=256, tokens=2048, log_every=10**6, dead="auxk", dead_tokens=512,
+                                backward_dtype=backward_dtype),
                     ArraySource(rows), progress=False)
         t.fit()
         return {k: v.detach().clone() for k, v in t.sae.state_dict().items()}
 
-    fast = run()
+    fast, fast_bf16 = run(), run("bfloat16")
     with native.disabled():
-        ref = run()
+        ref, ref_bf16 = run(), run("bfloat16")
     for k, v in ref.items():
         assert rel_err(fast[k], v) <= 1e-5, k
+        assert rel_err(fast_bf16[k], ref_bf16[k]) <= 1e-5, k
+    assert rel_err(fast_bf16["W_dec"], fast["W_dec"]) > 1e-5  # the bfloat16 rows changed the trajectory
 
 
 def _child(code: str, **env: str) -> subprocess.CompletedProcess[str]:

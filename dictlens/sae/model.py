@@ -82,6 +82,9 @@ class SAE(nn.Module):
         self.activation = activations.get(cfg.activation)()
         self.provenance = provenance or Provenance()
         self._ranking: str | None = None  # set by ranking(): overrides cfg.select_dtype
+        # what the sparse backward products read their gathered rows in (kernels.BACKWARD_DTYPES;
+        # a training choice, the trainer's --backward-dtype: not part of the dictionary)
+        self.backward_dtype = torch.float32
         # the ranks training it together (data parallel): an activation that selects across the
         # batch (BatchTopK) selects across the global batch; alone by default
         self.world = World()
@@ -161,8 +164,8 @@ class SAE(nn.Module):
         if p.nnz > SPARSE_KERNELS_BELOW * p.n_rows * p.n_features:
             return dense_encode(x_c, self.W_enc, bias, p)
         if center is not None:
-            return sparse_encode(x_c.detach(), self.W_enc, bias, p, center)
-        return sparse_encode(x_c, self.W_enc, bias, p)
+            return sparse_encode(x_c.detach(), self.W_enc, bias, p, center, self.backward_dtype)
+        return sparse_encode(x_c, self.W_enc, bias, p, backward_dtype=self.backward_dtype)
 
     def reconstruct(self, vals: torch.Tensor, p: Pattern) -> torch.Tensor:
         """x̂ = Σ over the pairs of ``vals · W_dec[f]`` + b_dec [B, D], with gradient; latent shards
@@ -187,7 +190,7 @@ class SAE(nn.Module):
         if p.nnz > SPARSE_KERNELS_BELOW * p.n_rows * p.n_features:
             out = dense_decode(vals, W, p)
             return out if bias is None else out + bias
-        return sparse_decode(vals, W, p, bias)
+        return sparse_decode(vals, W, p, bias, self.backward_dtype)
 
     def encode_codes(self, x_BD: torch.Tensor, dead: torch.Tensor | None = None, k_aux: int = 0,
                      aux_rows: int = 0) -> Codes:

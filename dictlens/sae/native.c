@@ -129,6 +129,71 @@ static inline float dot(const float *a, const float *b, i64 d, const float *next
     return s;
 }
 
+/* Rows of bfloat16 (uint16 bits), widened to float32 exactly as they are loaded. */
+typedef uint16_t vh_unaligned __attribute__((vector_size(2 * LANES), aligned(2), may_alias));
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+
+static inline vf load_h(const uint16_t *p) {
+    vu u = __builtin_convertvector(*(const vh_unaligned *)p, vu) << 16;
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float f32_of_h(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* y += w x over d values, x a bfloat16 row. */
+static inline void axpy_h(float *y, float w, const uint16_t *x, i64 d, const uint16_t *next) {
+    i64 i = 0;
+    for (; i + LANES <= d; i += LANES) {
+        if (next && i % (2 * LANES) == 0) __builtin_prefetch(next + i, 0, 3);
+        store_v(y + i, load_v(y + i) + w * load_h(x + i));
+    }
+    for (; i < d; i++) y[i] += w * f32_of_h(x[i]);
+}
+
+/* Both at once over one read of g: returns g . b (summed as dot sums) and does y += w g; G the
+ * row's element type, LOAD its vector load, TO_F32 one element as a float. */
+#define DOT_AXPY(NAME, G, LOAD, TO_F32)                                                           \
+    static inline float NAME(const G *g, const float *b, float *y, float w, i64 d, const G *next) { \
+        vf acc0 = {0}, acc1 = {0};                                                                \
+        i64 i = 0;                                                                                \
+        for (; i + 2 * LANES <= d; i += 2 * LANES) {                                              \
+            if (next) {                                                                           \
+                __builtin_prefetch(next + i, 0, 3);                                               \
+                __builtin_prefetch(next + i + LANES, 0, 3);                                       \
+            }                                                                                     \
+            vf g0 = LOAD(g + i), g1 = LOAD(g + i + LANES);                                        \
+            acc0 += g0 * load_v(b + i);                                                           \
+            acc1 += g1 * load_v(b + i + LANES);                                                   \
+            store_v(y + i, load_v(y + i) + w * g0);                                               \
+            store_v(y + i + LANES, load_v(y + i + LANES) + w * g1);                               \
+        }                                                                                         \
+        for (; i + LANES <= d; i += LANES) {                                                      \
+            if (next) __builtin_prefetch(next + i, 0, 3);                                         \
+            vf g0 = LOAD(g + i);                                                                  \
+            acc0 += g0 * load_v(b + i);                                                           \
+            store_v(y + i, load_v(y + i) + w * g0);                                               \
+        }                                                                                         \
+        acc0 += acc1;                                                                             \
+        float s = 0;                                                                              \
+        for (int q = 0; q < LANES; q++) s += acc0[q];                                             \
+        for (; i < d; i++) {                                                                      \
+            float gi = TO_F32(g[i]);                                                              \
+            s += gi * b[i];                                                                       \
+            y[i] += w * gi;                                                                       \
+        }                                                                                         \
+        return s;                                                                                 \
+    }
+#define F32_ID(x) (x)
+DOT_AXPY(dot_axpy, float, load_v, F32_ID)
+DOT_AXPY(dot_axpy_h, uint16_t, load_h, f32_of_h)
+
 /* y += w x over d floats (prefetching `next` like dot). */
 static inline void axpy(float *y, float w, const float *x, i64 d, const float *next) {
     i64 i = 0;
@@ -374,6 +439,7 @@ typedef struct {
     const i64 *crow, *idx, *perm;
     const float *w, *dense, *other, *bias;
     float *out, *out2;
+    int dense_bf16; /* `dense` holds bfloat16 rows (uint16 bits), widened exactly as read */
 } sparse_args;
 
 /* out[n] = dense[r] . other[idx[n]] (+ bias[idx[n]]) for every pair n of row r. */
@@ -391,7 +457,7 @@ static void sddmm_range(void *p, i64 lo, i64 hi) {
 
 void dl_sddmm(i64 rows, i64 d, const i64 *crow, const i64 *idx, const float *a, const float *b, const float *bias,
               float *out, int threads) {
-    sparse_args s = {d, crow, idx, NULL, NULL, a, b, bias, out, NULL};
+    sparse_args s = {d, crow, idx, NULL, NULL, a, b, bias, out, NULL, 0};
     parallel_rows(rows, threads, crow, sddmm_range, &s);
 }
 
@@ -405,17 +471,22 @@ static void spmm_range(void *p, i64 lo, i64 hi) {
         else memset(y, 0, sizeof(float) * (size_t)a->d);
         for (i64 n = a->crow[r]; n < a->crow[r + 1]; n++) {
             float w = a->w[a->perm ? a->perm[n] : n];
-            const float *next = n + PREFETCH < a->crow[hi] ? a->dense + a->idx[n + PREFETCH] * a->d : NULL;
-            axpy(y, w, a->dense + a->idx[n] * a->d, a->d, next);
+            i64 ahead = n + PREFETCH < a->crow[hi] ? a->idx[n + PREFETCH] : -1;
+            if (a->dense_bf16) {
+                const uint16_t *dense = (const uint16_t *)a->dense;
+                axpy_h(y, w, dense + a->idx[n] * a->d, a->d, ahead >= 0 ? dense + ahead * a->d : NULL);
+            } else {
+                axpy(y, w, a->dense + a->idx[n] * a->d, a->d, ahead >= 0 ? a->dense + ahead * a->d : NULL);
+            }
             total += w;
         }
         if (a->out2) a->out2[r] = total;
     }
 }
 
-void dl_spmm(i64 rows, i64 d, const i64 *crow, const i64 *idx, const i64 *perm, const float *w, const float *dense,
-             const float *bias, float *out, float *sums, int threads) {
-    sparse_args s = {d, crow, idx, perm, w, dense, NULL, bias, out, sums};
+void dl_spmm(i64 rows, i64 d, const i64 *crow, const i64 *idx, const i64 *perm, const float *w, const void *dense,
+             int dense_bf16, const float *bias, float *out, float *sums, int threads) {
+    sparse_args s = {d, crow, idx, perm, w, (const float *)dense, NULL, bias, out, sums, dense_bf16};
     parallel_rows(rows, threads, crow, spmm_range, &s);
 }
 
@@ -429,18 +500,25 @@ static void decode_back_range(void *p, i64 lo, i64 hi) {
         const float *wf = a->other + f * a->d;
         memset(y, 0, sizeof(float) * (size_t)a->d);
         for (i64 n = a->crow[f]; n < a->crow[f + 1]; n++) {
-            const float *g = a->dense + a->idx[n] * a->d;
-            const float *next = n + PREFETCH < a->crow[hi] ? a->dense + a->idx[n + PREFETCH] * a->d : NULL;
-            i64 at = a->perm[n];
-            if (a->out) a->out[at] = dot(g, wf, a->d, next);
-            axpy(y, a->w[at], g, a->d, a->out ? NULL : next);
+            i64 at = a->perm[n], row = a->idx[n], ahead = n + PREFETCH < a->crow[hi] ? a->idx[n + PREFETCH] : -1;
+            if (a->dense_bf16) {
+                const uint16_t *dense = (const uint16_t *)a->dense, *g = dense + row * a->d;
+                const uint16_t *next = ahead >= 0 ? dense + ahead * a->d : NULL;
+                if (a->out) a->out[at] = dot_axpy_h(g, wf, y, a->w[at], a->d, next);
+                else axpy_h(y, a->w[at], g, a->d, next);
+            } else {
+                const float *g = a->dense + row * a->d, *next = ahead >= 0 ? a->dense + ahead * a->d : NULL;
+                if (a->out) a->out[at] = dot_axpy(g, wf, y, a->w[at], a->d, next);
+                else axpy(y, a->w[at], g, a->d, next);
+            }
         }
     }
 }
 
 void dl_decode_backward(i64 n_features, i64 d, const i64 *crow_t, const i64 *rows_t, const i64 *perm,
-                        const float *vals, const float *g, const float *W, float *gv, float *gW, int threads) {
-    sparse_args s = {d, crow_t, rows_t, perm, vals, g, W, NULL, gv, gW};
+                        const float *vals, const void *g, int g_bf16, const float *W, float *gv, float *gW,
+                        int threads) {
+    sparse_args s = {d, crow_t, rows_t, perm, vals, (const float *)g, W, NULL, gv, gW, g_bf16};
     parallel_rows(n_features, threads, crow_t, decode_back_range, &s);
 }
 

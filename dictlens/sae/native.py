@@ -92,8 +92,8 @@ _i64, _f, _int, _p = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void
 _SIGNATURES = {
     "dl_topk_rows": (_int, [_p, _int, _i64, _i64, _i64, _i64, _i64, _p, _p, _int]),
     "dl_sddmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _int]),
-    "dl_spmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _int]),
-    "dl_decode_backward": (None, [_i64, _i64, _p, _p, _p, _p, _p, _p, _p, _p, _int]),
+    "dl_spmm": (None, [_i64, _i64, _p, _p, _p, _p, _p, _int, _p, _p, _p, _int]),
+    "dl_decode_backward": (None, [_i64, _i64, _p, _p, _p, _p, _p, _int, _p, _p, _p, _int]),
     "dl_transpose": (_int, [_i64, _i64, _p, _p, _p, _p, _p, _int]),
     "dl_project_rows": (None, [_i64, _i64, _p, _p, _int]),
     "dl_normalize_rows": (None, [_i64, _i64, _p, _f, _int]),
@@ -176,11 +176,14 @@ def usable() -> bool:
 
 
 def _lib_for(floats: tuple[torch.Tensor | None, ...] = (),
-             longs: tuple[torch.Tensor | None, ...] = ()) -> ctypes.CDLL | None:
+             longs: tuple[torch.Tensor | None, ...] = (), rows: torch.Tensor | None = None) -> ctypes.CDLL | None:
     """The library, if it is usable and the given tensors (None: absent) are CPU and contiguous,
-    ``floats`` float32 and ``longs`` int64; else None, and the caller takes its eager path."""
+    ``floats`` float32, ``longs`` int64 and ``rows`` float32 or bfloat16; else None, and the
+    caller takes its eager path."""
     lib = library()
     ok = _ok(*(t for t in floats if t is not None)) and _ok(*(t for t in longs if t is not None), dtype=torch.long)
+    if rows is not None:
+        ok = ok and _ok(rows, dtype=rows.dtype) and rows.dtype in (torch.float32, torch.bfloat16)
     return lib if ok else None
 
 
@@ -218,15 +221,16 @@ def spmm(crow: torch.Tensor, cols: torch.Tensor, w: torch.Tensor, dense: torch.T
          perm: torch.Tensor | None = None, sums: bool = False,
          bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """[n_rows, D]: row r = (bias, if given) + Σ over its pairs n of w[perm[n] or n] · dense[cols[n]];
-    with ``sums`` also each row's Σ of those weights [n_rows]. None if unusable."""
-    lib = _lib_for((w, dense, bias), (crow, cols, perm))
+    with ``sums`` also each row's Σ of those weights [n_rows]. ``dense`` float32 or bfloat16 (its
+    rows widened exactly; the sums are float32). None if unusable."""
+    lib = _lib_for((w, bias), (crow, cols, perm), rows=dense)
     if lib is None or bias is not None and bias.shape != (dense.shape[1],):
         return None
     out = torch.empty(n_rows, dense.shape[1], dtype=torch.float32)
     total = torch.empty(n_rows, dtype=torch.float32) if sums else None
     _run(lib, "dl_spmm", n_rows, dense.shape[1], _ptr(crow), _ptr(cols), _ptr(perm) if perm is not None else None,
-         _ptr(w), _ptr(dense), _ptr(bias) if bias is not None else None, _ptr(out),
-         _ptr(total) if total is not None else None, _threads())
+         _ptr(w), _ptr(dense), int(dense.dtype == torch.bfloat16), _ptr(bias) if bias is not None else None,
+         _ptr(out), _ptr(total) if total is not None else None, _threads())
     return out, total
 
 
@@ -234,14 +238,16 @@ def decode_backward(crow_t: torch.Tensor, rows_t: torch.Tensor, perm: torch.Tens
                     g_BD: torch.Tensor, W_FD: torch.Tensor,
                     need_gv: bool = True) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """The decoder's two gradients in one sweep over the transposed pattern: gv [nnz] =
-    g[row]·W[col] per pair and gW [F, D] = Σ vals · g[row] per feature. None if unusable."""
-    lib = _lib_for((vals, g_BD, W_FD), (crow_t, rows_t, perm))
+    g[row]·W[col] per pair and gW [F, D] = Σ vals · g[row] per feature (``g_BD`` float32 or
+    bfloat16). None if unusable."""
+    lib = _lib_for((vals, W_FD), (crow_t, rows_t, perm), rows=g_BD)
     if lib is None:
         return None
     gv = torch.empty(vals.numel(), dtype=torch.float32) if need_gv else None
     gW = torch.empty_like(W_FD)
     _run(lib, "dl_decode_backward", W_FD.shape[0], W_FD.shape[1], _ptr(crow_t), _ptr(rows_t), _ptr(perm), _ptr(vals),
-         _ptr(g_BD), _ptr(W_FD), _ptr(gv) if gv is not None else None, _ptr(gW), _threads())
+         _ptr(g_BD), int(g_BD.dtype == torch.bfloat16), _ptr(W_FD), _ptr(gv) if gv is not None else None, _ptr(gW),
+         _threads())
     return gv, gW
 
 

@@ -22,7 +22,6 @@ import torch
 from dictlens.distributed import World
 from dictlens.errors import ActivationError
 from dictlens.sae.activations import Codes
-from dictlens.sae.kernels import sparse_decode, sparse_encode
 from dictlens.sae.model import SAE
 from dictlens.train.config import TrainConfig
 
@@ -133,9 +132,8 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
     e = (x - x_hat).detach()
     if codes.aux is not None:  # picked during the chunked TopK selection: sparse kernels
         p = codes.aux
-        vals = (sparse_encode(x_c.detach(), sae.W_enc, sae.b_enc, p, center) if center is not None
-                else sparse_encode(x_c, sae.W_enc, sae.b_enc, p)).relu()
-        e_hat = sparse_decode(vals, sae.W_dec, p)
+        vals = sae.encode_values(x_c, sae.b_enc, p, center).relu()
+        e_hat = sae.decode_values(vals, p)
         if shard is not None:   # the shards' partial auxiliary reconstructions
             e_hat = shard.world.sum_shared(e_hat, "summing the partial AuxK reconstructions")
     else:  # few dead features: dense over their columns only, [n, n_dead]

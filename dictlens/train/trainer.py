@@ -27,6 +27,7 @@ from dictlens.errors import ActivationError, CheckpointMismatch, ConfigError, In
 from dictlens.io import atomic_write_bytes
 from dictlens.provenance import Provenance
 from dictlens.sae.config import SAEConfig
+from dictlens.sae.kernels import BACKWARD_DTYPES
 from dictlens.sae.model import SAE
 from dictlens.sae.shard import LatentShard
 from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
@@ -187,6 +188,7 @@ class Trainer:
             keep_freed_memory()
         self.sae = SAE(self.sae_cfg, device=self.device, seed=cfg.seed, shard=shard)
         self.sae.world = self.world
+        self.sae.backward_dtype = BACKWARD_DTYPES[cfg.backward_dtype]
         self._provenance = provenance  # None: the source's own description, taken at the end
         self.lr = cfg.learning_rate(self.sae_cfg)
         self.optimizer = build_optimizer(list(self.sae.parameters()), cfg, self.lr)
