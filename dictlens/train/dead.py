@@ -22,7 +22,9 @@ class DeadTracker:
 
     def fired(self, pattern: Pattern, vals: torch.Tensor) -> torch.Tensor:
         """int [F]: 1 where a feature fired in this batch (summed or maxed across ranks)."""
-        return (torch.bincount(pattern.cols[vals > 0], minlength=len(self.since_fired)) > 0).to(torch.int32)
+        # one scatter of the pairs' "fired" bits (a masked select and a bincount took 4x as long)
+        return torch.zeros(len(self.since_fired), dtype=torch.int32, device=vals.device).scatter_reduce_(
+            0, pattern.cols, (vals > 0).to(torch.int32), "amax")
 
     def record(self, fired: torch.Tensor, n_tokens: int) -> None:
         """Count ``n_tokens`` more tokens, resetting the features that fired."""
