@@ -9,6 +9,10 @@ Early stopping at block L of N should approach N/(L+1) times the full forward's 
 (more, since the full pass also runs the unembedding).
 
     python bench/harvest.py [--model smollm2-135m] [--layers 5 15 25] [--contexts 64]
+
+``--random-weights``: ``--model`` is a directory with a config.json and a tokenizer only (what
+bench/gpu_prepare.py writes for the GPU machine, where the 98 MB default model cannot travel):
+the model is built from the config with random weights, which costs what the trained one does.
 """
 
 from __future__ import annotations
@@ -37,6 +41,20 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
+def random_model(path: str, device: str | None) -> dictlens.LoadedModel:
+    """The architecture of the config in ``path`` with random weights, loaded as load_model would
+    (bfloat16 on CUDA, float32 on CPU, eval mode, no gradients)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from dictlens.data.models import default_device
+
+    dev = torch.device(device) if device else default_device()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    model.to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval().requires_grad_(False)
+    return dictlens.LoadedModel(name=path, model=model, tokenizer=AutoTokenizer.from_pretrained(path), device=dev)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -46,10 +64,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="contexts per forward")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default=None)
+    p.add_argument("--random-weights", action="store_true",
+                   help="build --model (a config.json and a tokenizer) with random weights")
     args = p.parse_args()
 
     torch.set_grad_enabled(False)
-    lm = dictlens.load_model(args.model, device=args.device)
+    lm = random_model(args.model, args.device) if args.random_weights else dictlens.load_model(args.model,
+                                                                                               device=args.device)
     contexts = pack_contexts(iter_documents("default"), lm.tokenizer, args.context, prepend_bos=True)
     ids = torch.from_numpy(np.stack([next(contexts).ids for _ in range(args.contexts)])).to(lm.device)
     batches = ids.split(args.batch)
