@@ -108,6 +108,24 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatc
     assert [json.loads(line)["step"] for line in lines] == list(range(5, 31, 5))
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_as_trained_with_its_default(data, tmp_path):
+    """(A checkpoint written before --backward-dtype existed names no backward_dtype: it was float32.)"""
+    from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
+
+    sae_cfg = SAEConfig(activation="topk", k=4, n_features=64)
+    cfg = TrainConfig(tokens=2048, batch_size=256, plots=False, checkpoint_every=1024)
+    train(sae_cfg, cfg, data.x[:2048], tmp_path / "r", progress=False)
+    path = tmp_path / "r" / "checkpoint.safetensors"
+    ck = load_checkpoint(path)
+    del ck["train_config"]["backward_dtype"]
+    save_checkpoint(path, ck)
+    more = TrainConfig(tokens=4096, batch_size=256, plots=False, checkpoint_every=1024)
+    assert train(sae_cfg, more, data.x[:4096], tmp_path / "r", progress=False, resume=True) is not None
+    with pytest.raises(CheckpointError, match="backward_dtype"):   # but a real change is still refused
+        train(sae_cfg, TrainConfig(tokens=8192, batch_size=256, plots=False, backward_dtype="bfloat16"),
+              data.x[:4096], tmp_path / "r", progress=False, resume=True)
+
+
 def test_nan_batch_stops_with_step_and_checkpoint_or_is_skipped(data, tmp_path):
     x = data.x[:4096].clone()
     x[3000, 5] = float("nan")

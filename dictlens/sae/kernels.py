@@ -183,10 +183,6 @@ def decode_backward(p: Pattern, vals: torch.Tensor, g_BD: torch.Tensor, W_FD: to
 BACKWARD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def project_rows_(W_FD: torch.Tensor, g_FD: torch.Tensor) -> None:
     """g[f] −= (g[f]·W[f]) W[f] in place: the gradient's component along each unit row removed."""
     if not native.project_rows(W_FD, g_FD):  # one pass over both on CPU
@@ -215,7 +211,7 @@ class _SparseEncode(Function):
         g = g.contiguous()
         need_b = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
         gx = spmm(p, g, W_FD) if ctx.needs_input_grad[0] else None
-        gW, gb = spmm_t(p, g, _rows(x_BD, ctx.rows_dtype), sums=need_b) if ctx.needs_input_grad[1] else (None, None)
+        gW, gb = spmm_t(p, g, x_BD.to(ctx.rows_dtype), sums=need_b) if ctx.needs_input_grad[1] else (None, None)
         if need_b and gb is None:
             gb = p.scatter_features(g)
         # x = x_raw − center: −Σ_rows gx[b] = −(Σ_n g_n W[f_n]) = −(per-feature sums of g) · W, an F×D
@@ -239,7 +235,7 @@ class _SparseDecode(Function):
         g_BD = g_BD.contiguous()
         gb = g_BD.sum(0) if ctx.needs_input_grad[3] else None
         if ctx.needs_input_grad[1]:
-            gv, gW = decode_backward(p, vals, _rows(g_BD, ctx.rows_dtype), W_FD, ctx.needs_input_grad[0])
+            gv, gW = decode_backward(p, vals, g_BD.to(ctx.rows_dtype), W_FD, ctx.needs_input_grad[0])
             return gv, gW, None, gb, None
         return sddmm(p, g_BD, W_FD) if ctx.needs_input_grad[0] else None, None, None, gb, None
 

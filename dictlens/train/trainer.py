@@ -269,7 +269,8 @@ class Trainer:
             diff = {k: (saved_sae.get(k), v) for k, v in to_dict(self.sae_cfg).items() if saved_sae.get(k) != v}
             raise CheckpointMismatch(f"{self.out / CHECKPOINT} is from a different SAE (saved vs asked: {diff}); "
                              "use another --out")
-        saved_train = ck["train_config"]
+        # a setting the checkpoint does not name (it predates the setting) was that setting's default
+        saved_train = {**to_dict(TrainConfig()), **ck["train_config"]}
         changed = {k: (saved_train.get(k), v) for k, v in to_dict(self.cfg).items()
                    if k not in RESUMABLE_CHANGES and saved_train.get(k) != v}
         if changed:
