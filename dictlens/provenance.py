@@ -46,6 +46,8 @@ class Provenance:
     normalization: str = field("none", help="how training scaled the inputs: sqrt_d, unit or none")
     input_scale: float = field(1.0, help="the factor training multiplied inputs by; folded into the "
                                          "saved weights, which read raw activations")
+    output_scale: float | None = field(None, help="a transcoder's: the factor training multiplied its target by "
+                                                  "(folded too: the saved weights write raw activations)")
     source: str = field("dictlens", help="dictlens, or the foreign format the weights were read from")
     origin: str | None = field(None, help="where the weights came from: a path or hub id (foreign formats)")
     acts: str | None = field(None, help="the activation cache it was trained on")

@@ -114,3 +114,25 @@ def analysed_run(tiny_model_dirs, corpus, tmp_path: Path) -> Path:
     assert main(["analyze", str(run), "--text", str(corpus), "--tokens", "1500", "--context", "64",
                  "--no-report"]) == 0
     return run
+
+
+def interrupted(monkeypatch: pytest.MonkeyPatch, run, at: int = 17) -> None:
+    """``run()`` with ``Trainer.step`` raising KeyboardInterrupt at its ``at``-th call (Ctrl-C mid-run:
+    the trainer checkpoints before it stops); the real step is back afterwards."""
+    from dictlens.train import trainer as trainer_mod
+
+    real_step = trainer_mod.Trainer.step
+    calls = {"n": 0}
+
+    def interrupting(self, x, **kw):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real_step(self, x, **kw)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "step", interrupting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    finally:
+        monkeypatch.setattr(trainer_mod.Trainer, "step", real_step)

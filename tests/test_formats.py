@@ -245,6 +245,12 @@ def test_transformer_lens_hooks_map_to_the_module_that_computes_them():
     assert to_module_point("mlp_hidden.4", "gpt2") == "transformer.h.4.mlp.c_proj.input"
     assert from_module_point("model.layers.4.mlp.down_proj.input") == "mlp_hidden.4"
     assert from_module_point(to_module_point("mlp_hidden.4", "gemma-2-2b")) == "mlp_hidden.4"
+    # the MLP's input and output, the two sides of a transcoder
+    assert from_transformer_lens("blocks.4.mlp.hook_in", "gpt2-small") == "mlp_in.4"
+    assert to_transformer_lens("mlp_in.4", "gpt2-small") == "blocks.4.mlp.hook_in"
+    assert to_module_point("mlp_in.4", "gemma-3-1b") == "model.layers.4.mlp.input"
+    assert from_module_point("model.layers.4.mlp.input") == "mlp_in.4"
+    assert from_module_point("model.layers.4.mlp.output") == "mlp_out.4"
 
 
 def test_convert_export_and_a_foreign_folder_in_every_command(tiny_model_dirs, corpus, tmp_path, capsys):

@@ -81,8 +81,33 @@ def test_early_stop_skips_later_blocks_and_changes_nothing(tiny_models, arch):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+# the norm whose output the MLP reads, and what that norm reads (GPT-NeoX's parallel residual: the block's input)
+MLP_NORM = {"llama": "post_attention_layernorm", "gpt2": "ln_2", "gpt_neox": "post_attention_layernorm"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_mlp_in_is_what_the_mlp_receives(tiny_models, arch):
+    """mlp_in.L is the block's norm applied to the residual the MLP sees, computed here from the
+    other hooks and the norm module, and the MLP applied to it gives mlp_out.L exactly."""
+    lm = tiny_models[arch]
+    ids = _ids(lm)
+    n = lm.n_layers
+    acts = Tap(lm, [f"{k}.{i}" for i in range(n) for k in ("resid_pre", "attn_out", "mlp_in", "mlp_out")])(ids)
+    modules = dict(lm.model.named_modules())
+    parallel = bool(getattr(lm.config, "use_parallel_residual", False))
+    for i in range(n):
+        block = named_hooks(lm.model)[f"resid_pre.{i}"].module
+        norm = modules[f"{block}.{MLP_NORM[arch]}"]
+        mid = acts[f"resid_pre.{i}"] if parallel else acts[f"resid_pre.{i}"] + acts[f"attn_out.{i}"]
+        with torch.no_grad():
+            torch.testing.assert_close(acts[f"mlp_in.{i}"], norm(mid), rtol=1e-6, atol=1e-6)
+            mlp = modules[named_hooks(lm.model)[f"mlp_out.{i}"].module]
+            torch.testing.assert_close(mlp(acts[f"mlp_in.{i}"]), acts[f"mlp_out.{i}"], rtol=0, atol=0)
+        assert acts[f"mlp_in.{i}"].shape[-1] == lm.d_model
+
+
 def test_unknown_hook_lists_valid_ones(llama):
-    valid = r"valid: resid_pre.0-3, resid_post.0-3, attn_out.0-3, mlp_hidden.0-3"
+    valid = r"valid: resid_pre.0-3, resid_post.0-3, attn_out.0-3, mlp_in.0-3, mlp_hidden.0-3"
     with pytest.raises(HookError, match=r"resid_post.9.*" + valid):
         resolve_hook(llama.model, "resid_post.9")
     with pytest.raises(HookError, match="no.such.module"):
@@ -94,5 +119,5 @@ def test_unknown_hook_lists_valid_ones(llama):
 def test_hook_names_are_the_same_scheme_everywhere(tiny_models):
     for lm in tiny_models.values():
         names = list(named_hooks(lm.model))
-        assert names[:5] == ["resid_pre.0", "attn_out.0", "mlp_hidden.0", "mlp_out.0", "resid_post.0"]
-        assert len(names) == 5 * lm.n_layers
+        assert names[:6] == ["resid_pre.0", "attn_out.0", "mlp_in.0", "mlp_hidden.0", "mlp_out.0", "resid_post.0"]
+        assert len(names) == 6 * lm.n_layers

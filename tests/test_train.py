@@ -15,6 +15,8 @@ from dictlens.errors import ActivationError, CheckpointError, CheckpointMismatch
 from dictlens.eval.synthetic import sparse_features
 from dictlens.train import train
 
+from .conftest import interrupted
+
 
 @pytest.fixture(scope="module")
 def data():
@@ -86,19 +88,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(data, tmp_path, monkeypatc
     src = ArraySource(data.x[:3000])  # several epochs
     whole = train(sae_cfg, cfg, src, tmp_path / "whole", progress=False)
 
-    real_step = trainer_mod.Trainer.step
-    calls = {"n": 0}
-
-    def interrupting(self, x, **kw):
-        calls["n"] += 1
-        if calls["n"] == 17:
-            raise KeyboardInterrupt
-        return real_step(self, x, **kw)
-
-    monkeypatch.setattr(trainer_mod.Trainer, "step", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
-    monkeypatch.setattr(trainer_mod.Trainer, "step", real_step)
+    interrupted(monkeypatch, lambda: train(sae_cfg, cfg, src, tmp_path / "part", progress=False))
     with pytest.raises(CheckpointError, match="already holds a training checkpoint"):
         train(sae_cfg, cfg, src, tmp_path / "part", progress=False)
     resumed = train(sae_cfg, cfg, src, tmp_path / "part", progress=False, resume=True)

@@ -6,6 +6,7 @@ Named hooks, with L the block index:
 ``resid_pre.L``  the residual stream entering block L (its input)
 ``resid_post.L`` the residual stream leaving block L (its output)
 ``attn_out.L``   the attention sublayer's output, before it is added
+``mlp_in.L``     the MLP's input: what the MLP itself receives (after the block's norm)
 ``mlp_hidden.L`` the MLP's hidden units (its neurons): the input of its output projection
 ``mlp_out.L``    the MLP sublayer's output, before it is added
 ==============  =====================================================
@@ -29,12 +30,14 @@ from dictlens.errors import HookError
 
 Replace = Callable[[torch.Tensor], torch.Tensor]
 
-NAMED_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_hidden", "mlp_out")
+NAMED_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_hidden", "mlp_out")
 ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
 # the MLP's output projection, whose input is the neurons (Llama, GPT-2, GPT-NeoX, OPT/Phi, T5-style)
 MLP_OUT_PROJ = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "wo")
 NAMED_HOOK = re.compile(r"^(" + "|".join(NAMED_KINDS) + r")\.(\d+)$")
+# the order the named points of one block are computed in
+FORWARD_ORDER = ("resid_pre", "attn_out", "mlp_in", "mlp_hidden", "mlp_out", "resid_post")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ def named_hooks(model: nn.Module) -> dict[str, HookPoint]:
             hooks[f"attn_out.{i}"] = HookPoint(f"attn_out.{i}", f"{prefix}.{attn}", "output")
         mlp = _child(block, MLP_NAMES)
         if mlp is not None:
+            hooks[f"mlp_in.{i}"] = HookPoint(f"mlp_in.{i}", f"{prefix}.{mlp}", "input")
             proj = _child(block.get_submodule(mlp), MLP_OUT_PROJ)
             if proj is not None:
                 hooks[f"mlp_hidden.{i}"] = HookPoint(f"mlp_hidden.{i}", f"{prefix}.{mlp}.{proj}", "input")
@@ -118,6 +122,92 @@ def expand_hooks(patterns: list[str], available: list[str], *, where: str = "thi
                 shown = ", ".join(available[:8]) + (", ..." if len(available) > 8 else "")
                 raise HookError(f"hook pattern {pattern!r} matches no hook of {where} ({shown})")
         out.extend(h for h in found if h not in out)
+    return out
+
+
+def forward_position(name: str) -> tuple[int, int] | None:
+    """(layer, place in the block) of a named hook, for ordering; None for a module path."""
+    m = NAMED_HOOK.match(name)
+    return (int(m.group(2)), FORWARD_ORDER.index(m.group(1))) if m else None
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What one dictionary reads and what it writes (reconstructs): hooks of one forward pass.
+
+    An SAE reads and writes one hook; a transcoder reads one (``mlp_in.L``) and writes another
+    (``mlp_out.L``). The trainer gets the concatenation of the ``reads`` hooks' rows as its input and,
+    when the dictionary writes something else, that of the ``writes`` hooks as its target."""
+
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+    @classmethod
+    def sae(cls, hook: str) -> Wiring:
+        return cls((hook,), (hook,))
+
+    @classmethod
+    def transcoder(cls, reads: str, writes: str) -> Wiring:
+        """A transcoder from ``reads`` to ``writes``; writing a hook computed before the one it reads is
+        refused (it would predict the past from the future)."""
+        before, after = forward_position(reads), forward_position(writes)
+        if before is not None and after is not None and after < before:
+            raise HookError(f"--writes {writes} is computed before --reads {reads}: a transcoder predicts a later "
+                            "activation from an earlier one (e.g. --reads mlp_in.L --writes mlp_out.L)")
+        return cls((reads,), (writes,))
+
+    @property
+    def autoencoder(self) -> bool:
+        """Whether it writes what it reads (an SAE)."""
+        return self.reads == self.writes
+
+    @property
+    def hooks(self) -> list[str]:
+        """Every hook it needs, reads first, without repeats."""
+        return list(dict.fromkeys(self.reads + self.writes))
+
+    @property
+    def name(self) -> str:
+        """``resid_post.3`` for an SAE, ``mlp_in.3>mlp_out.3`` for a transcoder."""
+        reads = "+".join(self.reads)
+        return reads if self.autoencoder else f"{reads}>{'+'.join(self.writes)}"
+
+    def inputs(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Its input rows from a batch of aligned hooks (the concatenation of its ``reads``)."""
+        return rows[self.reads[0]] if len(self.reads) == 1 else torch.cat([rows[h] for h in self.reads], dim=1)
+
+    def targets(self, rows: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Its target rows (the concatenation of its ``writes``); None for an SAE, whose target is its input."""
+        if self.autoencoder:
+            return None
+        return rows[self.writes[0]] if len(self.writes) == 1 else torch.cat([rows[h] for h in self.writes], dim=1)
+
+    def written(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The rows of what it writes (its target, or its input for an SAE)."""
+        target = self.targets(rows)
+        return self.inputs(rows) if target is None else target
+
+
+def wirings(hooks: list[str], reads: list[str], writes: list[str], available: list[str], *,
+            where: str = "this model") -> list[Wiring]:
+    """The dictionaries that ``--hook`` (SAEs) and ``--reads`` / ``--writes`` (transcoders) name, patterns
+    expanded against ``available`` (``expand_hooks``): the i-th hook ``--reads`` names is paired with the
+    i-th ``--writes`` names (``--reads 'mlp_in.*' --writes 'mlp_out.*'``: one transcoder per layer)."""
+    out = [Wiring.sae(h) for h in expand_hooks(hooks, available, where=where)] if hooks else []
+    if bool(reads) != bool(writes):
+        raise HookError("--reads and --writes go together: a transcoder reads one hook and writes another "
+                        "(an SAE: --hook)")
+    if reads:
+        ins, outs = expand_hooks(reads, available, where=where), expand_hooks(writes, available, where=where)
+        if len(ins) != len(outs):
+            raise HookError(f"--reads names {len(ins)} hooks ({', '.join(ins[:4])}{', ...' if len(ins) > 4 else ''}) "
+                            f"and --writes {len(outs)} ({', '.join(outs[:4])}{', ...' if len(outs) > 4 else ''}); "
+                            "they pair in order, one transcoder each")
+        out.extend(Wiring.sae(a) if a == b else Wiring.transcoder(a, b) for a, b in zip(ins, outs, strict=True))
+    names = [w.name for w in out]
+    repeated = next((n for n in names if names.count(n) > 1), None)
+    if repeated:
+        raise HookError(f"{repeated} is named twice")
     return out
 
 

@@ -21,6 +21,7 @@ import torch
 
 from dictlens.data.activations import FilterState, Moments, NormStats, TokenFilter, iter_chunks, outlier_limit
 from dictlens.data.cache import from_storage, read_manifest, verify_file
+from dictlens.data.hooks import Wiring
 from dictlens.data.models import LoadedModel
 from dictlens.data.packing import pack_contexts, resolve_prepend_bos, special_token_ids, tokenizer_fingerprint
 from dictlens.data.tap import Tap
@@ -485,6 +486,60 @@ class OneSource:
                         drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Rows]:
         return ({self.key: x} for x in self.source.batches(batch_size, shuffle=shuffle, seed=seed,
                                                            drop_last=drop_last, part=part))
+
+
+class Paired:
+    """A transcoder's input and target sources as one source of two hooks, ``x`` and ``y``.
+
+    Row i of both must be the same token: two hooks of one cache, of one stream, or two arrays of
+    the same length. Two views of one stream are read from one forward pass per batch; any other
+    pair is read side by side, each source shuffled with the same seed (which gives the same
+    permutation of the same rows)."""
+
+    def __init__(self, source: Source, target: Source):
+        if len(source) != len(target):
+            raise InputError(f"target: {len(target)} rows against the source's {len(source)}; a transcoder reads "
+                             "and writes the same tokens")
+        self.source, self.target = source, target
+
+    @property
+    def hooks(self) -> list[str]:
+        return ["x", "y"]
+
+    def view(self, hook: str) -> Source:
+        return self.source if hook == "x" else self.target
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                        drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Rows]:
+        kw: dict[str, Any] = {"shuffle": shuffle, "seed": seed, "drop_last": drop_last, "part": part}
+        a, b = self.source, self.target
+        if isinstance(a, HookView) and isinstance(b, HookView) and a.parent is b.parent:
+            return ({"x": r[a.hook], "y": r[b.hook]} for r in a.parent.batches_by_hook(batch_size, **kw))
+        return ({"x": x, "y": y} for x, y in zip(a.batches(batch_size, **kw), b.batches(batch_size, **kw),
+                                                strict=True))
+
+
+def wiring_sources(source: HookSource, wiring: Wiring) -> tuple[Source, Source | None]:
+    """The sources a dictionary of ``wiring`` trains on: what it reads and, for a transcoder, what it
+    writes (None for an SAE)."""
+    if len(wiring.reads) != 1 or len(wiring.writes) != 1:
+        raise ConfigError(f"{wiring.name}: a dictionary reading or writing several hooks at once is not "
+                          "supported here")
+    reads, writes = wiring.reads[0], wiring.writes[0]
+    return source.view(reads), None if wiring.autoencoder else source.view(writes)
+
+
+def wiring_batches(source: HookSource, wiring: Wiring, batch_size: int = 4096
+                   ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]]:
+    """A dictionary's evaluation batches in order, unshuffled: its inputs (an SAE), or (inputs, targets)
+    pairs (a transcoder), reading only its own hooks."""
+    x, y = wiring_sources(source, wiring)
+    if y is None:
+        return x.batches(batch_size, shuffle=False)
+    return ((b["x"], b["y"]) for b in Paired(x, y).batches_by_hook(batch_size, shuffle=False))
 
 
 @runtime_checkable

@@ -143,22 +143,32 @@ class ReconstructionStats:
             feature_counts=counts)
 
 
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]   # inputs, or (inputs, a transcoder's targets)
+
+
 @torch.no_grad()
-def evaluate(sae: SAE, batches: Iterable[torch.Tensor]) -> Metrics:
-    """Metrics of ``sae`` on raw activation batches [B, D] (held out from training).
+def evaluate(sae: SAE, batches: Iterable[Batch]) -> Metrics:
+    """Metrics of ``sae`` on raw activation batches [B, D] (held out from training); a transcoder's
+    batches are (inputs, targets) pairs, and its metrics are those of its prediction of the targets.
 
     Features are ranked in float32, so the figures do not depend on the hardware's fast
     low-precision ranking (``select_dtype``).
     """
     stats = ReconstructionStats(sae.n_features)
     with sae.ranking("float32"):
-        for x in batches:
+        for batch in batches:
+            x, y = batch if isinstance(batch, tuple) else (batch, None)
             x = x.to(sae.device, torch.float32)
             if x.ndim != 2 or x.shape[1] != sae.d_in:
                 raise InputError(f"evaluation data: expected [batch, {sae.d_in}], found {list(x.shape)}")
-            if not bool(torch.isfinite(x).all()):
-                bad = int((~torch.isfinite(x).all(dim=1)).sum())
+            if sae.cfg.transcoder and y is None:
+                raise InputError("evaluation data: a transcoder is measured on (inputs, targets) pairs")
+            target = x if y is None else y.to(sae.device, torch.float32)
+            if target.shape != (len(x), sae.d_out):
+                raise InputError(f"evaluation targets: expected [{len(x)}, {sae.d_out}], found {list(target.shape)}")
+            if not bool(torch.isfinite(x).all() & torch.isfinite(target).all()):
+                bad = int((~(torch.isfinite(x).all(dim=1) & torch.isfinite(target).all(dim=1))).sum())
                 raise InputError(f"evaluation data: {bad} rows hold NaN or Inf (after {stats.n} good tokens)")
             p, vals = sae.encode_sparse(x)
-            stats.update(x, sae.decode_sparse(p, vals), p, vals)
+            stats.update(target, sae.decode_sparse(p, vals, x), p, vals)
     return stats.result()

@@ -66,7 +66,7 @@ def from_transformer_lens(name: str, model: str | None) -> str:
     if point == "attn.hook_z":
         return f"{block}.attn.c_proj:input" if family == "gpt2" else f"{block}.self_attn.o_proj:input"
     if point == "mlp.hook_in":
-        return f"{block}.mlp:input"
+        return f"mlp_in.{layer}"
     if point == "ln2.hook_normalized":
         raise FormatError(f"hook {name!r}: TransformerLens's unweighted RMS-normalised MLP input, which no module "
                           "of the Hugging Face model outputs (the MLP's input is weighted by the norm's gain); "
@@ -92,6 +92,8 @@ def to_transformer_lens(hook: str, model: str | None) -> str | None:
     kind, index = m.group(1), m.group(2)
     if kind == "mlp_hidden":
         return f"blocks.{index}.mlp.hook_post"
+    if kind == "mlp_in":
+        return f"blocks.{index}.mlp.hook_in"
     if kind in ("attn_out", "mlp_out") and _family(model) == "gemma":
         return None   # TransformerLens's Gemma hook_*_out is after the post-norm: another point
     return f"blocks.{index}.hook_{kind}"
@@ -111,6 +113,9 @@ def from_module_point(point: str) -> str:
                       r"(?:down_proj|c_proj)$", point)
     if hidden and io == "input":
         return f"mlp_hidden.{hidden.group(1)}"
+    mlp = re.match(r"^(?:model\.language_model\.layers|model\.layers|transformer\.h)\.(\d+)\.mlp$", point)
+    if mlp:
+        return f"{'mlp_in' if io == 'input' else 'mlp_out'}.{mlp.group(1)}"
     m = _BLOCK.match(point)
     if m and io == "output":
         return f"resid_post.{m.group(1)}"
@@ -134,7 +139,7 @@ def to_base_model_path(hook: str) -> str:
     m = re.match(r"^(resid_post|mlp_out|attn_out)\.(\d+)$", hook)
     if m:
         return f"layers.{m.group(2)}" + {"resid_post": "", "mlp_out": ".mlp", "attn_out": ".self_attn"}[m.group(1)]
-    if re.match(r"^(resid_pre|mlp_hidden)\.\d+$", hook) or ":" in hook:
+    if re.match(r"^(resid_pre|mlp_in|mlp_hidden)\.\d+$", hook) or ":" in hook:
         raise FormatError(f"hook {hook!r}: sparsify names a module's output relative to the base model; "
                           "this hook is an input")
     return hook.removeprefix("model.")
@@ -154,6 +159,8 @@ def to_module_point(hook: str, model: str | None) -> str:
         return f"{blocks}.{layer}.input"
     if kind == "mlp_hidden":
         return f"{blocks}.{layer}.mlp.{'c_proj' if _family(model) == 'gpt2' else 'down_proj'}.input"
+    if kind == "mlp_in":
+        return f"{blocks}.{layer}.mlp.input"
     return f"{blocks}.{layer}.{'mlp' if kind == 'mlp_out' else 'self_attn'}.output"
 
 

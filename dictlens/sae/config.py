@@ -14,13 +14,19 @@ SPARSITY_PENALTIES = ("none", "l1", "tanh", "smooth_l0", "hoyer", "l0")
 
 @dataclass
 class SAEConfig:
-    """Architecture of a sparse autoencoder.
+    """Architecture of a sparse autoencoder, or of a transcoder (one encoder, writing another activation).
 
     f = σ(W_enc (x − b_dec) + b_enc) (the ``b_dec`` subtraction when ``pre_bias``),
-    x̂ = W_decᵀ f + b_dec, with ``W_enc`` and ``W_dec`` both stored [F, D] (feature-major).
+    x̂ = W_decᵀ f + b_dec, with ``W_enc`` [F, D] and ``W_dec`` [F, D_out] (feature-major; D_out = D for
+    an SAE). A transcoder predicts y (e.g. an MLP's output) from x (its input): no pre-bias, and with
+    ``skip`` an affine skip connection, ŷ = W_decᵀ f + b_dec + W_skip x.
     """
 
     d_in: int = field(0, help="input width D (filled in from the activations when 0)", cli=False)
+    transcoder: bool = field(False, help="write another activation than it reads (set by --writes)", cli=False)
+    d_out: int = field(0, help="width of what a transcoder writes (filled in from the activations when 0)",
+                       cli=False)
+    skip: bool = field(False, help="transcoders: add a learned affine skip connection W_skip x (a skip transcoder)")
     expansion: float = field(16.0, help="features per input dimension (F = expansion × D)")
     n_features: int = field(0, help="number of features F (overrides --expansion when > 0; set from "
                                     "expansion × d_in once d_in is known)")
@@ -42,6 +48,18 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         kind = self.kind  # an unknown name is an error naming the registered ones
+        if self.transcoder:
+            # what it reads and what it writes are different spaces: nothing subtracts the output bias
+            # from the input, and no matrix serves as both encoder and decoder
+            self.pre_bias = False
+            if self.tied:
+                raise ConfigError("tied: a transcoder's encoder reads another activation than its decoder writes; "
+                                  "it cannot be tied")
+        else:
+            if self.skip:
+                raise ConfigError("skip: applies to transcoders only (--writes another hook than --reads)")
+            self.d_out = self.d_in   # an SAE writes what it reads
+        check(self.d_out >= 0, "d_out", "a positive width", self.d_out)
         check(self.decoder_norm in ("unit", "free"), "decoder_norm", "unit or free", self.decoder_norm)
         check(self.normalize in ("sqrt_d", "unit", "none"), "normalize", "sqrt_d, unit or none", self.normalize)
         check(self.select_dtype in ("auto", "float32", "bfloat16"), "select_dtype",

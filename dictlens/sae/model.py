@@ -65,6 +65,8 @@ class SAE(nn.Module):
     """A sparse autoencoder f = σ(W_enc (x − b_dec) + b_enc), x̂ = W_decᵀ f + b_dec."""
 
     input_scale: torch.Tensor
+    output_scale: torch.Tensor   # transcoders only
+    W_skip: nn.Parameter   # skip transcoders only
     # owned by one activation each (registered by it): BatchTopK, JumpReLU, Gated
     threshold: torch.Tensor
     log_threshold: nn.Parameter
@@ -90,17 +92,26 @@ class SAE(nn.Module):
         self.world = World()
         self.shard = shard
         F, D = cfg.n_features, cfg.d_in
+        if cfg.transcoder and cfg.d_out <= 0:
+            raise ConfigError("d_out: expected the width a transcoder writes, found 0")
         lo, hi = (shard.lo, shard.hi) if shard is not None else (0, F)
-        W = initial_directions(F, D, seed, lo, hi) if draw else torch.empty(hi - lo, D)
+        W = initial_directions(F, cfg.d_out, seed, lo, hi) if draw else torch.empty(hi - lo, cfg.d_out)
         if draw:
             W *= (1.0 if cfg.decoder_norm == "unit" else cfg.init_decoder_norm) / W.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W)
-        if not cfg.tied:
+        if cfg.transcoder:   # the encoder reads another space: its own draw, unit rows
+            E = initial_directions(F, D, seed + 1, lo, hi) if draw else torch.empty(hi - lo, D)
+            self.W_enc_ = nn.Parameter(E / E.norm(dim=1, keepdim=True) if draw else E)
+        elif not cfg.tied:
             self.W_enc_ = nn.Parameter(W.clone())
         self.b_enc = nn.Parameter(torch.zeros(hi - lo))
-        self.b_dec = nn.Parameter(torch.zeros(D))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out))
+        if cfg.skip:   # a skip transcoder's affine skip connection, from zero (Paulo et al. 2025)
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, D))
         self.activation.add_parameters(self)
         self.register_buffer("input_scale", torch.tensor(1.0))
+        if cfg.transcoder:   # what its target was multiplied by in training (an SAE's is its input's)
+            self.register_buffer("output_scale", torch.tensor(1.0))
         self.to(device=device)
 
     # ---- parameters and views -------------------------------------------------------
@@ -126,6 +137,21 @@ class SAE(nn.Module):
     @property
     def d_in(self) -> int:
         return self.cfg.d_in
+
+    @property
+    def d_out(self) -> int:
+        """The width it writes (its decoder rows'): D for an SAE."""
+        return self.cfg.d_out
+
+    @property
+    def target_scale(self) -> torch.Tensor:
+        """What training multiplied the written activation by: a transcoder's output scale, an SAE's
+        input scale. Codes and reconstructions come out in raw units divided by it."""
+        return self.output_scale if self.cfg.transcoder else self.input_scale
+
+    def skip_term(self, x_BD: torch.Tensor) -> torch.Tensor | None:
+        """A skip transcoder's W_skip x [B, D_out] of normalised inputs, with gradient (None without one)."""
+        return x_BD @ self.W_skip.T if self.cfg.skip else None
 
     def decoder_norms(self) -> torch.Tensor:
         """‖W_dec[f]‖ for every feature [F]."""
@@ -167,13 +193,16 @@ class SAE(nn.Module):
             return sparse_encode(x_c.detach(), self.W_enc, bias, p, center, self.backward_dtype)
         return sparse_encode(x_c, self.W_enc, bias, p, backward_dtype=self.backward_dtype)
 
-    def reconstruct(self, vals: torch.Tensor, p: Pattern) -> torch.Tensor:
-        """x̂ = Σ over the pairs of ``vals · W_dec[f]`` + b_dec [B, D], with gradient; latent shards
-        sum their partial decodes (b_dec split among them, so its gradient is too)."""
+    def reconstruct(self, vals: torch.Tensor, p: Pattern, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """x̂ = Σ over the pairs of ``vals · W_dec[f]`` + b_dec [B, D_out] (+ ``skip``, a skip transcoder's
+        :meth:`skip_term`), with gradient; latent shards sum their partial decodes (b_dec and the skip
+        split among them, so their gradients are too)."""
         if self.shard is None:
-            return self.decode_values(vals, p, bias=self.b_dec)
+            out = self.decode_values(vals, p, bias=self.b_dec)
+            return out if skip is None else out + skip
         n = self.shard.world.size
-        return self.shard.world.sum_shared(self.decode_values(vals, p, bias=self.b_dec / n))
+        part = self.decode_values(vals, p, bias=self.b_dec / n)
+        return self.shard.world.sum_shared(part if skip is None else part + skip / n)
 
     def centring(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The centred inputs x − b_dec (or x without ``pre_bias``) and the centre to hand
@@ -204,8 +233,9 @@ class SAE(nn.Module):
         sel = self.activation.select(self, x_c, dead=dead, k_aux=k_aux, aux_rows=aux_rows)
         pre = self.encode_values(x_c, self.b_enc, sel.pattern, center)
         vals, extra = self.activation.values(self, pre, sel.pattern)
-        x_hat = self.reconstruct(vals, sel.pattern)
-        codes = Codes(sel.pattern, pre, vals, x_hat, sel.aux, extra)
+        skip = self.skip_term(x_BD)
+        x_hat = self.reconstruct(vals, sel.pattern, skip)
+        codes = Codes(sel.pattern, pre, vals, x_hat, sel.aux, extra, skip)
         self.activation.after_forward(self, codes)
         return codes
 
@@ -215,7 +245,7 @@ class SAE(nn.Module):
         with torch.no_grad():
             codes = self.encode_codes(x_BD * self.input_scale)
         keep = codes.vals > 0
-        return codes.pattern.subset(keep), codes.vals[keep] / self.input_scale
+        return codes.pattern.subset(keep), codes.vals[keep] / self.target_scale
 
     @contextmanager
     def ranking(self, select_dtype: str) -> Iterator[SAE]:
@@ -229,10 +259,22 @@ class SAE(nn.Module):
         finally:
             self._ranking = saved
 
-    def decode_sparse(self, p: Pattern, vals: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of raw inputs from sparse codes (as returned by encode_sparse)."""
+    def raw_skip(self, x_BD: torch.Tensor | None) -> torch.Tensor | None:
+        """A skip transcoder's skip connection of raw inputs, in raw output units (None without one or
+        without ``x_BD``)."""
+        if not self.cfg.skip or x_BD is None:
+            return None
         with torch.no_grad():
-            return self.decode_values(vals, p, bias=self.b_dec / self.input_scale)
+            return (x_BD * self.input_scale) @ self.W_skip.T / self.target_scale
+
+    def decode_sparse(self, p: Pattern, vals: torch.Tensor, x_BD: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction (raw units) from sparse codes as returned by encode_sparse; a skip transcoder
+        adds its skip connection of the raw inputs ``x_BD`` when given (the dictionary's part alone
+        without them)."""
+        with torch.no_grad():
+            out = self.decode_values(vals, p, bias=self.b_dec / self.target_scale)
+            skip = self.raw_skip(x_BD)
+            return out if skip is None else out + skip
 
     def encode(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Dense codes f [B, F] of raw inputs."""
@@ -240,15 +282,18 @@ class SAE(nn.Module):
         f = torch.zeros(p.n_rows, p.n_features, dtype=vals.dtype, device=vals.device)
         return f.index_put((p.rows, p.cols), vals)
 
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        """Reconstruction of raw inputs from dense codes [B, F]."""
+    def decode(self, f_BF: torch.Tensor, x_BD: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction (raw units) from dense codes [B, F]; a skip transcoder adds its skip connection
+        of the raw inputs ``x_BD`` when given."""
         if f_BF.ndim != 2 or f_BF.shape[1] != self.n_features:
             raise InputError(f"SAE codes: expected [batch, {self.n_features}], found {list(f_BF.shape)}")
-        return f_BF @ self.W_dec + self.b_dec / self.input_scale
+        out = f_BF @ self.W_dec + self.b_dec / self.target_scale
+        skip = self.raw_skip(x_BD)
+        return out if skip is None else out + skip
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Reconstruction x̂ of raw inputs."""
-        return self.encode_codes(x_BD * self.input_scale).x_hat / self.input_scale
+        """Reconstruction x̂ of raw inputs (a transcoder's prediction of its target), in raw units."""
+        return self.encode_codes(x_BD * self.input_scale).x_hat / self.target_scale
 
     # ---- constraints ----------------------------------------------------------------
     @torch.no_grad()
@@ -292,13 +337,22 @@ class SAE(nn.Module):
         return whole.to(device=self.device)
 
     def folded_state(self) -> dict[str, torch.Tensor]:
-        """Weights with the input scale folded in (the saved SAE reads raw activations)."""
-        s = float(self.input_scale)
+        """Weights with the training scales folded in: the saved SAE reads raw activations and writes
+        raw ones, its decoder rows unchanged. Codes come out divided by the target's scale s_out, so
+        the encoder (and a skip) take the ratio s_in / s_out (1 for an SAE) and the biases and
+        thresholds are divided by s_out."""
+        s_in, s_out = float(self.input_scale), float(self.target_scale)
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        state["b_enc"] /= s
-        state["b_dec"] /= s
-        self.activation.fold_scale(state, s)
+        if s_in != s_out:   # (a transcoder's: an SAE, possibly tied, reads and writes in one scale)
+            state["W_enc_"] *= s_in / s_out
+            if self.cfg.skip:
+                state["W_skip"] *= s_in / s_out
+        state["b_enc"] /= s_out
+        state["b_dec"] /= s_out
+        self.activation.fold_scale(state, s_out)
         state["input_scale"] = torch.tensor(1.0)
+        if self.cfg.transcoder:
+            state["output_scale"] = torch.tensor(1.0)
         return state
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -328,7 +382,9 @@ class SAE(nn.Module):
         if expected != found:
             diff = sorted(set(expected.items()) ^ set(found.items()))
             raise CheckpointError(f"{source} does not match its config ({self.cfg.activation}, "
-                                  f"F={self.cfg.n_features}, D={self.cfg.d_in}): differs in {diff[:4]}")
+                                  f"F={self.cfg.n_features}, D={self.cfg.d_in}"
+                                  + (f", D_out={self.cfg.d_out}" if self.cfg.transcoder else "")
+                                  + f"): differs in {diff[:4]}")
         self.load_state_dict(state)
 
     @classmethod

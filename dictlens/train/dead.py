@@ -48,37 +48,45 @@ class DeadTracker:
 
 @torch.no_grad()
 def resample(sae: SAE, optimizer: Any, dead: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor,
-             generator: torch.Generator) -> int:
+             generator: torch.Generator, y: torch.Tensor | None = None) -> int:
     """Re-initialise dead features towards badly reconstructed inputs (Anthropic, 2023).
 
     Inputs are drawn with probability ∝ squared reconstruction loss; each dead feature's
     decoder row becomes its input's (centred) direction, its encoder row the same
     direction scaled to 0.2 × the mean alive encoder norm, its bias 0; a little noise
-    breaks ties; the optimiser state of those rows is reset.
+    breaks ties; the optimiser state of those rows is reset. A transcoder (``y``: its target)
+    draws by the target's loss; the decoder row takes the target's centred direction, the encoder
+    row the input's.
     """
     shard = sae.shard   # a latent shard: the draws are the whole dictionary's, each keeps its rows
     every = shard.all_features(dead, "gathering the dead features") if shard is not None else dead
     idx = every.nonzero()[:, 0]
     if len(idx) == 0:
         return 0
-    loss = (x - x_hat).pow(2).sum(1)
+    target = x if y is None else y
+    loss = (target - x_hat).pow(2).sum(1)
     weights = loss.pow(2).float().cpu() + 1e-12
-    picks = torch.multinomial(weights, len(idx), replacement=len(idx) > len(x), generator=generator)
-    directions = x[picks.to(x.device)] - sae.b_dec
-    directions += 0.01 * directions.norm(dim=1, keepdim=True) * torch.randn(
-        directions.shape, generator=generator).to(x.device) / directions.shape[1] ** 0.5
-    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    picks = torch.multinomial(weights, len(idx), replacement=len(idx) > len(x), generator=generator).to(x.device)
+
+    def unit(rows: torch.Tensor) -> torch.Tensor:
+        rows = rows + 0.01 * rows.norm(dim=1, keepdim=True) * torch.randn(
+            rows.shape, generator=generator).to(x.device) / rows.shape[1] ** 0.5
+        out: torch.Tensor = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return out
+
+    directions = unit(target[picks] - sae.b_dec)
+    inputs = directions if y is None else unit(sae.centring(x[picks])[0])
     alive = ~dead
     norms = torch.stack([sae.W_enc[alive].norm(dim=1).sum(), sae.W_dec[alive].norm(dim=1).sum(),
                          alive.sum().to(sae.W_dec.dtype)])
     if shard is not None:
         shard.world.sum_(norms, "summing the alive features' norms")
         mine = (idx >= shard.lo) & (idx < shard.hi)
-        idx, directions = idx[mine] - shard.lo, directions[mine]
+        idx, directions, inputs = idx[mine] - shard.lo, directions[mine], inputs[mine]
     enc_norm, dec_norm = (norms[:2] / norms[2]) if float(norms[2]) > 0 else (torch.tensor(1.0), torch.tensor(1.0))
     sae.W_dec[idx] = directions * (1.0 if sae.cfg.decoder_norm == "unit" else dec_norm)
     if not sae.cfg.tied:
-        sae.W_enc_[idx] = directions * 0.2 * enc_norm
+        sae.W_enc_[idx] = inputs * 0.2 * enc_norm
     sae.b_enc[idx] = 0.0
     _reset_rows(optimizer, sae, idx)
     return int(every.sum())

@@ -4,8 +4,9 @@ Each :class:`~dictlens.train.trainer.Trainer` keeps its own dictionary, optimise
 checkpoint and run directory; the group owns the one loop over the data: every batch of a
 source of several hooks (:class:`~dictlens.data.store.HookSource`: a cache's hooks read
 together, or one forward pass of the model per batch) goes to each dictionary reading that
-hook. A dictionary for every layer, or several configurations of one hook, then costs one
-pass over the data instead of one each. A single trainer's :meth:`Trainer.fit` is this loop
+hook (a transcoder: the hooks it reads and writes, a :class:`~dictlens.data.hooks.Wiring`).
+A dictionary for every layer, or several configurations of one hook, then costs one pass over
+the data instead of one each. A single trainer's :meth:`Trainer.fit` is this loop
 with a group of one.
 
 The data order is the first member's (its ``seed`` and ``batch_size``), and so are the rows
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dictlens.data.hooks import Wiring
 from dictlens.errors import CheckpointError, ConfigError, InputError
 
 if TYPE_CHECKING:
@@ -34,11 +36,18 @@ if TYPE_CHECKING:
     from dictlens.train.trainer import Trainer
 
 
-def check_members(members: Sequence[tuple[str, Trainer]], source: HookSource) -> None:
+Member = tuple["str | Wiring", "Trainer"]   # a hook (an SAE's) or what the dictionary reads and writes
+
+
+def wiring_of(key: str | Wiring) -> Wiring:
+    return Wiring.sae(key) if isinstance(key, str) else key
+
+
+def check_members(members: Sequence[Member], source: HookSource) -> None:
     """Refuse a group the loop cannot feed: no members, unknown hooks, several batch sizes."""
     if not members:
         raise ConfigError("train: nothing to train")
-    missing = sorted({hook for hook, _ in members} - set(source.hooks))
+    missing = [h for key, _ in members for h in wiring_of(key).hooks if h not in source.hooks]
     if missing:
         raise ConfigError(f"hook: the data holds {source.hooks}, not {missing[0]!r}")
     sizes = {t.cfg.batch_size for _, t in members}
@@ -47,10 +56,11 @@ def check_members(members: Sequence[tuple[str, Trainer]], source: HookSource) ->
                           f"{sorted(sizes)}")
 
 
-def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, resume: bool = False,
+def fit_together(members: Sequence[Member], source: HookSource, *, resume: bool = False,
                  progress: bool = True) -> list[SAE]:
-    """Train every ``(hook, trainer)`` of ``members`` on ``source`` to its ``tokens``; returns their
-    finished SAEs in order (each saved into its trainer's ``out``).
+    """Train every ``(hook, trainer)`` of ``members`` on ``source`` to its ``tokens`` (``hook``: a
+    :class:`Wiring` for a transcoder); returns their finished SAEs in order (each saved into its
+    trainer's ``out``).
 
     Without ``resume``, a member whose ``out`` already holds a checkpoint is an error, so a
     run is never overwritten by accident. Ctrl-C checkpoints every member before it stops.
@@ -69,6 +79,7 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
     )
 
     check_members(members, source)
+    wired = [(wiring_of(key), t) for key, t in members]
     if not resume:
         for _, t in members:
             if t.out is not None and (t.out / CHECKPOINT).is_file():
@@ -86,9 +97,9 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
     calibration = _Once(lambda: list(islice(source.batches_by_hook(draw_size(CALIBRATION_ROWS, world), shuffle=True,
                                                                    seed=seed + CALIBRATION_SEED, part=part),
                                             CALIBRATION_BATCHES)))
-    for hook, t in members:
-        t.start(resume=resume, sample=lambda hook=hook: world.gather_rows(init()[hook]))  # type: ignore[misc]
-    running = [(h, t) for h, t in members if t.state.step < t.cfg.steps]
+    for w, t in wired:
+        t.start(resume=resume, sample=lambda w=w: world.gather_rows(w.written(init())))  # type: ignore[misc]
+    running = [(w, t) for w, t in wired if t.state.step < t.cfg.steps]
     position = min(((t.state.epoch, t.state.batch_in_epoch) for _, t in running), default=(0, 0))
     done_tokens = min((t.state.tokens for _, t in running), default=0)
     total = max(t.cfg.steps for _, t in members) * batch_size
@@ -113,13 +124,13 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
                 if i < skip:  # every member trained on it before the checkpoint
                     continue
                 rec = None
-                for hook, t in running:
+                for w, t in running:
                     if (t.state.epoch, t.state.batch_in_epoch) != (epoch, i):
                         continue  # ahead of the stream: it saved after this batch
                     t0 = time.perf_counter()
-                    rec = t.step(batch[hook]) or rec
+                    rec = t.step(w.inputs(batch), y=w.targets(batch)) or rec
                     t.step_seconds += time.perf_counter() - t0
-                running = [(h, t) for h, t in running if t.state.step < t.cfg.steps]
+                running = [(w, t) for w, t in running if t.state.step < t.cfg.steps]
                 bar.update(batch_size)
                 if rec is not None:
                     bar.set_postfix(fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
@@ -144,7 +155,7 @@ def fit_together(members: Sequence[tuple[str, Trainer]], source: HookSource, *, 
                 t.close_logs()
     for _, t in members:
         t.seconds = t.step_seconds + read_seconds / len(members)
-    return [t.finish(_rows_of(calibration, hook, world)) for hook, t in members]
+    return [t.finish(_rows_of(calibration, w, world)) for w, t in wired]
 
 
 class _Once:
@@ -159,7 +170,7 @@ class _Once:
         return self.value
 
 
-def _rows_of(batches: _Once, hook: str, world: World) -> Iterator[torch.Tensor]:
-    """One hook's rows of shared batches (every rank's slices gathered), drawn when first iterated."""
+def _rows_of(batches: _Once, wiring: Wiring, world: World) -> Iterator[torch.Tensor]:
+    """One dictionary's input rows of shared batches (every rank's slices gathered), drawn when first iterated."""
     for batch in batches():
-        yield world.gather_rows(batch[hook])
+        yield world.gather_rows(wiring.inputs(batch))

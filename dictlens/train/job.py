@@ -14,6 +14,7 @@ from dictlens.sae.config import SAEConfig
 from dictlens.train.config import TrainConfig
 
 if TYPE_CHECKING:
+    from dictlens.data.hooks import Wiring
     from dictlens.data.store import HookSource
     from dictlens.eval.metrics import Metrics
     from dictlens.sae.model import SAE
@@ -33,6 +34,14 @@ class TrainJob:
     hooks: list[str] = field(default_factory=list, flag="--hook",
                              help="hook to read, or a pattern such as 'resid_post.*' (required with several hooks "
                                   "in the cache, or to stream); several train side by side from one pass")
+    reads: list[str] = field(default_factory=list, flag="--reads",
+                             help="transcoders: the hook a transcoder reads (e.g. mlp_in.15), or a pattern; the i-th "
+                                  "hook of --reads pairs with the i-th of --writes, every pair from one pass")
+    writes: list[str] = field(default_factory=list, flag="--writes",
+                              help="transcoders: the hook it writes (e.g. mlp_out.15), or a pattern")
+    skip: bool = field(False, help="transcoders: add a learned affine skip connection (a skip transcoder)")
+    arch: str = field("auto", help="the kind of dictionary: auto (an SAE for --hook, a transcoder for --reads/"
+                                   "--writes); an activation's name (--arch topk) is taken as --activation")
     model: str | None = field(None, help="model to stream from (with --text), or to check the cache against")
     text: str | None = field(None, help="text to stream through --model (instead of --acts)")
     text_field: str = field("text", help="field of .jsonl / column of .parquet")
@@ -55,7 +64,8 @@ class TrainJob:
     shard_latents: bool = field(False, help="under torchrun: split each dictionary's features among the ranks (each "
                                             "holds F/N of them, every rank reads the whole batch) instead of "
                                             "splitting the batch: for dictionaries wider than one device holds")
-    sae: SAEConfig = field(default_factory=SAEConfig, skip=("k", "expansion", "n_features"), help="the dictionary")
+    sae: SAEConfig = field(default_factory=SAEConfig, skip=("k", "expansion", "n_features", "skip"),
+                           help="the dictionary")
     train: TrainConfig = field(default_factory=TrainConfig, help="the optimisation")
 
     def __post_init__(self) -> None:
@@ -65,11 +75,21 @@ class TrainJob:
             raise ConfigError(f"together: expected a count >= 0 (0: all), found {self.together}")
         if self.widths and self.expansions:
             raise ConfigError("train: give --n-features or --expansion, not both")
+        from dictlens.sae import activations
 
-    def source(self) -> HookSource:
-        """The data the job names: the cache's hooks read together, or one stream of every hook
-        (each view describes itself for its SAE's provenance)."""
-        from dictlens.data.hooks import expand_hooks
+        if self.arch in activations.NAMES:   # `--arch topk`: the one-encoder dictionary, with that activation
+            sae = {**to_dict(self.sae), "activation": self.arch}
+            if not activations.get(self.arch).uses_k:
+                sae["k"] = None
+            self.sae, self.arch = SAEConfig(**sae), "auto"
+        if self.arch != "auto":
+            raise ConfigError(f"arch: expected auto or an activation ({', '.join(activations.NAMES)}), "
+                              f"found {self.arch!r}")
+
+    def plan(self) -> tuple[HookSource, list[Wiring]]:
+        """The data the job names (the cache's hooks read together, or one stream of every hook; each
+        view describes itself for its dictionary's provenance) and the dictionaries' wirings on it."""
+        from dictlens.data.hooks import Wiring, wirings
         from dictlens.data.store import CacheHooks, StreamingSource
 
         if self.acts:
@@ -78,37 +98,51 @@ class TrainJob:
             if not Path(self.acts).is_dir():
                 raise CacheError(f"activation cache {self.acts} does not exist")
             available = list(read_manifest(Path(self.acts))["hooks"])
-            if not self.hooks and len(available) > 1:
+            if not (self.hooks or self.reads) and len(available) > 1:
                 raise CacheError(f"{self.acts} holds hooks {available}: name the one to read (--hook), or "
                                  "several")
-            hooks = expand_hooks(self.hooks, available, where=self.acts) if self.hooks else available
-            return CacheHooks(self.acts, hooks, model=self.model)
-        if not (self.model and self.hooks and self.text):
-            raise ConfigError("train: give --acts DIR (a harvested cache), or --model, --hook and --text to stream")
+            wires = (wirings(self.hooks, self.reads, self.writes, available, where=self.acts)
+                     if self.hooks or self.reads else [Wiring.sae(h) for h in available])
+            needed = list(dict.fromkeys(h for w in wires for h in w.hooks))
+            missing = [h for h in needed if h not in available]
+            if missing:
+                raise CacheError(f"{self.acts} holds no hook {missing[0]!r} (it holds {', '.join(available)})")
+            return CacheHooks(self.acts, needed, model=self.model), wires
+        if not (self.model and (self.hooks or self.reads) and self.text):
+            raise ConfigError("train: give --acts DIR (a harvested cache), or --model, --hook (or --reads and "
+                              "--writes) and --text to stream")
         from dictlens.data.hooks import named_hooks
         from dictlens.data.models import load_model
 
         lm = load_model(self.model)
-        hooks = expand_hooks(self.hooks, list(named_hooks(lm.model)), where=lm.name)
-        return StreamingSource(lm, hooks, self.text, tokens=max(t.tokens for _, _, _, t in self.points(hooks)),
-                               context=self.context, text_field=self.text_field)
+        wires = wirings(self.hooks, self.reads, self.writes, list(named_hooks(lm.model)), where=lm.name)
+        needed = list(dict.fromkeys(h for w in wires for h in w.hooks))
+        return StreamingSource(lm, needed, self.text, tokens=max(t.tokens for _, _, _, t in self.points(wires)),
+                               context=self.context, text_field=self.text_field), wires
 
-    def points(self, hooks: list[str]) -> list[tuple[str, str, SAEConfig, TrainConfig]]:
-        """(hook, run directory, dictionary, optimisation) of every SAE to train on ``hooks``: one per
-        hook and ``--k`` and width; a single one trains into ``out`` itself."""
+    def points(self, wires: list[Wiring]) -> list[tuple[Wiring, str, SAEConfig, TrainConfig]]:
+        """(wiring, run directory, dictionary, optimisation) of every dictionary to train: one per
+        wiring (a hook, or a transcoder's pair) and ``--k`` and width; a single one trains into ``out``
+        itself."""
         from dictlens.sae import activations
         from dictlens.train.grid import Grid
 
         if self.ks and not activations.get(self.sae.activation).uses_k:
             SAEConfig(**{**to_dict(self.sae), "k": self.ks[0]})   # the activation's own error
-        grid = Grid(hooks=hooks, activations=[self.sae.activation], ks=self.ks, widths=self.widths,
+        by_name = {w.name: w for w in wires}
+        grid = Grid(hooks=list(by_name), activations=[self.sae.activation], ks=self.ks, widths=self.widths,
                     expansions=self.expansions)
         points = grid.points()
         out = []
         for p in points:
             sae, train = p.configs(self.sae, self.train)
+            wiring = by_name[p.hook]
+            if not wiring.autoencoder:
+                sae.update(transcoder=True, skip=self.skip or sae["skip"])
+            elif self.skip:
+                raise ConfigError(f"skip: applies to transcoders (--reads and --writes), not to the SAE on {p.hook}")
             run = self.out if len(points) == 1 else str(Path(self.out) / p.name())
-            out.append((p.hook, run, SAEConfig(**sae), TrainConfig(**train)))
+            out.append((wiring, run, SAEConfig(**sae), TrainConfig(**train)))
         return out
 
 
@@ -121,7 +155,7 @@ class Trained:
     trainer: Trainer
     out: Path
     metrics: Metrics | None
-    hook: str = ""
+    hook: str = ""   # what it reads, or a transcoder's wiring (mlp_in.3>mlp_out.3)
 
 
 def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
@@ -129,11 +163,11 @@ def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
     saved with its checkpoint, log and curves in its run directory; measure the held-out tail."""
     import torch
 
-    from dictlens.data.store import split_heldout
+    from dictlens.data.store import split_heldout, wiring_batches, wiring_sources
     from dictlens.distributed import World, restarted
     from dictlens.eval.metrics import evaluate
     from dictlens.io import atomic_write_json
-    from dictlens.train.group import fit_together
+    from dictlens.train.group import fit_together, wiring_of
     from dictlens.train.trainer import Trainer
 
     world = World.from_env(job.dist_timeout, torch.device(job.train.device) if job.train.device else None)
@@ -143,24 +177,27 @@ def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
 
         print(f"torchrun restarted the workers (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): each run "
               "continues from its checkpoint", file=sys.stderr)
-    source = job.source()
+    source, wires = job.plan()
     heldout = None
     if job.heldout_tokens > 0:
         source, heldout = split_heldout(source, job.heldout_tokens)
-    members = job.points(source.hooks)
+    members = job.points(wires)
     size = job.together or len(members)
     done: list[Trained] = []
     for start in range(0, len(members), size):
-        group = [(hook, Trainer(sae, train, source.view(hook), run, progress=False, world=world,
-                                latents=world if job.shard_latents else None))
-                 for hook, run, sae, train in members[start:start + size]]
+        group: list[tuple[str | Wiring, Trainer]] = []
+        for wiring, run, sae_cfg, train in members[start:start + size]:
+            reads, writes = wiring_sources(source, wiring)
+            group.append((wiring, Trainer(sae_cfg, train, reads, run, progress=False, world=world, target=writes,
+                                          latents=world if job.shard_latents else None)))
         # torchrun restarting the workers after a failure (--max-restarts): continue the checkpoints
         saes = fit_together(group, source, resume=job.resume or restarted(), progress=progress)
-        for (hook, trainer), sae in zip(group, saes, strict=True):   # (latent shards: the whole on rank 0)
+        for (key, trainer), sae in zip(group, saes, strict=True):   # (latent shards: the whole on rank 0)
+            wiring = wiring_of(key)
             metrics = None
             if heldout is not None and world.writes:
-                metrics = evaluate(sae, heldout.view(hook).batches(4096, shuffle=False))
+                metrics = evaluate(sae, wiring_batches(heldout, wiring))
                 atomic_write_json(Path(trainer.out or job.out) / METRICS, metrics.to_dict())
-            done.append(Trained(sae, trainer, Path(trainer.out or job.out), metrics, hook))
+            done.append(Trained(sae, trainer, Path(trainer.out or job.out), metrics, wiring.name))
     world.close()
     return done

@@ -60,7 +60,8 @@ def squared_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
-    """Mean ‖x − x̂‖²; with Matryoshka prefixes, the mean over every nested prefix too."""
+    """Mean ‖x − x̂‖² (``x``: the target, the input for an SAE); with Matryoshka prefixes, the mean over
+    every nested prefix too."""
     full = squared_error(codes.x_hat, x) / len(x)
     prefixes = sae.cfg.matryoshka
     if not prefixes:
@@ -71,7 +72,7 @@ def reconstruction(sae: SAE, codes: Codes, x: torch.Tensor) -> torch.Tensor:
         if m >= sae.cfg.n_features:
             continue
         keep = codes.pattern.cols < m - first
-        x_hat = sae.reconstruct(codes.vals[keep], codes.pattern.subset(keep))
+        x_hat = sae.reconstruct(codes.vals[keep], codes.pattern.subset(keep), codes.skip)
         losses.append(squared_error(x_hat, x) / len(x))
     return torch.stack(losses).mean()
 
@@ -112,9 +113,10 @@ def auxk_is_sparse(n_dead: int, k_aux: int) -> bool:
 
 
 def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int, rows: int = 0,
-         world: World | None = None) -> torch.Tensor:
+         world: World | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
     """Reconstruct the residual with the top-k_aux dead features (Gao et al. 2024), on the
-    first ``rows`` rows of the batch (all when 0), normalised by the residual's variance.
+    first ``rows`` rows of the batch (all when 0), normalised by the residual's variance
+    (``y``: a transcoder's target, whose residual it is; the input ``x`` itself for an SAE).
 
     Data parallel (``world``), ``x`` is this rank's slice of the global batch: the first rows
     and the variance are the global batch's, and the term is scaled so that the ranks'
@@ -127,9 +129,10 @@ def auxk(sae: SAE, codes: Codes, x: torch.Tensor, dead: torch.Tensor, k_aux: int
         return x.new_zeros(())
     start = world.rank * len(x)   # this slice's first row in the global batch
     n = len(x) if rows <= 0 else max(0, min(len(x), rows - start))
-    x, x_hat = x[:n], codes.x_hat[:n]
+    y = x if y is None else y
+    x, y, x_hat = x[:n], y[:n], codes.x_hat[:n]
     x_c, center = sae.centring(x)
-    e = (x - x_hat).detach()
+    e = (y - x_hat).detach()
     if codes.aux is not None:  # picked during the chunked TopK selection: sparse kernels
         p = codes.aux
         vals = sae.encode_values(x_c, sae.b_enc, p, center).relu()
@@ -170,21 +173,24 @@ def diversity(sae: SAE, generator: torch.Generator, sample: int = 1024) -> torch
 
 
 def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: int, dead: torch.Tensor,
-               generator: torch.Generator, dead_method: str, world: World | None = None) -> dict[str, torch.Tensor]:
-    """Every active loss term, already multiplied by its coefficient; ``total`` is their sum.
+               generator: torch.Generator, dead_method: str, world: World | None = None,
+               y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every active loss term, already multiplied by its coefficient; ``total`` is their sum. ``x``: the
+    normalised inputs; ``y``: the normalised target (a transcoder's; ``x`` itself when None).
 
     ``dead_method``: the trainer's resolved ``cfg.dead_method`` (AuxK adds a term). Data
     parallel (``world``), every term is such that the mean over the ranks of its gradient is
     the global batch's: the batch means are, and AuxK is made so."""
-    terms = {"mse": reconstruction(sae, codes, x)}
+    y = x if y is None else y
+    terms = {"mse": reconstruction(sae, codes, y)}
     penalty = cfg.penalty(sae.cfg)
     if penalty != "none":
         ramp = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
         terms[f"sparsity_{penalty}"] = ramp * cfg.penalty_coeff(sae.cfg) * sparsity(
             sae, codes, penalty, cfg.weight_by_decoder_norm)
-    terms.update(sae.activation.extra_losses(sae, codes, x, cfg))
+    terms.update(sae.activation.extra_losses(sae, codes, x, y, cfg))
     if dead_method == "auxk" and cfg.auxk_coeff > 0:
-        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.aux_k(sae.cfg), cfg.auxk_rows, world)
+        terms["auxk"] = cfg.auxk_coeff * auxk(sae, codes, x, dead, cfg.aux_k(sae.cfg), cfg.auxk_rows, world, y)
     if cfg.dead_penalty_coeff > 0:
         terms["dead_penalty"] = cfg.dead_penalty_coeff * dead_penalty(sae, dead)
     if cfg.diversity_coeff > 0:

@@ -157,18 +157,33 @@ def keep_freed_memory() -> bool:
 
 
 class Trainer:
-    """Trains one SAE on a source; ``out`` (optional) receives checkpoints, logs and the SAE."""
+    """Trains one SAE (or transcoder) on a source; ``out`` (optional) receives checkpoints, logs and the SAE."""
 
     def __init__(self, sae_cfg: SAEConfig, cfg: TrainConfig, source: Source, out: str | Path | None = None,
                  *, provenance: Provenance | None = None, progress: bool = True, world: World | None = None,
-                 latents: World | None = None):
+                 latents: World | None = None, target: Source | None = None):
         """``world``: the ranks splitting each batch (data parallel); ``latents``: the ranks splitting
         the dictionary's features instead (latent parallel, dictlens/sae/shard.py; every rank then
-        reads the whole batch, and ``world`` is its :meth:`World.solo`)."""
+        reads the whole batch, and ``world`` is its :meth:`World.solo`). ``target``: what a transcoder
+        writes (row i the same token as the source's row i); the dictionary is then a transcoder from
+        ``source`` to ``target``, and :meth:`step` takes both."""
         d = int(source.d_in)
         if sae_cfg.d_in and sae_cfg.d_in != d:
             raise InputError(f"d_in: the SAE expects width {sae_cfg.d_in}, the activations have width {d}")
-        self.sae_cfg = from_dict(SAEConfig, {**to_dict(sae_cfg), "d_in": d})
+        if sae_cfg.transcoder and target is None:
+            raise ConfigError("transcoder: give the activations it writes (target; --writes)")
+        fill: dict[str, Any] = {"d_in": d}
+        if target is not None:
+            d_out = int(target.d_in)
+            if sae_cfg.transcoder and sae_cfg.d_out and sae_cfg.d_out != d_out:
+                raise InputError(f"d_out: the transcoder writes width {sae_cfg.d_out}, the target activations have "
+                                 f"width {d_out}")
+            if len(target) != len(source):
+                raise InputError(f"target: {len(target)} rows against the source's {len(source)}; a transcoder "
+                                 "reads and writes the same tokens (two hooks of one cache or stream)")
+            fill.update(transcoder=True, d_out=d_out)
+        self.sae_cfg = from_dict(SAEConfig, {**to_dict(sae_cfg), **fill})
+        self.target = target
         self.cfg = cfg
         check_compatible(self.sae_cfg, cfg)
         self.source = source
@@ -211,16 +226,17 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------
     def init_sample(self) -> torch.Tensor:
-        """The rows a fresh run initialises from: the first batch of up to 16,384 rows of a
-        shuffle seeded by ``seed + 10,000``."""
-        n = draw_size(min(INIT_ROWS, max(len(self.source), 1)), self.world)
-        return self.world.gather_rows(next(iter(self.source.batches(n, shuffle=True, seed=self.cfg.seed + INIT_SEED,
-                                                                    part=self.world.part))))
+        """The rows a fresh run initialises its decoder bias from (the written activation's: a
+        transcoder's target): the first batch of up to 16,384 rows of a shuffle seeded by ``seed + 10,000``."""
+        written = self.target or self.source
+        n = draw_size(min(INIT_ROWS, max(len(written), 1)), self.world)
+        return self.world.gather_rows(next(iter(written.batches(n, shuffle=True, seed=self.cfg.seed + INIT_SEED,
+                                                                part=self.world.part))))
 
     def start(self, resume: bool = False, sample: Callable[[], torch.Tensor] | None = None) -> None:
         """Ready the run: resume from ``out``'s checkpoint (with ``resume``, when one exists) or
-        initialise from the data (``sample``: where the rows come from, :meth:`init_sample` by
-        default; read only when needed); open the logs. :meth:`step` calls it when not called."""
+        initialise from the data (``sample``: where the written activation's rows come from,
+        :meth:`init_sample` by default; read only when needed); open the logs. :meth:`step` calls it when not called."""
         if self.started:
             return
         if self.cfg.batch_size % self.world.size:
@@ -243,13 +259,18 @@ class Trainer:
         self._clock = (time.perf_counter(), self.state.tokens)
         self.started = True
 
+    def _scale(self, source: Source) -> float:
+        """The factor that brings ``source``'s mean norm to the configured one (√D by default)."""
+        stats, d = source.stats, int(source.d_in)
+        norm = {"sqrt_d": math.sqrt(d), "unit": 1.0, "none": None}[self.sae_cfg.normalize]
+        return 1.0 if norm is None or stats.mean_norm <= 0 else norm / stats.mean_norm
+
     def _initialise(self, sample_rows: Callable[[], torch.Tensor]) -> None:
-        """Input scale and decoder bias from the data (fresh runs only)."""
-        stats = self.source.stats
-        d = self.sae.d_in
-        target = {"sqrt_d": math.sqrt(d), "unit": 1.0, "none": None}[self.sae_cfg.normalize]
-        scale = 1.0 if target is None or stats.mean_norm <= 0 else target / stats.mean_norm
-        self.sae.input_scale.fill_(scale)
+        """Input scale (and a transcoder's output scale) and decoder bias from the data (fresh runs only)."""
+        self.sae.input_scale.fill_(self._scale(self.source))
+        if self.target is not None:
+            self.sae.output_scale.fill_(self._scale(self.target))
+        scale = float(self.sae.target_scale)
         if self.cfg.b_dec_init == "zero":
             return
         sample = sample_rows()
@@ -314,8 +335,9 @@ class Trainer:
         })
 
     # ---- the loop -------------------------------------------------------------------
-    def step(self, x: torch.Tensor) -> dict[str, Any] | None:
-        """One optimisation step on a raw batch [B, D] (in the activations' own units).
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, Any] | None:
+        """One optimisation step on a raw batch [B, D] (in the activations' own units); a transcoder's
+        also takes its target ``y`` [B, D_out] (row i the same token as x's row i).
 
         Counts the step, logs on logging steps (the record is returned) and checkpoints when
         one is due. A batch holding NaN or Inf is skipped (``skip_nonfinite``) or stops the
@@ -324,14 +346,25 @@ class Trainer:
         x = x.to(self.device, torch.float32)
         if x.ndim != 2 or x.shape[1] != self.sae.d_in:
             raise InputError(f"batch shape {list(x.shape)} does not match the SAE's d_in {self.sae.d_in}")
-        if self.world.any(not all_finite(x), "checking the batches are finite"):
-            self._nonfinite(x)
+        if self.sae_cfg.transcoder:
+            if y is None:
+                raise InputError("a transcoder's step takes its target batch too: step(x, y)")
+            y = y.to(self.device, torch.float32)
+            if y.shape != (len(x), self.sae.d_out):
+                raise InputError(f"target batch shape {list(y.shape)} does not match [{len(x)}, {self.sae.d_out}] "
+                                 "(the inputs' rows, the transcoder's d_out)")
+        elif y is not None:
+            raise InputError("step: a target batch was given to an SAE, which reconstructs its input")
+        finite = all_finite(x) and (y is None or all_finite(y))
+        if self.world.any(not finite, "checking the batches are finite"):
+            self._nonfinite(x if y is None else torch.cat([x, y], 1))
             return None
         self.world.heartbeat(self.state.step)
         if self.sae.shard is not None:
             self.sae.shard.world.heartbeat(self.state.step)
         log_now = (self.state.step + 1) % self.cfg.log_every == 0 or self.state.step + 1 == self.cfg.steps
-        metrics = self._optimise(x * self.sae.input_scale, measure=log_now)
+        metrics = self._optimise(x * self.sae.input_scale, measure=log_now,
+                                 y=None if y is None else y * self.sae.target_scale)
         n = len(x) * self.world.size   # the global batch
         self.state.step += 1
         self.state.tokens += n
@@ -342,10 +375,12 @@ class Trainer:
             self.save_checkpoint()
         return record
 
-    def _optimise(self, x: torch.Tensor, measure: bool) -> dict[str, float]:
-        """The optimisation step on a normalised batch; with ``measure``, also the logged
-        metrics (loss terms, FVU, L0), which cost a few passes over the batch."""
+    def _optimise(self, x: torch.Tensor, measure: bool, y: torch.Tensor | None = None) -> dict[str, float]:
+        """The optimisation step on a normalised batch (``y``: a transcoder's normalised target); with
+        ``measure``, also the logged metrics (loss terms, FVU of the target, L0), which cost a few passes
+        over the batch."""
         cfg, sae = self.cfg, self.sae
+        t = x if y is None else y   # what it reconstructs
         plateau = Plateau(**self.state.plateau)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr * lr_factor(cfg, self.state.step, plateau)
@@ -366,7 +401,7 @@ class Trainer:
             sparse_aux = sparse_aux and aux_rows > 0
         codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, aux_rows)
         world = self.world
-        terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method, world)
+        terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method, world, y)
         if (shard.world if shard else world).any(not bool(torch.isfinite(terms["total"])),
                                                  "checking the loss is finite"):
             self.save_checkpoint()
@@ -405,19 +440,19 @@ class Trainer:
                     out = {k: float(v) for k, v in terms.items() if k in WHOLE_ON_EVERY_SHARD}
                     out.update({k: float(parts[i]) for i, k in enumerate(names)})
                     out["total"] = sum(out.values())
-                    err = (x - codes.x_hat).pow(2).sum()
-                    out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+                    err = (t - codes.x_hat).pow(2).sum()
+                    out["fvu"] = float(err / (t - t.mean(0)).pow(2).sum().clamp_min(1e-12))
                     out["l0"] = float(parts[-1]) / len(x)
                 elif world.alone:
                     out = {k: float(v.detach()) for k, v in terms.items()}
-                    err = (x - codes.x_hat).pow(2).sum()
-                    out["fvu"] = float(err / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
+                    err = (t - codes.x_hat).pow(2).sum()
+                    out["fvu"] = float(err / (t - t.mean(0)).pow(2).sum().clamp_min(1e-12))
                     out["l0"] = float((codes.vals > 0).sum()) / len(x)
                 else:   # the global batch's: terms averaged over ranks, FVU and L0 from summed moments
                     names = list(terms)
                     parts = torch.stack([terms[k].detach().float() for k in names] + [
-                        (x - codes.x_hat).pow(2).sum(), x.pow(2).sum(), (codes.vals > 0).sum().float()])
-                    parts = world.sum_(torch.cat([parts, x.sum(0)]), "reducing the logged metrics")
+                        (t - codes.x_hat).pow(2).sum(), t.pow(2).sum(), (codes.vals > 0).sum().float()])
+                    parts = world.sum_(torch.cat([parts, t.sum(0)]), "reducing the logged metrics")
                     out = {k: float(parts[i]) / world.size for i, k in enumerate(names)}
                     e2, x2, on = (float(v) for v in parts[len(names):len(names) + 3])
                     total_rows = len(x) * world.size
@@ -429,7 +464,8 @@ class Trainer:
         if self.dead_method == "resample" and self._resample_due():
             # every rank resamples alike from the whole global batch
             self.state.resampled += resample(sae, self.optimizer, self.dead.dead, world.gather_rows(x),
-                                             world.gather_rows(codes.x_hat.detach()), self.generator)
+                                             world.gather_rows(codes.x_hat.detach()), self.generator,
+                                             None if y is None else world.gather_rows(y))
             self.dead.since_fired[self.dead.dead] = 0
         return out
 
@@ -471,9 +507,13 @@ class Trainer:
         an ``out`` that already holds a checkpoint is an error, so a finished or interrupted
         run is never overwritten by accident. Ctrl-C saves a checkpoint before it stops the run.
         """
-        from dictlens.data.store import OneSource
+        from dictlens.data.hooks import Wiring
+        from dictlens.data.store import OneSource, Paired
         from dictlens.train.group import fit_together
 
+        if self.target is not None:
+            return fit_together([(Wiring(("x",), ("y",)), self)], Paired(self.source, self.target), resume=resume,
+                                progress=self.progress)[0]
         return fit_together([("x", self)], OneSource(self.source, "x"), resume=resume, progress=self.progress)[0]
 
     def calibration_rows(self) -> Iterator[torch.Tensor]:
@@ -503,6 +543,10 @@ class Trainer:
         self.sae.activation.finish_training(self.sae, (x[torch.isfinite(x).all(dim=1)] for x in rows))
         describe = getattr(self.source, "provenance", None)
         record = self._provenance or (describe() if describe is not None else Provenance())
+        if self.target is not None:   # what it writes: the target's hook
+            written = getattr(self.target, "provenance", None)
+            hook_out = written().hook_out if written is not None else None
+            record = record.replace(hook_out=hook_out, output_scale=float(self.sae.target_scale))
         self.sae.provenance = record.replace(normalization=self.sae_cfg.normalize,
                                              input_scale=float(self.sae.input_scale))
         whole = self.sae.gathered()   # latent shards: the whole dictionary, on rank 0
@@ -547,10 +591,12 @@ class Trainer:
 
 
 def train(sae_cfg: SAEConfig, cfg: TrainConfig, source: Source | torch.Tensor | np.ndarray,
-          out: str | Path | None = None, *,
-          provenance: Provenance | None = None, progress: bool = True, resume: bool = False) -> SAE:
-    """Train an SAE on ``source`` (a store, a stream, or an array) and return it."""
+          out: str | Path | None = None, *, provenance: Provenance | None = None, progress: bool = True,
+          resume: bool = False, target: Source | torch.Tensor | np.ndarray | None = None) -> SAE:
+    """Train an SAE on ``source`` (a store, a stream, or an array) and return it; with ``target`` (the
+    activation it writes, row for row), a transcoder from ``source`` to ``target``."""
     from dictlens.data.store import ArraySource
 
     src = source if isinstance(source, Source) else ArraySource(source)
-    return Trainer(sae_cfg, cfg, src, out, provenance=provenance, progress=progress).fit(resume=resume)
+    tgt = target if target is None or isinstance(target, Source) else ArraySource(target)
+    return Trainer(sae_cfg, cfg, src, out, provenance=provenance, progress=progress, target=tgt).fit(resume=resume)

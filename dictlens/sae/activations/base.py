@@ -30,7 +30,8 @@ class Codes:
     """The forward pass of a batch: active pairs, their values, and the reconstruction.
 
     ``pre`` [nnz] holds the exact pre-activations on ``pattern`` (with gradient), ``vals``
-    [nnz] the activations, ``x_hat`` [B, D] the reconstruction (all in normalised units).
+    [nnz] the activations, ``x_hat`` [B, D_out] the reconstruction (all in normalised units; for a
+    transcoder, of its target), ``skip`` [B, D_out] a skip transcoder's W_skip x (included in ``x_hat``).
     ``aux``: the top dead features of each of the first B' rows for AuxK, as a pattern, when the
     TopK selection picked them. ``extra``: tensors an activation keeps for its own loss terms (named by it).
     """
@@ -41,6 +42,7 @@ class Codes:
     x_hat: torch.Tensor
     aux: Pattern | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    skip: torch.Tensor | None = None
 
 
 @dataclass
@@ -132,8 +134,10 @@ class Activation:
         """Σ of active counts with a straight-through gradient (for ``supports_l0`` kinds)."""
         raise NotImplementedError(f"{self.name} has no L0 surrogate")
 
-    def extra_losses(self, sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-        """Loss terms only this activation has, each already multiplied by its coefficient."""
+    def extra_losses(self, sae: SAE, codes: Codes, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig
+                     ) -> dict[str, torch.Tensor]:
+        """Loss terms only this activation has, each already multiplied by its coefficient (``x``: the
+        normalised inputs, ``y``: the normalised target, ``x`` itself for an SAE)."""
         return {}
 
     def finish_training(self, sae: SAE, sample: Iterable[torch.Tensor]) -> None:

@@ -42,10 +42,14 @@ class Gated(Activation):
     def sparsity_values(self, codes: Codes) -> torch.Tensor:
         return codes.extra["gate"]
 
-    def extra_losses(self, sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-        """‖x − (W_dec_frozen·ReLU(π_gate) + b_dec_frozen)‖²: trains the gate path."""
-        x_hat = sae.decode_values(codes.extra["gate"], codes.pattern, sae.W_dec.detach(), sae.b_dec.detach())
-        return {"gated_aux": (x - x_hat).pow(2).sum(1).mean()}
+    def extra_losses(self, sae: SAE, codes: Codes, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig
+                     ) -> dict[str, torch.Tensor]:
+        """‖y − (W_dec_frozen·ReLU(π_gate) + b_dec_frozen)‖² (y: the target, x for an SAE; a skip
+        transcoder's frozen skip added): trains the gate path."""
+        y_hat = sae.decode_values(codes.extra["gate"], codes.pattern, sae.W_dec.detach(), sae.b_dec.detach())
+        if codes.skip is not None:
+            y_hat = y_hat + codes.skip.detach()
+        return {"gated_aux": (y - y_hat).pow(2).sum(1).mean()}
 
     def fold_scale(self, state: dict[str, torch.Tensor], scale: float) -> None:
         state["b_mag"] /= scale

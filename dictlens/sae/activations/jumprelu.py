@@ -101,7 +101,8 @@ class JumpReLU(Activation):
     def l0_surrogate(self, codes: Codes) -> torch.Tensor:
         return codes.extra["l0"]
 
-    def extra_losses(self, sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    def extra_losses(self, sae: SAE, codes: Codes, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig
+                     ) -> dict[str, torch.Tensor]:
         if cfg.pre_act_coeff <= 0:
             return {}
         return {"pre_act": cfg.pre_act_coeff * pre_activation_loss(sae, x)}
