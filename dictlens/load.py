@@ -90,6 +90,25 @@ def check_model(sae: SAE, run: str | Path, lm: LoadedModel, hook: str) -> None:
         raise InputError(f"{hook} of {lm.name} is {width} wide; the SAE in {run} reads {sae.d_in}")
 
 
+def written_hook(sae: SAE, run: str | Path) -> str:
+    """The hook a transcoder writes, from its record."""
+    hook = sae.provenance.hook_out
+    if not hook:
+        raise InputError(f"the transcoder in {run} does not record the hook it writes")
+    return hook
+
+
+def check_written(sae: SAE, run: str | Path, lm: LoadedModel) -> None:
+    """Refuse a model whose activation at the transcoder's written hook has another width than it writes."""
+    from dictlens.data.tap import Tap
+
+    hook = written_hook(sae, run)
+    probe = torch.tensor([[lm.tokenizer.eos_token_id or 0] * 2])
+    width = int(Tap(lm, [hook])(probe)[hook].shape[-1])
+    if width != sae.d_out:
+        raise InputError(f"{hook} of {lm.name} is {width} wide; the transcoder in {run} writes {sae.d_out}")
+
+
 def check_cache(sae: SAE, run: str | Path, store: ActivationStore) -> None:
     """Refuse a cache harvested from another model, at another hook, or of another width."""
     hook_of(sae, run, store.hook)
@@ -109,6 +128,17 @@ def open_cache(sae: SAE, run: str | Path, acts: str | Path, hook: str | None = N
 
     store = ActivationStore(acts, hook or sae.provenance.hook_in)
     check_cache(sae, run, store)
+    return store
+
+
+def open_written(sae: SAE, run: str | Path, acts: str | Path) -> ActivationStore:
+    """The hook of cache ``acts`` that a transcoder writes, checked against its width."""
+    from dictlens.data.store import ActivationStore
+
+    store = ActivationStore(acts, written_hook(sae, run))
+    if store.d_in != sae.d_out:
+        raise InputError(f"the transcoder in {run} writes width {sae.d_out}, the cache's {store.hook} has width "
+                         f"{store.d_in}")
     return store
 
 

@@ -203,9 +203,13 @@ def test_bad_wiring_is_named(tiny_models, corpus, tmp_path):
 def test_a_transcoder_of_the_default_models_layer_15_mlp(smollm2, tmp_path):
     """SmolLM2's layer-15 MLP: 16k tokens of the default text streamed once through both hooks, a TopK
     transcoder (k 32, 2,304 features) and a skip transcoder trained on 14k of them, measured on the
-    other 2k: both predict the MLP's held-out output far better than its mean, the skip one better."""
+    other 2k: both predict the MLP's held-out output far better than its mean, the skip one better;
+    spliced in place of the MLP on later text they recover most of the loss the MLP's ablation costs."""
     from dictlens.data.store import StreamingSource
+    from dictlens.data.tokens import text_batches
     from dictlens.eval.metrics import evaluate
+    from dictlens.eval.splice import dictionary_swap, splice_metrics, splice_reference
+    from dictlens.provenance import Provenance
 
     hooks = ["mlp_in.15", "mlp_out.15"]
     src = StreamingSource(smollm2, hooks, "default", tokens=16384)
@@ -213,11 +217,129 @@ def test_a_transcoder_of_the_default_models_layer_15_mlp(smollm2, tmp_path):
     x, y = (torch.cat([r[h] for r in rows]) for h in hooks)
     with torch.no_grad():
         torch.testing.assert_close(_mlp(smollm2, 15)(x[:64]), y[:64], rtol=1e-4, atol=1e-4)
-    fvu = {}
+    reference = splice_reference(smollm2, "mlp_out.15", text_batches(smollm2, "default", tokens=1024,
+                                                                      skip_tokens=20_000))
+    fvu, recovered = {}, {}
     for skip in (False, True):
         tc = train(SAEConfig(k=32, n_features=2304, transcoder=True, skip=skip),
                    TrainConfig(tokens=200_000, batch_size=1024, plots=False), x[:-2048], target=y[:-2048],
-                   progress=False)
+                   progress=False, provenance=Provenance(model="smollm2-135m", hook_in=hooks[0], hook_out=hooks[1]))
         fvu[skip] = evaluate(tc, [(x[-2048:], y[-2048:])]).fvu
-    print(f"layer-15 MLP transcoder held-out FVU: {fvu[False]:.3f}, skip transcoder {fvu[True]:.3f}")
+        m = splice_metrics(smollm2, [dictionary_swap(tc)], reference=reference)
+        recovered[skip] = m.recovered_vs_zero
+        print(f"layer-15 {'skip ' if skip else ''}transcoder: held-out FVU {fvu[skip]:.3f}, spliced CE "
+              f"{m.ce_sae:.4f} (clean {m.ce_clean:.4f}, MLP zeroed {m.ce_zero:.4f}), loss recovered "
+              f"{m.recovered_vs_zero:.1%}, next-token agreement {m.agreement:.1%}")
+        assert m.ce_sae < m.ce_zero   # (it may beat clean on 1,024 tokens: the skip one did, by 0.002)
     assert fvu[False] < 0.7 and fvu[True] < fvu[False], fvu
+    assert min(recovered.values()) > 0.6, recovered
+
+
+@pytest.fixture(scope="module")
+def layer_transcoders(tiny_models, tmp_path_factory):
+    """For each tiny model, a TopK transcoder per layer (mlp_in.L → mlp_out.L), all trained from one
+    stream of the default text."""
+    from dictlens.data.store import StreamingSource
+    from dictlens.train.group import fit_together
+
+    out = {}
+    for arch, lm in tiny_models.items():
+        wires = [Wiring.transcoder(f"mlp_in.{i}", f"mlp_out.{i}") for i in range(lm.n_layers)]
+        src = StreamingSource(lm, [h for w in wires for h in w.hooks], "default", tokens=12_288, context=32)
+        members = [(w, Trainer(SAEConfig(k=8, n_features=128), TrainConfig(tokens=60_000, batch_size=512,
+                                                                            plots=False),
+                               src.view(w.reads[0]), target=src.view(w.writes[0]), progress=False))
+                   for w in wires]
+        out[arch] = fit_together(members, src, progress=False)
+    return out
+
+
+def _text_batches(lm):
+    from dictlens.data.tokens import text_batches
+
+    return text_batches(lm, "default", tokens=600, context=32, skip_tokens=12_288)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_mlp_replaced_by_its_transcoder_plus_error_leaves_the_logits(tiny_models, layer_transcoders, arch):
+    """The replacement model with error terms is the model (within float32 rounding); without them it
+    moves, and the first replaced MLP's output moves by exactly that transcoder's error."""
+    from dictlens.data.hooks import read_into, resolve_hook
+    from dictlens.eval.splice import dictionary_swap, splice_metrics, swapped_logits
+
+    lm, tcs = tiny_models[arch], layer_transcoders[arch]
+    assert [tc.provenance.hook_out for tc in tcs] == [f"mlp_out.{i}" for i in range(lm.n_layers)]
+    data = _text_batches(lm)
+    ids, keep = data[0]
+    with torch.no_grad():
+        clean = swapped_logits(lm, [], ids, keep)
+        exact = swapped_logits(lm, [dictionary_swap(tc, error_term=True) for tc in tcs], ids, keep)
+        torch.testing.assert_close(exact, clean, rtol=1e-5, atol=1e-5)
+    with_error = splice_metrics(lm, [dictionary_swap(tc, error_term=True) for tc in tcs], batches=data)
+    assert with_error.kl_sae == pytest.approx(0, abs=1e-6) and with_error.agreement == 1.0
+    replaced_all = splice_metrics(lm, [dictionary_swap(tc) for tc in tcs], batches=data)
+    # (a random-weight model's next tokens hardly depend on its MLPs: small, but far from rounding)
+    assert replaced_all.kl_sae > 1e-6 and 0.5 < replaced_all.agreement < 1
+    # one MLP replaced, without its error term: its output becomes the transcoder's prediction
+    seen: dict[str, torch.Tensor] = {}
+    first = tcs[1]
+    points = [resolve_hook(lm.model, h) for h in ("mlp_in.1", "mlp_out.1")]
+    with torch.no_grad():
+        with read_into(lm.model, points[0], seen), read_into(lm.model, points[1], seen):
+            lm.model(input_ids=ids)
+            x, y = seen["mlp_in.1"].clone(), seen["mlp_out.1"].clone()
+        from dictlens.data.hooks import replaced
+        from dictlens.eval.splice import sae_replacement
+
+        pred = sae_replacement(first)(x)
+        with replaced(lm.model, points[1], lambda out: sae_replacement(first)(seen["mlp_in.1"])), \
+                read_into(lm.model, points[0], seen), read_into(lm.model, points[1], seen):
+            lm.model(input_ids=ids)
+            torch.testing.assert_close(seen["mlp_in.1"], x, rtol=0, atol=0)   # upstream unchanged
+            torch.testing.assert_close(seen["mlp_out.1"] - y, pred - y, rtol=1e-6, atol=1e-6)
+        assert float((pred - y).norm()) > 0
+
+
+def test_a_transcoders_splice_from_its_record(tiny_models, layer_transcoders):
+    """A single transcoder spliced at its MLP (its hooks from its record) changes the next-token
+    distributions; the reference it is judged against zero-ablates that MLP's output (what splicing
+    zeros at mlp_out.2 gives)."""
+    from dictlens.eval.splice import dictionary_swap, splice_metrics
+
+    lm = tiny_models["llama"]
+    tc = layer_transcoders["llama"][2]
+    m = splice_metrics(lm, [dictionary_swap(tc)], batches=_text_batches(lm))
+    assert m.kl_sae > 0 and m.agreement < 1
+    zeros = splice_metrics(lm, "mlp_out.2", torch.zeros_like, _text_batches(lm))
+    assert m.ce_zero == pytest.approx(zeros.ce_sae, rel=1e-9) and m.ce_clean == pytest.approx(zeros.ce_clean)
+    with pytest.raises(InputError, match="two dictionaries write mlp_out.2"):
+        splice_metrics(lm, [dictionary_swap(tc), dictionary_swap(tc)], batches=_text_batches(lm))
+
+
+def test_dictlens_eval_measures_a_transcoder_and_the_replacement_model(tiny_model_dirs, corpus, tmp_path, capsys):
+    """`dictlens eval` on a transcoder run: FVU of its prediction of mlp_out, its splice at mlp_out;
+    with --replacement the other layers' transcoders join it: with their error terms the model is
+    unchanged (KL 0, every next token agrees), without them it moves."""
+    model = str(tiny_model_dirs["llama"])
+    hooks = [f"{k}.{i}" for i in range(4) for k in ("mlp_in", "mlp_out")]
+    acts = tmp_path / "acts"
+    assert main(["harvest", "--model", model, "--text", str(corpus), "--tokens", "4000", "--context", "32",
+                 *[a for h in hooks for a in ("--hook", h)], "--out", str(acts), "--shard-tokens", "1000"]) == 0
+    runs = tmp_path / "runs"
+    assert main(["train", "--acts", str(acts), "--reads", "mlp_in.*", "--writes", "mlp_out.*", "--k", "4",
+                 "--expansion", "2", "--tokens", "20000", "--batch-size", "256", "--heldout-tokens", "1000",
+                 "--out", str(runs), "--no-plots"]) == 0
+    run = [runs / f"mlp_in.{i}_mlp_out.{i}" / "topk-k4-x2-s0" for i in range(4)]
+    capsys.readouterr()
+    assert main(["eval", str(run[0]), "--acts", str(acts), "--heldout", "1000", "--model", model,
+                 "--splice-text", str(corpus), "--splice-tokens", "300", "--context", "32",
+                 *[a for r in run[1:] for a in ("--replacement", str(r))]]) == 0
+    printed = capsys.readouterr().out
+    assert "(mlp_in.0 -> mlp_out.0, last 1,000 tokens)" in printed and "spliced into" in printed
+    record = json.loads((run[0] / "eval.json").read_text())
+    assert record["writes"] == "mlp_out.0" and record["spliced"]["writes"] == "mlp_out.0"
+    assert record["fvu"] == pytest.approx(json.loads((run[0] / "metrics.json").read_text())["fvu"], rel=1e-6)
+    rep = record["replacement"]
+    assert rep["with_error"]["kl_sae"] == pytest.approx(0, abs=1e-6) and rep["with_error"]["agreement"] == 1.0
+    assert rep["without_error"]["kl_sae"] > 0 and len(rep["runs"]) == 4
+    assert "replacement model (4 dictionaries spliced together)" in printed

@@ -248,6 +248,26 @@ def input_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
 
 
 @contextmanager
+def read_into(model: torch.nn.Module, point: HookPoint, cell: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Inside the block, every forward pass leaves the activation at ``point`` in ``cell[point.name]``
+    (the latest call's; a transcoder's splice reads its input there before it writes its output)."""
+    module = dict(model.named_modules())[point.module]
+    if point.io == "input":
+        def pre_hook(mod: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            cell[point.name] = input_tensor(args, kwargs)
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        def post_hook(mod: Any, args: tuple[Any, ...], output: Any) -> None:
+            cell[point.name] = first_tensor(output)
+        handle = module.register_forward_hook(post_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        cell.pop(point.name, None)
+
+
+@contextmanager
 def replaced(model: torch.nn.Module, point: HookPoint, fn: Replace) -> Iterator[None]:
     """Inside the block, the activation at ``point`` [B, T, D] is replaced by ``fn(it)``."""
     module = dict(model.named_modules())[point.module]

@@ -32,11 +32,17 @@ class EvalJob:
                                  "held out); 0: the whole cache, for a separate held-out cache")
     batch_size: int = field(4096, help="tokens per evaluation batch")
     out: str | None = field(None, help="where eval.json and feature_density.png go (default: the run directory)")
+    replacement: list[str] = field(default_factory=list, flag="--replacement",
+                                   help="with --splice-text: other dictionaries (e.g. every other layer's transcoder) "
+                                        "spliced in together with this one, the replacement model: its CE, KL and "
+                                        "next-token agreement with and without error terms")
     splice: SpliceConfig = field(default_factory=SpliceConfig, help="the splice into the model")
 
     def __post_init__(self) -> None:
         if self.heldout < 0:
             raise ConfigError(f"heldout: expected a token count >= 0, found {self.heldout}")
+        if self.replacement and not self.splice.splice_text:
+            raise ConfigError("--replacement splices dictionaries into the model: give --splice-text")
 
 
 @dataclass
@@ -44,42 +50,78 @@ class Evaluation:
     """What :func:`eval_job` measured and wrote (``record`` is eval.json's content)."""
 
     sae: SAE
-    hook: str
+    hook: str   # what it reads (and a transcoder writes hook_out)
     metrics: Metrics
     spliced: SpliceMetrics | None
     record: dict[str, Any]
     written: list[Path]
+    # the replacement model (--replacement): without and with error terms
+    replaced: dict[str, SpliceMetrics] | None = None
 
 
 def eval_job(job: EvalJob) -> Evaluation:
     """Measure the SAE on the cache (and in the model), write eval.json and feature_density.png."""
-    from dictlens.data.store import Source, split_heldout
+    from dictlens.data.hooks import Wiring
+    from dictlens.data.store import CacheHooks, split_heldout, wiring_batches
     from dictlens.eval.metrics import evaluate
     from dictlens.eval.plots import density_histogram
     from dictlens.io import atomic_write_json
-    from dictlens.load import load_sae, open_cache, own_directory
+    from dictlens.load import load_sae, open_cache, open_written, own_directory
 
     sae = load_sae(job.run)
     store = open_cache(sae, job.run, job.acts, job.hook)
-    source: Source = split_heldout(store, job.heldout)[1] if job.heldout else store
-    m = evaluate(sae, source.batches(job.batch_size, shuffle=False))
+    wiring = Wiring.sae(store.hook)
+    if sae.cfg.transcoder:   # measured on its prediction of what it writes
+        wiring = Wiring.transcoder(store.hook, open_written(sae, job.run, job.acts).hook)
+    source = CacheHooks(job.acts, wiring.hooks)
+    if job.heldout:
+        source = split_heldout(source, job.heldout)[1]
+    m = evaluate(sae, wiring_batches(source, wiring, job.batch_size))
     out = Path(job.out) if job.out else own_directory(job.run, "eval")
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"run": str(job.run), "acts": str(job.acts), "hook": store.hook,
+                              **({"writes": wiring.writes[0]} if sae.cfg.transcoder else {}),
                               "heldout": job.heldout or "whole cache", **m.to_dict()}
-    spliced = None
+    spliced, replaced = None, None
     if job.splice.splice_text:
         from dictlens.data.models import load_model
-        from dictlens.eval.splice import sae_replacement, splice_metrics
-        from dictlens.load import check_model, model_of
+        from dictlens.eval.splice import dictionary_swap, splice_metrics
+        from dictlens.load import check_model, check_written, model_of
 
         model_name = model_of(sae, job.run, job.model or store.model)
         lm = load_model(model_name)
         check_model(sae, job.run, lm, store.hook)
-        spliced = splice_metrics(lm, store.hook, sae_replacement(sae), job.splice.batches(lm),
+        if sae.cfg.transcoder:
+            check_written(sae, job.run, lm)
+        batches = job.splice.batches(lm)
+        swap = dictionary_swap(sae, reads=store.hook)
+        spliced = splice_metrics(lm, [swap] if sae.cfg.transcoder else store.hook, swap.fn, batches,
                                  max_norm=sae.provenance.outlier_limit)
-        record["spliced"] = {"model": model_name, "text": job.splice.splice_text,
+        record["spliced"] = {"model": model_name, "text": job.splice.splice_text, "writes": swap.writes,
                              "skipped_tokens": job.splice.splice_skip, **spliced.to_dict()}
+        if job.replacement:
+            replaced = _replacement_model(job, sae, lm, batches)
+            record["replacement"] = {"runs": [str(job.run), *job.replacement],
+                                     **{k: v.to_dict() for k, v in replaced.items()}}
     atomic_write_json(out / EVAL, record)
-    png = density_histogram(m, out / "feature_density.png", title=store.hook)
-    return Evaluation(sae, store.hook, m, spliced, record, [out / EVAL, png])
+    png = density_histogram(m, out / "feature_density.png", title=wiring.name)
+    return Evaluation(sae, store.hook, m, spliced, record, [out / EVAL, png], replaced)
+
+
+def _replacement_model(job: EvalJob, sae: SAE, lm: Any, batches: list[Any]) -> dict[str, SpliceMetrics]:
+    """The job's dictionary and its ``--replacement`` ones spliced in together (each checked against
+    the model), without and with their error terms."""
+    from dictlens.eval.splice import dictionary_swap, splice_metrics, splice_reference
+    from dictlens.load import check_model, check_written, hook_of, load_sae
+
+    others = [(run, load_sae(run)) for run in job.replacement]
+    for run, other in others:
+        check_model(other, run, lm, hook_of(other, run))
+        if other.cfg.transcoder:
+            check_written(other, run, lm)
+    dictionaries = [sae] + [other for _, other in others]
+    swaps = [dictionary_swap(d) for d in dictionaries]
+    reference = splice_reference(lm, [s.writes for s in swaps], batches)
+    return {error: splice_metrics(lm, [dictionary_swap(d, error_term=error == "with_error") for d in dictionaries],
+                                  reference=reference)
+            for error in ("without_error", "with_error")}

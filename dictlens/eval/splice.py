@@ -9,6 +9,13 @@ next-token cross-entropy in nats over the predicted positions:
   loss recovered vs ablation A = (CE_A − CE_SAE) / (CE_A − CE_clean)   (1: as good as clean)
   ΔLM loss = CE_SAE − CE_clean
   KL = mean over positions of KL(p_clean ‖ p_SAE) of the next-token distributions
+  agreement = share of positions whose most likely next token is the clean model's
+
+A transcoder writes another activation than it reads: its :class:`Swap` replaces the MLP's output
+(``mlp_out.L``) by its prediction from the MLP's input (``mlp_in.L``) of the same forward pass, and
+several swaps at once give the replacement model (every MLP replaced by its transcoder). With
+``error_term`` the swap adds back what the transcoder misses in that pass (the model's own output
+minus the prediction), which leaves the logits as they were up to float rounding.
 
 Positions where ``keep`` is false (special tokens, padding) keep their clean activation
 and are not scored, as they were left out of training; so do positions whose activation
@@ -17,7 +24,7 @@ norm exceeds ``max_norm`` (the outlier limit of the SAE's training cache, when i
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dictlens.config import check, field
-from dictlens.data.hooks import HookPoint, Replace, replaced, resolve_hook
+from dictlens.data.hooks import HookPoint, Replace, read_into, replaced, resolve_hook
 from dictlens.data.models import LoadedModel
 from dictlens.errors import ConfigError, InputError
 
@@ -45,6 +52,7 @@ class SpliceMetrics:
     delta_lm_loss: float
     recovered_vs_zero: float
     recovered_vs_mean: float
+    agreement: float = float("nan")   # share of scored positions whose top next token is the clean model's
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -55,14 +63,36 @@ def _recovered(ablated: float, spliced: float, clean: float) -> float:
     return (ablated - spliced) / gap if abs(gap) > 1e-12 else float("nan")
 
 
+@dataclass(frozen=True)
+class Swap:
+    """One activation replaced during a forward pass: the activation at ``writes`` becomes ``fn(a)``,
+    ``a`` the activation at ``reads`` in the same pass (``writes`` itself when None: an SAE). With
+    ``error_term`` it becomes ``fn(a) + (x − fn(a))``, x the activation the model computed there."""
+
+    writes: str
+    fn: Replace
+    reads: str | None = None
+    error_term: bool = False
+
+
+def _constant(value: torch.Tensor) -> Replace:
+    """A replacement by ``value`` [D] at every position."""
+    return lambda x: value.expand_as(x)
+
+
+def _in_float32(fn: Replace) -> Replace:
+    """``fn`` applied to the activation in float32 (a model run in half precision)."""
+    return lambda x: fn(x.float())
+
+
 @dataclass
 class SpliceReference:
     """What does not depend on the SAE: the batches, the mean activation, and the CE with the
-    hooked activation zeroed and mean-ablated. Computed once, shared by every SAE at the hook
-    (a sweep splices dozens)."""
-    hook: str
+    hooked activation zeroed and mean-ablated (every hooked activation, for several at once).
+    Computed once, shared by every SAE at the hook (a sweep splices dozens)."""
+    hook: str   # the hooks, comma-separated, for several
     data: list[tuple[torch.Tensor, torch.Tensor]]
-    mean: torch.Tensor
+    mean: torch.Tensor   # [D], or [H, D] for H hooks
     ce_zero: float
     ce_mean: float
     n_outliers: int = 0   # positions kept clean because their norm exceeded the limit
@@ -72,18 +102,29 @@ def _scored(keep: torch.Tensor) -> torch.Tensor:
     return keep[:, :-1] & keep[:, 1:]  # predict a kept token from a kept position
 
 
-def _logits(lm: LoadedModel, point: HookPoint, ids: torch.Tensor, keep: torch.Tensor,
-            fn: Replace | None) -> torch.Tensor:
-    if fn is None:
-        return lm.model(input_ids=ids, use_cache=False).logits.float()
+def swapped_logits(lm: LoadedModel, swaps: list[Swap], ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The logits with every swap in place (the clean model's for none); positions where ``keep`` is
+    false keep the model's own activation."""
+    from contextlib import ExitStack
 
-    def masked(x: torch.Tensor) -> torch.Tensor:
-        new = fn(x).to(x.dtype)
-        if new.shape != x.shape:
-            raise InputError(f"splice at {point.name}: replacement has shape {list(new.shape)}, "
-                             f"the activation {list(x.shape)}")
-        return torch.where(keep.unsqueeze(-1), new, x)
-    with replaced(lm.model, point, masked):
+    seen: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack:
+        for swap in swaps:
+            point = resolve_hook(lm.model, swap.writes)
+
+            def masked(x: torch.Tensor, swap: Swap = swap, name: str = point.name) -> torch.Tensor:
+                a = x if swap.reads is None else seen[swap.reads]
+                new = swap.fn(a).to(x.dtype)
+                if new.shape != x.shape:
+                    raise InputError(f"splice at {name}: replacement has shape {list(new.shape)}, "
+                                     f"the activation {list(x.shape)}")
+                if swap.error_term:
+                    new = new + (x - new)
+                return torch.where(keep.unsqueeze(-1), new, x)
+            stack.enter_context(replaced(lm.model, point, masked))
+        # registered after the replacements, so that a read sees what a replacement upstream wrote
+        for reads in dict.fromkeys(s.reads for s in swaps if s.reads is not None):
+            stack.enter_context(read_into(lm.model, resolve_hook(lm.model, reads), seen))
         return lm.model(input_ids=ids, use_cache=False).logits.float()
 
 
@@ -102,32 +143,37 @@ def _batches(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lm: LoadedMod
 
 
 @torch.inference_mode()
-def splice_reference(lm: LoadedModel, hook: str, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def splice_reference(lm: LoadedModel, hook: str | Sequence[str], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      mean: torch.Tensor | None = None, max_norm: float | None = None) -> SpliceReference:
     """Zero- and mean-ablation CE at ``hook`` over ``batches`` (``mean`` [D] default: the mean
-    activation over the kept positions of these batches).
+    activation over the kept positions of these batches); several hooks are ablated together
+    (``mean`` [H, D]).
 
     ``max_norm``: positions whose activation norm exceeds it are treated like special tokens
     (kept clean, not scored). Pass the limit the SAE's training cache dropped outliers at
     (:func:`outlier_limit`): an SAE never saw such activations (attention-sink positions with
     100x the median norm), and a threshold SAE fires thousands of features on them."""
-    point = resolve_hook(lm.model, hook)
+    hooks = [hook] if isinstance(hook, str) else list(hook)
+    points = [resolve_hook(lm.model, h) for h in hooks]
     data = _batches(batches, lm)
     n_outliers = 0
     if mean is None or max_norm is not None:
-        data, computed, n_outliers = _scan(lm, point, data, max_norm)
-        mean = computed if mean is None else mean
+        data, computed, n_outliers = _scan(lm, points, data, max_norm)
+        mean = (computed[0] if isinstance(hook, str) else computed) if mean is None else mean
     if not any(bool(_scored(k).any()) for _, k in data):
         raise InputError(f"splice evaluation: no tokens to score (all above the norm limit {max_norm})")
     mean = mean.to(lm.device)
+    means = [mean] if isinstance(hook, str) else list(mean)
+    ablations = {"zero": [Swap(p.name, torch.zeros_like) for p in points],
+                 "mean": [Swap(p.name, _constant(m)) for p, m in zip(points, means, strict=True)]}
     sums = {"zero": 0.0, "mean": 0.0}
-    fns: dict[str, Replace] = {"zero": torch.zeros_like, "mean": lambda x: mean.expand_as(x)}
     n = 0
     for ids, keep in data:
-        for name, fn in fns.items():
-            sums[name] += _nll_sum(_logits(lm, point, ids, keep, fn), ids, keep)[0]
+        for name, swaps in ablations.items():
+            sums[name] += _nll_sum(swapped_logits(lm, swaps, ids, keep), ids, keep)[0]
         n += int(_scored(keep).sum())
-    return SpliceReference(point.name, data, mean, sums["zero"] / n, sums["mean"] / n, n_outliers)
+    return SpliceReference(",".join(p.name for p in points), data, mean, sums["zero"] / n, sums["mean"] / n,
+                           n_outliers)
 
 
 SPLICE_TOKENS = 4096
@@ -161,11 +207,13 @@ class SpliceConfig:
 
 
 @torch.inference_mode()
-def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
+def splice_metrics(lm: LoadedModel, hook: str | Sequence[Swap], reconstruct: Replace | None = None,
                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
                    mean: torch.Tensor | None = None, reference: SpliceReference | None = None,
                    max_norm: float | None = None) -> SpliceMetrics:
-    """CE / KL with ``reconstruct`` (e.g. an SAE's forward on raw activations) spliced in at ``hook``.
+    """CE / KL / agreement with ``reconstruct`` (e.g. an SAE's forward on raw activations) spliced in at
+    ``hook``, or with several :class:`Swap` in place at once (``hook`` a list of them: a transcoder's,
+    the replacement model's); the ablations are then of every swapped activation.
 
     ``batches`` yields ``(input_ids [B, T], keep [B, T] bool)``; ``mean`` [D] is the
     activation used by mean ablation (default: the mean over the kept positions of
@@ -173,25 +221,38 @@ def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
     instead of ``batches`` to reuse its batches and ablation losses: two forward passes per
     batch (clean, spliced) instead of four.
     """
-    point = resolve_hook(lm.model, hook)
+    if isinstance(hook, str):
+        if reconstruct is None:
+            raise InputError("splice evaluation: give the replacement of the activation at the hook")
+        fn = reconstruct
+        swaps = [Swap(hook, _in_float32(fn))]
+    else:
+        swaps = [Swap(s.writes, _in_float32(s.fn), s.reads, s.error_term) for s in hook]
+    if not swaps:
+        raise InputError("splice evaluation: nothing to splice")
+    written = [resolve_hook(lm.model, s.writes).name for s in swaps]
+    if len(set(written)) != len(written):
+        twice = next(w for w in written if written.count(w) > 1)
+        raise InputError(f"splice evaluation: two dictionaries write {twice}")
     if reference is None:
         if batches is None:
             raise InputError("splice evaluation: give batches or a reference")
-        reference = splice_reference(lm, hook, batches, mean, max_norm)
+        reference = splice_reference(lm, written[0] if isinstance(hook, str) else written, batches, mean, max_norm)
     elif max_norm is not None:
         raise InputError("splice evaluation: max_norm belongs to the reference (splice_reference(..., max_norm))")
-    elif reference.hook != point.name:
-        raise InputError(f"splice evaluation: the reference was computed at {reference.hook}, not {point.name}")
-    sums = {"clean": 0.0, "sae": 0.0, "kl": 0.0}
+    elif reference.hook != ",".join(written):
+        raise InputError(f"splice evaluation: the reference was computed at {reference.hook}, not {','.join(written)}")
+    sums = {"clean": 0.0, "sae": 0.0, "kl": 0.0, "agree": 0.0}
     n = 0
     for ids, keep in reference.data:
         scored = _scored(keep)
-        nll, logp_clean = _nll_sum(_logits(lm, point, ids, keep, None), ids, keep)
+        nll, logp_clean = _nll_sum(swapped_logits(lm, [], ids, keep), ids, keep)
         sums["clean"] += nll
-        nll, logp = _nll_sum(_logits(lm, point, ids, keep, lambda x: reconstruct(x.float())), ids, keep)
+        nll, logp = _nll_sum(swapped_logits(lm, swaps, ids, keep), ids, keep)
         sums["sae"] += nll
         kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
         sums["kl"] += float(kl[scored].sum())
+        sums["agree"] += float((logp_clean.argmax(-1) == logp.argmax(-1))[scored].sum())
         n += int(scored.sum())
     ce = {k: v / n for k, v in sums.items()}
     z, m = reference.ce_zero, reference.ce_mean
@@ -199,33 +260,50 @@ def splice_metrics(lm: LoadedModel, hook: str, reconstruct: Replace,
                          ce_zero=z,
                          ce_mean=m, kl_sae=ce["kl"], delta_lm_loss=ce["sae"] - ce["clean"],
                          recovered_vs_zero=_recovered(z, ce["sae"], ce["clean"]),
-                         recovered_vs_mean=_recovered(m, ce["sae"], ce["clean"]))
+                         recovered_vs_mean=_recovered(m, ce["sae"], ce["clean"]), agreement=ce["agree"])
 
 
-def _scan(lm: LoadedModel, point: HookPoint, data: list[tuple[torch.Tensor, torch.Tensor]],
+def _scan(lm: LoadedModel, points: list[HookPoint], data: list[tuple[torch.Tensor, torch.Tensor]],
           max_norm: float | None) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, int]:
-    """One clean pass: drop positions above ``max_norm`` from ``keep``; the mean over the rest."""
+    """One clean pass: drop positions above ``max_norm`` (at any of the points) from ``keep``; the mean
+    of each point's activation over the rest [H, D]."""
     from dictlens.data.tap import Tap
 
-    tap = Tap(lm, [point.name])
+    names = [p.name for p in points]
+    tap = Tap(lm, names)
     total, count, outliers, out = None, 0, 0, []
     for ids, keep in data:
-        acts = tap(ids)[point.name].double()
+        acts = torch.stack([a.double() for a in tap(ids).values()]) if len(names) > 1 else \
+            tap(ids)[names[0]].double()[None]
         if max_norm is not None:
-            big = keep & (acts.norm(dim=-1) > max_norm)
+            big = keep & (acts.norm(dim=-1) > max_norm).any(0)
             outliers += int(big.sum())
             keep = keep & ~big
         out.append((ids, keep))
-        kept = acts[keep]
-        total = kept.sum(0) if total is None else total + kept.sum(0)
-        count += len(kept)
+        kept = acts[:, keep]
+        total = kept.sum(1) if total is None else total + kept.sum(1)
+        count += kept.shape[1]
     assert total is not None
     return out, (total / max(1, count)).float(), outliers
 
 
 def sae_replacement(sae: SAE) -> Replace:
-    """The SAE's reconstruction of raw activations of any leading shape [..., D], ranked in float32."""
+    """The SAE's reconstruction of raw activations of any leading shape [..., D] (a transcoder's
+    prediction [..., D_out] from its inputs), ranked in float32."""
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         with sae.ranking("float32"):
-            return sae(x.reshape(-1, x.shape[-1]).float()).reshape(x.shape)
+            return sae(x.reshape(-1, x.shape[-1]).float()).reshape(*x.shape[:-1], -1)
     return reconstruct
+
+
+def dictionary_swap(sae: SAE, *, error_term: bool = False, reads: str | None = None, writes: str | None = None
+                    ) -> Swap:
+    """The swap that splices ``sae`` where it belongs: an SAE replaces the hook it reads by its
+    reconstruction; a transcoder replaces the hook it writes (``mlp_out.L``) by its prediction from the
+    one it reads (``mlp_in.L``). The hooks come from its provenance unless given."""
+    reads = reads or sae.provenance.hook_in
+    writes = writes or (sae.provenance.hook_out if sae.cfg.transcoder else reads)
+    if not reads or not writes:
+        raise InputError("splice: the dictionary's record names no hook it reads"
+                         + (" or writes" if sae.cfg.transcoder else "") + "; give the hooks")
+    return Swap(writes, sae_replacement(sae), reads if sae.cfg.transcoder else None, error_term)

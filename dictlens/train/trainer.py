@@ -543,10 +543,11 @@ class Trainer:
         self.sae.activation.finish_training(self.sae, (x[torch.isfinite(x).all(dim=1)] for x in rows))
         describe = getattr(self.source, "provenance", None)
         record = self._provenance or (describe() if describe is not None else Provenance())
-        if self.target is not None:   # what it writes: the target's hook
+        if self.target is not None:   # what it writes: the target's hook (unless the record was given)
             written = getattr(self.target, "provenance", None)
-            hook_out = written().hook_out if written is not None else None
-            record = record.replace(hook_out=hook_out, output_scale=float(self.sae.target_scale))
+            if self._provenance is None:
+                record = record.replace(hook_out=written().hook_out if written is not None else None)
+            record = record.replace(output_scale=float(self.sae.target_scale))
         self.sae.provenance = record.replace(normalization=self.sae_cfg.normalize,
                                              input_scale=float(self.sae.input_scale))
         whole = self.sae.gathered()   # latent shards: the whole dictionary, on rank 0
