@@ -293,3 +293,30 @@ def test_on_the_default_model_two_ranks_split_the_batch_or_the_features_to_one_p
 
     sae = SAE.load(tmp_path / "features")   # one ordinary dictionary
     assert sae.n_features == 2304 and sae.W_dec.shape == (2304, 576)
+
+
+@pytest.fixture(scope="module")
+def paired_acts(tiny_model_dirs, tmp_path_factory) -> Path:
+    """A tiny Llama's layer-2 MLP input and output, token for token."""
+    from dictlens.data.text import default_documents
+
+    root = tmp_path_factory.mktemp("tc")
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(default_documents()[:40]))
+    assert main(["harvest", "--model", str(tiny_model_dirs["llama"]), "--hook", "mlp_in.2", "--hook", "mlp_out.2",
+                 "--text", str(corpus), "--tokens", "3000", "--context", "64", "--shard-tokens", "500",
+                 "--out", str(root / "acts")]) == 0
+    return root / "acts"
+
+
+@pytest.mark.parametrize("mode", ["batch", "features"])
+def test_two_ranks_train_a_skip_transcoder_to_the_weights_of_one_process(paired_acts, tmp_path, mode):
+    """A skip transcoder (mlp_in.2 → mlp_out.2) under torchrun, the batch split among the ranks or its
+    features (the skip connection replicated, its gradient summed once): one process's weights."""
+    common = ["train", "--acts", str(paired_acts), "--reads", "mlp_in.2", "--writes", "mlp_out.2", "--skip",
+              "--k", "4", "--select-dtype", "float32", "--expansion", "4", "--tokens", "4096", "--batch-size", "256",
+              "--log-every", "4", "--no-plots"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    torchrun(2, [*common, *(["--shard-latents"] if mode == "features" else []), "--out", str(tmp_path / "two")])
+    _close(tmp_path / "two", tmp_path / "one")
+    assert float(_weights(tmp_path / "one")["W_skip"].abs().max()) > 0
