@@ -343,3 +343,37 @@ def test_dictlens_eval_measures_a_transcoder_and_the_replacement_model(tiny_mode
     assert rep["with_error"]["kl_sae"] == pytest.approx(0, abs=1e-6) and rep["with_error"]["agreement"] == 1.0
     assert rep["without_error"]["kl_sae"] > 0 and len(rep["runs"]) == 4
     assert "replacement model (4 dictionaries spliced together)" in printed
+
+
+def test_a_cross_layer_transcoder_trains_keeps_causality_and_saves(tiny_models, tmp_path):
+    """A CLT over a tiny Llama's four MLPs (Python API): it learns (FVU of every layer's output below
+    its mean's), no feature writes an earlier layer (changing layer 2's input moves only layers 2-3's
+    predictions), and its saved form predicts what the trained one did."""
+    from dictlens.data.store import StreamingSource, wiring_sources
+    from dictlens.sae.clt import CLT
+    from dictlens.train.group import fit_together
+
+    lm = tiny_models["llama"]
+    w = Wiring.clt([f"mlp_in.{i}" for i in range(4)], [f"mlp_out.{i}" for i in range(4)])
+    assert w.name == "mlp_in.0-3>mlp_out.0-3"
+    src = StreamingSource(lm, w.hooks, "default", tokens=8192, context=32)
+    x_src, y_src = wiring_sources(src, w)
+    t = Trainer(SAEConfig(k=8, n_features=128, transcoder=True, clt_layers=4),
+                TrainConfig(tokens=60_000, batch_size=512, plots=False), x_src, tmp_path / "clt", target=y_src,
+                progress=False)
+    clt = fit_together([(w, t)], src, progress=False)[0]
+    rows = next(iter(src.batches_by_hook(1024, shuffle=False)))
+    x, y = w.inputs(rows), w.targets(rows)
+    back = CLT.load(tmp_path / "clt")
+    with torch.no_grad(), clt.ranking("float32"), back.ranking("float32"):
+        pred = back(x)
+        torch.testing.assert_close(pred, clt(x), rtol=1e-4, atol=1e-5)
+        for j in range(4):
+            assert _fvu(y[:, 32 * j:32 * (j + 1)], pred[:, 32 * j:32 * (j + 1)]) < 0.9, j
+        moved = x.clone()
+        moved[:, 64:96] += 3.0
+        diff = (back(moved) - pred).abs().amax(0)
+    assert float(diff[:64].max()) == 0.0 and float(diff[64:].max()) > 0
+    assert [b.W_dec.shape for _, b in back.each()] == [(128, 32 * (4 - layer)) for layer in range(4)]
+    with pytest.raises(HookError, match="layers must be consecutive"):
+        Wiring.clt(["mlp_in.0", "mlp_in.2"], ["mlp_out.0", "mlp_out.2"])

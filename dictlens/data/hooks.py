@@ -156,6 +156,27 @@ class Wiring:
                             "activation from an earlier one (e.g. --reads mlp_in.L --writes mlp_out.L)")
         return cls((reads,), (writes,))
 
+    @classmethod
+    def clt(cls, reads: list[str], writes: list[str]) -> Wiring:
+        """A cross-layer transcoder: the i-th read hook's layer writes the i-th written hook and every later
+        one. The layers must be consecutive and each written hook not computed before its read one."""
+        if len(reads) != len(writes) or not reads:
+            raise HookError(f"a cross-layer transcoder reads one hook per layer and writes one per layer: --reads "
+                            f"names {len(reads)}, --writes {len(writes)}")
+        for side, hooks in (("--reads", reads), ("--writes", writes)):
+            layers = [m.group(2) for m in map(NAMED_HOOK.match, hooks) if m]
+            kinds = {m.group(1) for m in map(NAMED_HOOK.match, hooks) if m}
+            if len(layers) != len(hooks) or len(kinds) != 1:
+                raise HookError(f"{side} of a cross-layer transcoder: one named hook kind at each layer, such as "
+                                f"mlp_in.*; found {', '.join(hooks[:4])}")
+            numbers = [int(n) for n in layers]
+            if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+                raise HookError(f"{side} of a cross-layer transcoder: the layers must be consecutive, found "
+                                f"{', '.join(map(str, numbers))}")
+        for a, b in zip(reads, writes, strict=True):
+            cls.transcoder(a, b)   # (refuses a write computed before its read)
+        return cls(tuple(reads), tuple(writes))
+
     @property
     def autoencoder(self) -> bool:
         """Whether it writes what it reads (an SAE)."""
@@ -168,9 +189,10 @@ class Wiring:
 
     @property
     def name(self) -> str:
-        """``resid_post.3`` for an SAE, ``mlp_in.3>mlp_out.3`` for a transcoder."""
-        reads = "+".join(self.reads)
-        return reads if self.autoencoder else f"{reads}>{'+'.join(self.writes)}"
+        """``resid_post.3`` for an SAE, ``mlp_in.3>mlp_out.3`` for a transcoder, ``mlp_in.0-29>mlp_out.0-29``
+        for a cross-layer transcoder."""
+        reads = _span(self.reads)
+        return reads if self.autoencoder else f"{reads}>{_span(self.writes)}"
 
     def inputs(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """Its input rows from a batch of aligned hooks (the concatenation of its ``reads``)."""
@@ -186,6 +208,16 @@ class Wiring:
         """The rows of what it writes (its target, or its input for an SAE)."""
         target = self.targets(rows)
         return self.inputs(rows) if target is None else target
+
+
+def _span(hooks: tuple[str, ...]) -> str:
+    """``mlp_in.0-29`` for one kind at consecutive layers, else the hooks joined by ``+``."""
+    found = [NAMED_HOOK.match(h) for h in hooks]
+    if len(hooks) > 1 and all(found) and len({m.group(1) for m in found if m}) == 1:
+        layers = [int(m.group(2)) for m in found if m]
+        if layers == list(range(layers[0], layers[0] + len(layers))):
+            return f"{found[0].group(1) if found[0] else ''}.{layers[0]}-{layers[-1]}"
+    return "+".join(hooks)
 
 
 def wirings(hooks: list[str], reads: list[str], writes: list[str], available: list[str], *,

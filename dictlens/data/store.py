@@ -428,6 +428,15 @@ class CacheHooks:
     def view(self, hook: str) -> ActivationStore:
         return self.views[hook]
 
+    def subset(self, hooks: Sequence[str]) -> CacheHooks:
+        """These hooks of the cache alone (the same stores)."""
+        missing = [h for h in hooks if h not in self.views]
+        if missing:
+            raise CacheError(f"the cache holds no hook {missing[0]!r} here (it holds {', '.join(self.views)})")
+        out = CacheHooks.__new__(CacheHooks)
+        out.views = {h: self.views[h] for h in hooks}
+        return out
+
     def __len__(self) -> int:
         return len(next(iter(self.views.values())))
 
@@ -522,24 +531,69 @@ class Paired:
                                                 strict=True))
 
 
+class Joined:
+    """Several hooks of one source side by side, as one :class:`Source` (rows [N, Σ D]): what a
+    dictionary reading several hooks at once (a cross-layer transcoder's layers) reads. ``parts``: each
+    hook's own source (its statistics and provenance)."""
+
+    def __init__(self, source: HookSource, hooks: Sequence[str]):
+        self.source, self.hooks = only(source, hooks), list(hooks)
+        self.parts = [source.view(h) for h in self.hooks]
+
+    @property
+    def d_in(self) -> int:
+        return sum(int(p.d_in) for p in self.parts)
+
+    @property
+    def stats(self) -> NormStats:
+        """The statistics of the rows side by side (the mean norm of the joined rows: √Σ mean‖x_h‖² is
+        not known from the parts; their root sum of squared mean norms stands in)."""
+        parts = [p.stats for p in self.parts]
+        return NormStats(parts[0].count, np.concatenate([s.mean for s in parts]),
+                         float(np.sqrt(sum(s.mean_norm ** 2 for s in parts))), np.concatenate([s.var for s in parts]))
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    def provenance(self) -> Provenance:
+        first = self.parts[0]
+        describe = getattr(first, "provenance", None)
+        record = describe() if describe is not None else Provenance()
+        return record.replace(hook_in=",".join(self.hooks), hook_out=",".join(self.hooks))
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[torch.Tensor]:
+        wiring = Wiring(tuple(self.hooks), tuple(self.hooks))
+        return (wiring.inputs(b) for b in self.source.batches_by_hook(batch_size, shuffle=shuffle, seed=seed,
+                                                                      drop_last=drop_last, part=part))
+
+
+def only(source: HookSource, hooks: Sequence[str]) -> HookSource:
+    """``source`` reading just ``hooks`` where it can (a cache reads each hook's own files; a stream runs
+    the model once for all of its hooks whatever is read)."""
+    if isinstance(source, CacheHooks):
+        return source.subset(hooks)
+    return source
+
+
+def _side(source: HookSource, hooks: tuple[str, ...]) -> Source:
+    return source.view(hooks[0]) if len(hooks) == 1 else Joined(source, hooks)
+
+
 def wiring_sources(source: HookSource, wiring: Wiring) -> tuple[Source, Source | None]:
     """The sources a dictionary of ``wiring`` trains on: what it reads and, for a transcoder, what it
-    writes (None for an SAE)."""
-    if len(wiring.reads) != 1 or len(wiring.writes) != 1:
-        raise ConfigError(f"{wiring.name}: a dictionary reading or writing several hooks at once is not "
-                          "supported here")
-    reads, writes = wiring.reads[0], wiring.writes[0]
-    return source.view(reads), None if wiring.autoencoder else source.view(writes)
+    writes (None for an SAE); several hooks side by side (:class:`Joined`)."""
+    return _side(source, wiring.reads), None if wiring.autoencoder else _side(source, wiring.writes)
 
 
 def wiring_batches(source: HookSource, wiring: Wiring, batch_size: int = 4096
                    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]]:
     """A dictionary's evaluation batches in order, unshuffled: its inputs (an SAE), or (inputs, targets)
     pairs (a transcoder), reading only its own hooks."""
-    x, y = wiring_sources(source, wiring)
-    if y is None:
-        return x.batches(batch_size, shuffle=False)
-    return ((b["x"], b["y"]) for b in Paired(x, y).batches_by_hook(batch_size, shuffle=False))
+    batches = only(source, wiring.hooks).batches_by_hook(batch_size, shuffle=False)
+    if wiring.autoencoder:
+        return (wiring.inputs(b) for b in batches)
+    return ((wiring.inputs(b), wiring.targets(b)) for b in batches)
 
 
 @runtime_checkable

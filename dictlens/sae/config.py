@@ -27,6 +27,8 @@ class SAEConfig:
     d_out: int = field(0, help="width of what a transcoder writes (filled in from the activations when 0)",
                        cli=False)
     skip: bool = field(False, help="transcoders: add a learned affine skip connection W_skip x (a skip transcoder)")
+    clt_layers: int = field(0, help="a cross-layer transcoder over this many consecutive layers (0: one layer); "
+                                    "d_in, d_out, n_features and k are then per layer", cli=False)
     expansion: float = field(16.0, help="features per input dimension (F = expansion × D)")
     n_features: int = field(0, help="number of features F (overrides --expansion when > 0; set from "
                                     "expansion × d_in once d_in is known)")
@@ -60,6 +62,17 @@ class SAEConfig:
                 raise ConfigError("skip: applies to transcoders only (--writes another hook than --reads)")
             self.d_out = self.d_in   # an SAE writes what it reads
         check(self.d_out >= 0, "d_out", "a positive width", self.d_out)
+        check(self.clt_layers >= 0, "clt_layers", "a layer count >= 0", self.clt_layers)
+        if self.clt_layers:
+            if not self.transcoder:
+                raise ConfigError("clt_layers: a cross-layer transcoder reads each layer's MLP input and writes MLP "
+                                  "outputs: it is a transcoder (transcoder=True)")
+            for name, why in (("skip", "a skip connection"), ("matryoshka", "Matryoshka prefixes")):
+                if getattr(self, name):
+                    raise ConfigError(f"{name}: {why} is not supported by cross-layer transcoders")
+            if self.activation == "gated":
+                raise ConfigError("activation: the Gated SAE's gate loss reconstructs one output; a cross-layer "
+                                  "transcoder's features write several: use topk, batchtopk, jumprelu or relu")
         check(self.decoder_norm in ("unit", "free"), "decoder_norm", "unit or free", self.decoder_norm)
         check(self.normalize in ("sqrt_d", "unit", "none"), "normalize", "sqrt_d, unit or none", self.normalize)
         check(self.select_dtype in ("auto", "float32", "bfloat16"), "select_dtype",

@@ -13,7 +13,7 @@ activations, its decoder keeps unit-norm rows, and its codes come out in raw uni
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -316,13 +316,7 @@ class SAE(nn.Module):
     def full_state(self) -> dict[str, torch.Tensor] | None:
         """The whole dictionary's ``state_dict`` (a latent shard's gathered into rank 0's host
         memory: None on the other ranks; every rank must call it)."""
-        state = self.state_dict()
-        if self.shard is None:
-            return state
-        out: dict[str, torch.Tensor | None] = {
-            k: self.shard.gather(v, f"gathering {k}") if k in self.per_feature_keys else v.detach().cpu()
-            for k, v in state.items()}
-        return None if self.shard.world.rank else {k: v for k, v in out.items() if v is not None}
+        return full_state(self, self.shard, self.per_feature_keys)
 
     def gathered(self) -> SAE | None:
         """The whole dictionary as one ordinary SAE on this SAE's device (rank 0; None on the other
@@ -375,17 +369,38 @@ class SAE(nn.Module):
         """Load weights (checkpoint keys checked against this SAE's, shapes included); a latent
         shard takes its rows of the whole dictionary's per-feature entries."""
         state = {k: v for k, v in state.items() if k not in LEGACY_KEYS or k in self.activation.owned_keys}
-        if self.shard is not None:
-            state = {k: self.shard.slice(v, k, source) if k in self.per_feature_keys else v for k, v in state.items()}
-        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
-        found = {k: tuple(v.shape) for k, v in state.items()}
-        if expected != found:
-            diff = sorted(set(expected.items()) ^ set(found.items()))
-            raise CheckpointError(f"{source} does not match its config ({self.cfg.activation}, "
-                                  f"F={self.cfg.n_features}, D={self.cfg.d_in}"
-                                  + (f", D_out={self.cfg.d_out}" if self.cfg.transcoder else "")
-                                  + f"): differs in {diff[:4]}")
-        self.load_state_dict(state)
+        load_state(self, state, self.shard, self.per_feature_keys, source)
+
+    def finish_training(self, rows: Iterable[torch.Tensor]) -> None:
+        """The activation's end of training on normalised input rows (BatchTopK calibrates its threshold)."""
+        self.activation.finish_training(self, rows)
+
+    def each(self) -> Iterator[tuple[int, SAE]]:
+        """Its blocks of features and their layer: itself alone (a CLT has one per layer)."""
+        yield 0, self
+
+    def inputs_of(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Block ``layer``'s inputs: all of ``x``."""
+        return x
+
+    def written_by(self, y: torch.Tensor, layer: int) -> torch.Tensor:
+        """What block ``layer`` writes: all of ``y``."""
+        return y
+
+    def decoders(self) -> list[nn.Parameter]:
+        """The decoder matrices whose rows the unit-norm constraint holds."""
+        return [self.W_dec]
+
+    def set_scales(self, inputs: list[float], output: float) -> None:
+        """The training scales: the input's (one per read hook) and the target's."""
+        self.input_scale.fill_(inputs[0])
+        if self.cfg.transcoder:
+            self.output_scale.fill_(output)
+
+    @torch.no_grad()
+    def init_decoder_bias(self, value: torch.Tensor) -> None:
+        """Start the decoder bias at ``value`` [D_out] (normalised units: the target's typical row)."""
+        self.b_dec.copy_(value)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device | None = None) -> SAE:
@@ -413,6 +428,36 @@ class SAE(nn.Module):
             raise CheckpointError(f"{weights} is truncated or damaged ({e})") from None
         sae.load_state(state, str(weights))
         return sae.to(device=device).eval()   # inference mode (BatchTopK: the threshold, not the batch)
+
+
+def full_state(module: nn.Module, shard: LatentShard | None, per_feature: Sequence[str]
+               ) -> dict[str, torch.Tensor] | None:
+    """``module``'s whole ``state_dict``: a latent shard's per-feature entries gathered into rank 0's
+    host memory (None on the other ranks; every rank must call it)."""
+    state = module.state_dict()
+    if shard is None:
+        return state
+    out: dict[str, torch.Tensor | None] = {
+        k: shard.gather(v, f"gathering {k}") if k in per_feature else v.detach().cpu() for k, v in state.items()}
+    return None if shard.world.rank else {k: v for k, v in out.items() if v is not None}
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], shard: LatentShard | None,
+               per_feature: Sequence[str], source: str) -> None:
+    """Load a whole dictionary's ``state`` into ``module`` (a latent shard takes its rows of the
+    per-feature entries), keys and shapes checked first: a mismatch is one error naming them."""
+    if shard is not None:
+        state = {k: shard.slice(v, k, source) if k in per_feature else v for k, v in state.items()}
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        cfg = getattr(module, "cfg", None)
+        diff = sorted(set(expected.items()) ^ set(found.items()))
+        described = "" if cfg is None else (
+            f" ({cfg.activation}, F={cfg.n_features}, D={cfg.d_in}" + (f", D_out={cfg.d_out}" if cfg.transcoder else "")
+            + (f", {cfg.clt_layers} layers" if cfg.clt_layers else "") + ")")
+        raise CheckpointError(f"{source} does not match its config{described}: differs in {diff[:4]}")
+    module.load_state_dict(state)
 
 
 __all__ = ["SAE", "Codes", "CONFIG_FILE", "WEIGHTS_FILE"]

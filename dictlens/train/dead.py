@@ -26,6 +26,15 @@ class DeadTracker:
         return torch.zeros(len(self.since_fired), dtype=torch.int32, device=vals.device).scatter_reduce_(
             0, pattern.cols, (vals > 0).to(torch.int32), "amax")
 
+    def fired_blocks(self, blocks: list[tuple[Pattern, torch.Tensor]]) -> torch.Tensor:
+        """int [F]: :meth:`fired` for features held in consecutive blocks of equal size (a CLT's layers;
+        one block for an SAE)."""
+        if len(blocks) == 1:
+            return self.fired(*blocks[0])
+        F = len(self.since_fired) // len(blocks)
+        return torch.cat([torch.zeros(F, dtype=torch.int32, device=vals.device).scatter_reduce_(
+            0, p.cols, (vals > 0).to(torch.int32), "amax") for p, vals in blocks])
+
     def record(self, fired: torch.Tensor, n_tokens: int) -> None:
         """Count ``n_tokens`` more tokens, resetting the features that fired."""
         self.since_fired += n_tokens

@@ -174,7 +174,7 @@ def diversity(sae: SAE, generator: torch.Generator, sample: int = 1024) -> torch
 
 def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: int, dead: torch.Tensor,
                generator: torch.Generator, dead_method: str, world: World | None = None,
-               y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               y: torch.Tensor | None = None, reconstruct: bool = True) -> dict[str, torch.Tensor]:
     """Every active loss term, already multiplied by its coefficient; ``total`` is their sum. ``x``: the
     normalised inputs; ``y``: the normalised target (a transcoder's; ``x`` itself when None).
 
@@ -182,7 +182,9 @@ def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: 
     parallel (``world``), every term is such that the mean over the ranks of its gradient is
     the global batch's: the batch means are, and AuxK is made so."""
     y = x if y is None else y
-    terms = {"mse": reconstruction(sae, codes, y)}
+    # (without ``reconstruct``: a CLT's block, whose writes are summed with the other blocks' before the
+    # one reconstruction term)
+    terms = {"mse": reconstruction(sae, codes, y)} if reconstruct else {}
     penalty = cfg.penalty(sae.cfg)
     if penalty != "none":
         ramp = min(1.0, (step + 1) / cfg.sparsity_warmup_steps) if cfg.sparsity_warmup_steps else 1.0
@@ -195,5 +197,5 @@ def loss_terms(sae: SAE, codes: Codes, x: torch.Tensor, cfg: TrainConfig, step: 
         terms["dead_penalty"] = cfg.dead_penalty_coeff * dead_penalty(sae, dead)
     if cfg.diversity_coeff > 0:
         terms["diversity"] = cfg.diversity_coeff * diversity(sae, generator)
-    terms["total"] = torch.stack(list(terms.values())).sum()
+    terms["total"] = torch.stack(list(terms.values())).sum() if terms else x.new_zeros(())
     return terms

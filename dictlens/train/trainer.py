@@ -26,6 +26,7 @@ from dictlens.distributed import World
 from dictlens.errors import ActivationError, CheckpointMismatch, ConfigError, InputError
 from dictlens.io import atomic_write_bytes
 from dictlens.provenance import Provenance
+from dictlens.sae.clt import CLT
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.kernels import BACKWARD_DTYPES
 from dictlens.sae.model import SAE
@@ -33,7 +34,7 @@ from dictlens.sae.shard import LatentShard
 from dictlens.train.checkpoint import load_checkpoint, save_checkpoint
 from dictlens.train.config import TrainConfig, check_compatible, check_shardable
 from dictlens.train.dead import DeadTracker, boost, resample
-from dictlens.train.losses import WHOLE_ON_EVERY_SHARD, auxk_is_sparse, loss_terms
+from dictlens.train.losses import WHOLE_ON_EVERY_SHARD, auxk_is_sparse, loss_terms, squared_error
 from dictlens.train.optim import Plateau, ScheduleFreeAdam, build_optimizer, lr_factor
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -156,6 +157,11 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def _same_widths(widths: list[int]) -> None:
+    if len(set(widths)) > 1:
+        raise InputError(f"a cross-layer transcoder's hooks must share one width; found widths {sorted(set(widths))}")
+
+
 class Trainer:
     """Trains one SAE (or transcoder) on a source; ``out`` (optional) receives checkpoints, logs and the SAE."""
 
@@ -167,14 +173,22 @@ class Trainer:
         reads the whole batch, and ``world`` is its :meth:`World.solo`). ``target``: what a transcoder
         writes (row i the same token as the source's row i); the dictionary is then a transcoder from
         ``source`` to ``target``, and :meth:`step` takes both."""
-        d = int(source.d_in)
+        layers = max(1, sae_cfg.clt_layers)   # a CLT's widths are per layer: its sources hold every layer
+        for what, src in (("source", source), ("target", target)):
+            if src is not None and layers > 1 and len(getattr(src, "parts", ())) != layers:
+                raise InputError(f"{what}: a cross-layer transcoder over {layers} layers reads {layers} hooks side by "
+                                 f"side (a Joined source), found {len(getattr(src, 'parts', ())) or 1}")
+        d = int(source.d_in) // layers
+        if layers > 1:
+            _same_widths([int(p.d_in) for p in getattr(source, "parts", [])]
+                         + [int(p.d_in) for p in getattr(target, "parts", [])])
         if sae_cfg.d_in and sae_cfg.d_in != d:
             raise InputError(f"d_in: the SAE expects width {sae_cfg.d_in}, the activations have width {d}")
         if sae_cfg.transcoder and target is None:
             raise ConfigError("transcoder: give the activations it writes (target; --writes)")
         fill: dict[str, Any] = {"d_in": d}
         if target is not None:
-            d_out = int(target.d_in)
+            d_out = int(target.d_in) // layers
             if sae_cfg.transcoder and sae_cfg.d_out and sae_cfg.d_out != d_out:
                 raise InputError(f"d_out: the transcoder writes width {sae_cfg.d_out}, the target activations have "
                                  f"width {d_out}")
@@ -201,7 +215,8 @@ class Trainer:
             self.device = torch.device("cuda", self.world.local_rank)   # one GPU per rank
         if self.device.type == "cpu":
             keep_freed_memory()
-        self.sae = SAE(self.sae_cfg, device=self.device, seed=cfg.seed, shard=shard)
+        self.sae: Any = (CLT if self.sae_cfg.clt_layers else SAE)(self.sae_cfg, device=self.device, seed=cfg.seed,
+                                                                    shard=shard)
         self.sae.world = self.world
         self.sae.backward_dtype = BACKWARD_DTYPES[cfg.backward_dtype]
         self._provenance = provenance  # None: the source's own description, taken at the end
@@ -211,7 +226,8 @@ class Trainer:
         # gradient before the update (clipping does): two passes over the decoder fewer a step
         self._unit_rows_in_step = False
         if isinstance(self.optimizer, ScheduleFreeAdam) and cfg.clip_grad <= 0 and self.sae_cfg.decoder_norm == "unit":
-            self.optimizer.keep_unit_rows(self.sae.W_dec)
+            for W in self.sae.decoders():
+                self.optimizer.keep_unit_rows(W)
             self._unit_rows_in_step = True
         self.dead = DeadTracker(self.sae.n_features, cfg.dead_after(), self.device)
         self.dead_method = cfg.dead_method(self.sae_cfg)  # decided once: boost, auxk, resample or none
@@ -259,25 +275,26 @@ class Trainer:
         self._clock = (time.perf_counter(), self.state.tokens)
         self.started = True
 
-    def _scale(self, source: Source) -> float:
-        """The factor that brings ``source``'s mean norm to the configured one (√D by default)."""
-        stats, d = source.stats, int(source.d_in)
-        norm = {"sqrt_d": math.sqrt(d), "unit": 1.0, "none": None}[self.sae_cfg.normalize]
-        return 1.0 if norm is None or stats.mean_norm <= 0 else norm / stats.mean_norm
+    def _scale(self, sources: list[Source]) -> float:
+        """The factor that brings the mean norm of ``sources``' rows (the mean over them, for several) to the
+        configured one (√D by default)."""
+        mean_norm = sum(s.stats.mean_norm for s in sources) / len(sources)
+        norm = {"sqrt_d": math.sqrt(int(sources[0].d_in)), "unit": 1.0, "none": None}[self.sae_cfg.normalize]
+        return 1.0 if norm is None or mean_norm <= 0 else norm / mean_norm
 
     def _initialise(self, sample_rows: Callable[[], torch.Tensor]) -> None:
-        """Input scale (and a transcoder's output scale) and decoder bias from the data (fresh runs only)."""
-        self.sae.input_scale.fill_(self._scale(self.source))
-        if self.target is not None:
-            self.sae.output_scale.fill_(self._scale(self.target))
+        """Input scales (one per layer read), the target's scale (one for every hook written) and the
+        decoder bias from the data (fresh runs only)."""
+        reads = list(getattr(self.source, "parts", [self.source]))
+        writes = list(getattr(self.target, "parts", [self.target])) if self.target is not None else reads
+        self.sae.set_scales([self._scale([p]) for p in reads], self._scale(writes))
         scale = float(self.sae.target_scale)
         if self.cfg.b_dec_init == "zero":
             return
         sample = sample_rows()
         sample = sample[torch.isfinite(sample).all(dim=1)].to(self.device) * scale
         init = sample.mean(0) if self.cfg.b_dec_init == "mean" else geometric_median(sample)
-        with torch.no_grad():
-            self.sae.b_dec.copy_(init)
+        self.sae.init_decoder_bias(init)
 
     def resume(self) -> bool:
         """Load ``out/checkpoint.safetensors`` if it exists; True when resumed."""
@@ -392,16 +409,32 @@ class Trainer:
         sparse_aux = False
         if self.dead_method == "auxk" and cfg.auxk_coeff > 0:
             n_dead = shard.count(dead) if shard is not None else int(dead.sum())   # the whole dictionary's
-            # latent shards merge AuxK's features from the selection, however few are dead
-            sparse_aux = n_dead > 0 if shard is not None else auxk_is_sparse(n_dead, k_aux)
+            # latent shards merge AuxK's features from the selection, however few are dead; a CLT's layers
+            # each have their own dead features: the dense product over each layer's
+            sparse_aux = n_dead > 0 if shard is not None else auxk_is_sparse(n_dead, k_aux) and not sae.cfg.clt_layers
             k_aux = min(k_aux, n_dead)
         aux_rows = cfg.auxk_rows
         if aux_rows > 0 and not self.world.alone:  # the global batch's first rows: this slice's share
             aux_rows = max(0, min(len(x), aux_rows - self.world.rank * len(x)))
             sparse_aux = sparse_aux and aux_rows > 0
-        codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, aux_rows)
         world = self.world
-        terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method, world, y)
+        if sae.cfg.clt_layers:   # every layer's block, one reconstruction of every layer's target
+            assert y is not None
+            blocks, x_hat = sae.encode_blocks(x, dead if sparse_aux else None, k_aux, aux_rows)
+            terms = {"mse": squared_error(x_hat, y) / len(x)}
+            for (layer, block), codes in zip(sae.each(), blocks, strict=True):
+                F = block.n_features
+                part = loss_terms(block, codes, sae.inputs_of(x, layer), cfg, self.state.step,
+                                  dead[layer * F:(layer + 1) * F], self.generator, self.dead_method, world,
+                                  sae.written_by(y, layer), reconstruct=False)
+                for k, v in part.items():
+                    if k != "total":
+                        terms[k] = terms[k] + v if k in terms else v
+            terms["total"] = torch.stack(list(terms.values())).sum()
+        else:
+            codes = sae.encode_codes(x, dead if sparse_aux else None, k_aux, aux_rows)
+            blocks, x_hat = [codes], codes.x_hat
+            terms = loss_terms(sae, codes, x, cfg, self.state.step, dead, self.generator, self.dead_method, world, y)
         if (shard.world if shard else world).any(not bool(torch.isfinite(terms["total"])),
                                                  "checking the loss is finite"):
             self.save_checkpoint()
@@ -423,35 +456,40 @@ class Trainer:
         self.optimizer.step()
         if not self._unit_rows_in_step:
             sae.normalize_decoder()
-        fired = world.max_(self.dead.fired(codes.pattern, codes.vals.detach()), "counting the features that fired")
+        fired = world.max_(self.dead.fired_blocks([(c.pattern, c.vals.detach()) for c in blocks]),
+                           "counting the features that fired")
         self.dead.record(fired, len(x) * world.size)
+        nnz = sum((c.vals > 0).sum() for c in blocks)
         boosted = None
         if self.dead_method == "boost":
             norms = world.sum_(torch.stack([x.norm(dim=1).sum(), x.new_tensor(float(len(x)))]))
-            unit = float(norms[0] / norms[1]) / math.sqrt(x.shape[1])
-            boosted = boost(sae, self.optimizer, self.dead.dead, cfg.boost * unit)
+            unit = float(norms[0] / norms[1]) / math.sqrt(x.shape[1] / max(1, sae.cfg.clt_layers))
+            boosted = 0
+            for layer, block in sae.each():
+                F = block.n_features
+                boosted += boost(block, self.optimizer, self.dead.dead[layer * F:(layer + 1) * F], cfg.boost * unit)
         out: dict[str, float] = {}
         if measure:
             with torch.no_grad():
                 if shard is not None:   # the reconstruction is every shard's; the other terms sum over features
                     names = [k for k in terms if k not in (*WHOLE_ON_EVERY_SHARD, "total")]
                     parts = shard.world.sum_(torch.stack([terms[k].detach().float() for k in names] + [
-                        (codes.vals > 0).sum().float()]), "reducing the logged metrics")
+                        nnz.float()]), "reducing the logged metrics")
                     out = {k: float(v) for k, v in terms.items() if k in WHOLE_ON_EVERY_SHARD}
                     out.update({k: float(parts[i]) for i, k in enumerate(names)})
                     out["total"] = sum(out.values())
-                    err = (t - codes.x_hat).pow(2).sum()
+                    err = (t - x_hat).pow(2).sum()
                     out["fvu"] = float(err / (t - t.mean(0)).pow(2).sum().clamp_min(1e-12))
                     out["l0"] = float(parts[-1]) / len(x)
                 elif world.alone:
                     out = {k: float(v.detach()) for k, v in terms.items()}
-                    err = (t - codes.x_hat).pow(2).sum()
+                    err = (t - x_hat).pow(2).sum()
                     out["fvu"] = float(err / (t - t.mean(0)).pow(2).sum().clamp_min(1e-12))
-                    out["l0"] = float((codes.vals > 0).sum()) / len(x)
+                    out["l0"] = float(nnz) / len(x)
                 else:   # the global batch's: terms averaged over ranks, FVU and L0 from summed moments
                     names = list(terms)
                     parts = torch.stack([terms[k].detach().float() for k in names] + [
-                        (t - codes.x_hat).pow(2).sum(), t.pow(2).sum(), (codes.vals > 0).sum().float()])
+                        (t - x_hat).pow(2).sum(), t.pow(2).sum(), nnz.float()])
                     parts = world.sum_(torch.cat([parts, t.sum(0)]), "reducing the logged metrics")
                     out = {k: float(parts[i]) / world.size for i, k in enumerate(names)}
                     e2, x2, on = (float(v) for v in parts[len(names):len(names) + 3])
@@ -463,9 +501,12 @@ class Trainer:
                 out["boosted"] = boosted
         if self.dead_method == "resample" and self._resample_due():
             # every rank resamples alike from the whole global batch
-            self.state.resampled += resample(sae, self.optimizer, self.dead.dead, world.gather_rows(x),
-                                             world.gather_rows(codes.x_hat.detach()), self.generator,
-                                             None if y is None else world.gather_rows(y))
+            for (layer, block), codes in zip(sae.each(), blocks, strict=True):
+                F = block.n_features
+                self.state.resampled += resample(
+                    block, self.optimizer, self.dead.dead[layer * F:(layer + 1) * F],
+                    world.gather_rows(sae.inputs_of(x, layer)), world.gather_rows(codes.x_hat.detach()),
+                    self.generator, None if y is None else world.gather_rows(sae.written_by(y, layer)))
             self.dead.since_fired[self.dead.dead] = 0
         return out
 
@@ -485,7 +526,8 @@ class Trainer:
         if self.sae.shard is not None:   # the whole dictionary's
             self.sae.shard.world.sum_(dead, "counting the dead features")
         record = {"step": self.state.step, "tokens": self.state.tokens, **metrics,
-                  "dead_fraction": float(dead[0]) / self.sae_cfg.n_features, "turnover": int(dead[1]),
+                  "dead_fraction": float(dead[0]) / (self.sae_cfg.n_features * max(1, self.sae_cfg.clt_layers)),
+                  "turnover": int(dead[1]),
                   "lr": self.optimizer.param_groups[0]["lr"],
                   "tokens_per_s": (self.state.tokens - tokens0) / max(1e-9, time.perf_counter() - t0)}
         if self.cfg.schedule == "plateau":
@@ -540,7 +582,7 @@ class Trainer:
         # lazy: read (or, from a stream, computed) only by an activation that calibrates
         sample = self.calibration_rows() if calibration is None else calibration
         rows = (x.to(self.device, torch.float32) * self.sae.input_scale for x in sample)
-        self.sae.activation.finish_training(self.sae, (x[torch.isfinite(x).all(dim=1)] for x in rows))
+        self.sae.finish_training(x[torch.isfinite(x).all(dim=1)] for x in rows)
         describe = getattr(self.source, "provenance", None)
         record = self._provenance or (describe() if describe is not None else Provenance())
         if self.target is not None:   # what it writes: the target's hook (unless the record was given)
@@ -548,8 +590,12 @@ class Trainer:
             if self._provenance is None:
                 record = record.replace(hook_out=written().hook_out if written is not None else None)
             record = record.replace(output_scale=float(self.sae.target_scale))
+        scales = self.sae.input_scale.reshape(-1)
+        if self.sae_cfg.clt_layers:   # (one per layer: in the notes; the record's field is their mean)
+            per_layer = scales.view(self.sae_cfg.clt_layers, -1)[:, 0]
+            record = record.replace(notes={**record.notes, "input_scales": [float(s) for s in per_layer]})
         self.sae.provenance = record.replace(normalization=self.sae_cfg.normalize,
-                                             input_scale=float(self.sae.input_scale))
+                                             input_scale=float(scales.mean()))
         whole = self.sae.gathered()   # latent shards: the whole dictionary, on rank 0
         if self.out is not None and self.world.writes:
             assert whole is not None
@@ -559,7 +605,8 @@ class Trainer:
                 from dictlens.train.plots import plot_log
 
                 plot_log(self.out / LOG, self.out / "curves.png")
-        return (whole or self.sae).eval()
+        done: SAE = (whole or self.sae).eval()   # (a CLT for a cross-layer transcoder)
+        return done
 
     def close_logs(self) -> None:
         if self.log_file is not None:
