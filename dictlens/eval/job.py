@@ -95,8 +95,7 @@ def eval_job(job: EvalJob) -> Evaluation:
             check_written(sae, job.run, lm)
         batches = job.splice.batches(lm)
         swap = dictionary_swap(sae, reads=store.hook)
-        spliced = splice_metrics(lm, [swap] if sae.cfg.transcoder else store.hook, swap.fn, batches,
-                                 max_norm=sae.provenance.outlier_limit)
+        spliced = splice_metrics(lm, [swap], batches=batches, max_norm=sae.provenance.outlier_limit)
         record["spliced"] = {"model": model_name, "text": job.splice.splice_text, "writes": swap.writes,
                              "skipped_tokens": job.splice.splice_skip, **spliced.to_dict()}
         if job.replacement:

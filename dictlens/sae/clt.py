@@ -31,16 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from dictlens import __version__
 from dictlens.config import from_dict, to_dict
 from dictlens.distributed import World
 from dictlens.errors import ConfigError, InputError
-from dictlens.io import atomic_write_bytes, atomic_write_json, read_json
+from dictlens.io import read_json
 from dictlens.provenance import Provenance
 from dictlens.sae.activations import Codes
 from dictlens.sae.config import SAEConfig
 from dictlens.sae.kernels import Pattern
-from dictlens.sae.model import CONFIG_FILE, SAE, full_state, load_state
+from dictlens.sae.model import CONFIG_FILE, SAE, full_state, load_state, read_dictionary, write_dictionary
 from dictlens.sae.shard import LatentShard
 
 CLT_FILE = "clt.safetensors"
@@ -207,7 +206,7 @@ class CLT(nn.Module):
 
     def decode_sparse(self, p: Pattern, vals: torch.Tensor, x_BD: torch.Tensor | None = None) -> torch.Tensor:
         """Every layer's prediction (raw units) [B, L·D] from codes as :meth:`encode_sparse` gives them."""
-        F, d, L = self.layer_features, self.cfg.d_out, self.n_layers
+        F, d = self.layer_features, self.cfg.d_out
         layer_of = p.cols // F
         out = torch.zeros(p.n_rows, self.d_out, device=vals.device)
         with torch.no_grad():
@@ -215,7 +214,6 @@ class CLT(nn.Module):
                 mine = layer_of == layer
                 part = Pattern.from_pairs(p.rows[mine], p.cols[mine] - layer * F, p.n_rows, F)
                 out[:, layer * d:] += b.decode_sparse(part, vals[mine])
-        assert out.shape[1] == L * d
         return out
 
     @contextmanager
@@ -280,39 +278,12 @@ class CLT(nn.Module):
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write ``config.json`` and ``clt.safetensors`` into directory ``path``, atomically."""
-        from safetensors.torch import save
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous().cpu() for k, v in self.folded_state().items()}
-        atomic_write_bytes(out / CLT_FILE, save(state))
-        atomic_write_json(out / CONFIG_FILE, {"format": FORMAT, "dictlens_version": __version__,
-                                              "sae": to_dict(self.cfg), "provenance": self.provenance.to_json(),
-                                              **(extra or {})})
-        return out
+        return write_dictionary(path, CLT_FILE, FORMAT, self.folded_state(), self.cfg, self.provenance, extra)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device | None = None) -> CLT:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from dictlens.errors import CheckpointError
-
-        root = Path(path)
-        cfg_file, weights = root / CONFIG_FILE, root / CLT_FILE
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise InputError(f"CLT checkpoint {root}: {f.name} is missing")
-        meta = read_json(cfg_file)
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{cfg_file} is not a dictlens CLT config")
-        cfg = from_dict(SAEConfig, meta["sae"], source=str(cfg_file))
-        provenance = Provenance.from_json(meta.get("provenance") or {}, source=f"{cfg_file}: provenance")
+        cfg, provenance, state, weights = read_dictionary(path, CLT_FILE, FORMAT, "CLT")
         clt = cls(cfg, device="cpu", provenance=provenance, draw=False)
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{weights} is truncated or damaged ({e})") from None
         clt.load_state(state, str(weights))
         return clt.to(device=device).eval()
 

@@ -354,16 +354,8 @@ class SAE(nn.Module):
 
         ``extra``: more top-level entries for ``config.json`` (the trainer adds its settings).
         """
-        from safetensors.torch import save
-
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous().cpu() for k, v in self.folded_state().items()}
-        atomic_write_bytes(out / WEIGHTS_FILE, save(state))
-        atomic_write_json(out / CONFIG_FILE, {"format": "dictlens-sae", "dictlens_version": __version__,
-                                              "sae": to_dict(self.cfg), "provenance": self.provenance.to_json(),
-                                              **(extra or {})})
-        return out
+        return write_dictionary(path, WEIGHTS_FILE, "dictlens-sae", self.folded_state(), self.cfg, self.provenance,
+                                extra)
 
     def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Load weights (checkpoint keys checked against this SAE's, shapes included); a latent
@@ -405,29 +397,51 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device | None = None) -> SAE:
         """Load an SAE saved by :meth:`save`; a damaged or foreign file is a clear error."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        root = Path(path)
-        cfg_file, weights = root / CONFIG_FILE, root / WEIGHTS_FILE
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise InputError(f"SAE checkpoint {root}: {f.name} is missing")
-        meta = read_json(cfg_file)
-        if meta.get("format") != "dictlens-sae":
-            raise InputError(f"{cfg_file} is not a dictlens SAE config")
-        cfg = from_dict(SAEConfig, meta["sae"], source=str(cfg_file))
-        if "provenance" in meta:
-            provenance = Provenance.from_json(meta["provenance"], source=f"{cfg_file}: provenance")
-        else:  # written by dictlens 0.1
-            provenance = Provenance.from_legacy(meta.get("metadata") or {}, source=str(cfg_file))
+        cfg, provenance, state, weights = read_dictionary(path, WEIGHTS_FILE, "dictlens-sae", "SAE")
         sae = cls(cfg, device="cpu", provenance=provenance)
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{weights} is truncated or damaged ({e})") from None
         sae.load_state(state, str(weights))
         return sae.to(device=device).eval()   # inference mode (BatchTopK: the threshold, not the batch)
+
+
+def write_dictionary(path: str | Path, weights_file: str, fmt: str, state: dict[str, torch.Tensor],
+                     cfg: SAEConfig, provenance: Provenance, extra: dict[str, Any] | None) -> Path:
+    """Write a dictionary's folded ``state`` and ``config.json`` (``fmt``, its config and record) into
+    directory ``path``, each file atomically."""
+    from safetensors.torch import save
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / weights_file, save({k: v.contiguous().cpu() for k, v in state.items()}))
+    atomic_write_json(out / CONFIG_FILE, {"format": fmt, "dictlens_version": __version__, "sae": to_dict(cfg),
+                                          "provenance": provenance.to_json(), **(extra or {})})
+    return out
+
+
+def read_dictionary(path: str | Path, weights_file: str, fmt: str, what: str
+                    ) -> tuple[SAEConfig, Provenance, dict[str, torch.Tensor], Path]:
+    """The config, record and weights :func:`write_dictionary` wrote; a missing, foreign or damaged file
+    is a clear error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(path)
+    cfg_file, weights = root / CONFIG_FILE, root / weights_file
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise InputError(f"{what} checkpoint {root}: {f.name} is missing")
+    meta = read_json(cfg_file)
+    if meta.get("format") != fmt:
+        raise InputError(f"{cfg_file} is not a dictlens {what} config")
+    cfg = from_dict(SAEConfig, meta["sae"], source=str(cfg_file))
+    if "provenance" in meta:
+        provenance = Provenance.from_json(meta["provenance"], source=f"{cfg_file}: provenance")
+    else:  # written by dictlens 0.1
+        provenance = Provenance.from_legacy(meta.get("metadata") or {}, source=str(cfg_file))
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights} is truncated or damaged ({e})") from None
+    return cfg, provenance, state, weights
 
 
 def full_state(module: nn.Module, shard: LatentShard | None, per_feature: Sequence[str]
