@@ -102,9 +102,20 @@ class World:
         world.beats = _Heartbeat.start(world.rank)
         return world
 
-    def close(self) -> None:
+    def close(self, together: bool = True) -> None:
+        """Leave the world: first (``together``, the run having ended well on every rank) wait for
+        the others at a barrier, so that no rank tears gloo down while another still writes its
+        files; then stop the heartbeat and destroy the process group, so that no thread of
+        either is left running into the interpreter's exit (which aborts the process:
+        "terminate called without an active exception")."""
+        if not self.alone:
+            import torch.distributed as dist
+
+            if together and dist.is_initialized():
+                self._run("waiting for every rank to finish", dist.barrier)
         if self.beats is not None:
             self.beats.stop()
+            self.beats = None
         if not self.alone:
             import torch.distributed as dist
 
@@ -309,12 +320,17 @@ class _Heartbeat:
                 self.stopping.wait(self.EVERY_S)
 
     def stop(self) -> None:
-        """End the thread (within one beat) before the process or its store goes."""
+        """End the thread (within one beat) before the process or its store goes, then let the
+        store's connection go while the interpreter still runs."""
         self.stopping.set()
         if self.thread is not None and self.thread.is_alive():
-            self.thread.join(timeout=5 * self.EVERY_S)
+            self.thread.join(timeout=15 * self.EVERY_S)   # (a store call times out after 10 s)
+        if self.thread is None or not self.thread.is_alive():
+            self.store = None
 
     def read(self, size: int) -> dict[int, int] | None:
+        if self.store is None:
+            return None
         try:
             return {r: int(self.store.get(f"dictlens/beat/{r}")) for r in range(size)
                     if self.store.check([f"dictlens/beat/{r}"])}

@@ -177,27 +177,31 @@ def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
 
         print(f"torchrun restarted the workers (restart {os.environ['TORCHELASTIC_RESTART_COUNT']}): each run "
               "continues from its checkpoint", file=sys.stderr)
-    source, wires = job.plan()
-    heldout = None
-    if job.heldout_tokens > 0:
-        source, heldout = split_heldout(source, job.heldout_tokens)
-    members = job.points(wires)
-    size = job.together or len(members)
-    done: list[Trained] = []
-    for start in range(0, len(members), size):
-        group: list[tuple[str | Wiring, Trainer]] = []
-        for wiring, run, sae_cfg, train in members[start:start + size]:
-            reads, writes = wiring_sources(source, wiring)
-            group.append((wiring, Trainer(sae_cfg, train, reads, run, progress=False, world=world, target=writes,
-                                          latents=world if job.shard_latents else None)))
-        # torchrun restarting the workers after a failure (--max-restarts): continue the checkpoints
-        saes = fit_together(group, source, resume=job.resume or restarted(), progress=progress)
-        for (key, trainer), sae in zip(group, saes, strict=True):   # (latent shards: the whole on rank 0)
-            wiring = wiring_of(key)
-            metrics = None
-            if heldout is not None and world.writes:
-                metrics = evaluate(sae, wiring_batches(heldout, wiring))
-                atomic_write_json(Path(trainer.out or job.out) / METRICS, metrics.to_dict())
-            done.append(Trained(sae, trainer, Path(trainer.out or job.out), metrics, wiring.name))
-    world.close()
+    ok = False
+    try:
+        source, wires = job.plan()
+        heldout = None
+        if job.heldout_tokens > 0:
+            source, heldout = split_heldout(source, job.heldout_tokens)
+        members = job.points(wires)
+        size = job.together or len(members)
+        done: list[Trained] = []
+        for start in range(0, len(members), size):
+            group: list[tuple[str | Wiring, Trainer]] = []
+            for wiring, run, sae_cfg, train in members[start:start + size]:
+                reads, writes = wiring_sources(source, wiring)
+                group.append((wiring, Trainer(sae_cfg, train, reads, run, progress=False, world=world, target=writes,
+                                              latents=world if job.shard_latents else None)))
+            # torchrun restarting the workers after a failure (--max-restarts): continue the checkpoints
+            saes = fit_together(group, source, resume=job.resume or restarted(), progress=progress)
+            for (key, trainer), sae in zip(group, saes, strict=True):   # (latent shards: the whole on rank 0)
+                wiring = wiring_of(key)
+                metrics = None
+                if heldout is not None and world.writes:
+                    metrics = evaluate(sae, wiring_batches(heldout, wiring))
+                    atomic_write_json(Path(trainer.out or job.out) / METRICS, metrics.to_dict())
+                done.append(Trained(sae, trainer, Path(trainer.out or job.out), metrics, wiring.name))
+        ok = True
+    finally:
+        world.close(together=ok)   # (after a failure the others are not at a barrier)
     return done
