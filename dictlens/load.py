@@ -19,9 +19,11 @@ import torch
 from dictlens.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
+    from dictlens.data.hooks import Wiring
     from dictlens.data.models import LoadedModel
     from dictlens.data.store import ActivationStore
     from dictlens.formats.base import ReadOptions
+    from dictlens.sae.clt import CLT, Dictionary
     from dictlens.sae.model import SAE
 
 
@@ -56,7 +58,7 @@ def hook_of(sae: SAE, run: str | Path, hook: str | None = None) -> str:
     return str(hook or recorded)
 
 
-def model_of(sae: SAE, run: str | Path, model: str | None = None) -> str:
+def model_of(sae: Dictionary, run: str | Path, model: str | None = None) -> str:
     """The model ``sae`` belongs to: ``model`` if given (and not another than the recorded one)."""
     recorded = sae.provenance.model
     if model and recorded and model != recorded:
@@ -67,7 +69,7 @@ def model_of(sae: SAE, run: str | Path, model: str | None = None) -> str:
     return str(model or recorded)
 
 
-def _check_tokenizer(sae: SAE, run: str | Path, found: dict[str, object] | None, where: str) -> None:
+def _check_tokenizer(sae: Dictionary, run: str | Path, found: dict[str, object] | None, where: str) -> None:
     want = sae.provenance.tokenizer
     if want and found and want != found:
         raise InputError(f"{where} has another tokenizer ({found.get('vocab_size')} tokens, sha256 "
@@ -109,14 +111,18 @@ def check_written(sae: SAE, run: str | Path, lm: LoadedModel) -> None:
         raise InputError(f"{hook} of {lm.name} is {width} wide; the transcoder in {run} writes {sae.d_out}")
 
 
+def _check_cache_model(d: Dictionary, run: str | Path, store: ActivationStore) -> None:
+    recorded = d.provenance.model
+    if recorded and store.model != recorded:
+        raise InputError(f"the dictionary in {run} was trained on activations of {recorded}; the cache "
+                         f"{store.path} holds {store.model}'s")
+    _check_tokenizer(d, run, store.manifest.get("tokenizer"), f"the cache {store.path}")
+
+
 def check_cache(sae: SAE, run: str | Path, store: ActivationStore) -> None:
     """Refuse a cache harvested from another model, at another hook, or of another width."""
     hook_of(sae, run, store.hook)
-    recorded = sae.provenance.model
-    if recorded and store.model != recorded:
-        raise InputError(f"the SAE in {run} was trained on activations of {recorded}; the cache {store.path} "
-                         f"holds {store.model}'s")
-    _check_tokenizer(sae, run, store.manifest.get("tokenizer"), f"the cache {store.path}")
+    _check_cache_model(sae, run, store)
     if store.d_in != sae.d_in:
         raise InputError(f"the SAE in {run} reads width {sae.d_in}, the cache's {store.hook} has width "
                          f"{store.d_in}")
@@ -146,13 +152,75 @@ def load_sae(run: str | Path, device: str | torch.device | None = None, *, fmt: 
              opts: ReadOptions | None = None) -> SAE:
     """The SAE in ``run``: a dictlens run (its record converted if written by an older
     dictlens), or a dictionary in any format :mod:`dictlens.formats` reads (``fmt`` to insist
-    on one), local or ``hf://``."""
+    on one), local or ``hf://``. A cross-layer transcoder is refused by name (:func:`load_dictionary`
+    takes one)."""
     from dictlens import formats
+    from dictlens.sae.clt import is_clt
     from dictlens.sae.model import SAE
 
     if fmt or formats.is_foreign(run):
         return formats.read(run, fmt=fmt, opts=opts).to(device=device)
+    if is_clt(run):
+        raise InputError(f"{run} holds a cross-layer transcoder: this command takes one-layer dictionaries "
+                         "(SAEs and transcoders); dictlens eval measures and splices a CLT")
     return SAE.load(run, device=device)
+
+
+def load_dictionary(run: str | Path, device: str | torch.device | None = None) -> Dictionary:
+    """The dictionary in ``run``, of any kind: a cross-layer transcoder, or what :func:`load_sae` loads."""
+    from dictlens.sae.clt import CLT, is_clt
+
+    return CLT.load(run, device=device) if is_clt(run) else load_sae(run, device)
+
+
+def clt_wiring(clt: CLT, run: str | Path) -> Wiring:
+    """The hooks a CLT reads and writes, one of each per layer, from its record."""
+    from dictlens.data.hooks import Wiring
+
+    rec = clt.provenance
+    if not rec.hook_in or not rec.hook_out:
+        raise InputError(f"the cross-layer transcoder in {run} does not record the hooks it reads and writes")
+    wiring = Wiring.of_record(rec.hook_in, rec.hook_out)
+    if len(wiring.reads) != clt.n_layers or len(wiring.writes) != clt.n_layers:
+        raise InputError(f"the cross-layer transcoder in {run} spans {clt.n_layers} layers but records "
+                         f"{len(wiring.reads)} read and {len(wiring.writes)} written hooks")
+    return wiring
+
+
+def check_clt_cache(clt: CLT, run: str | Path, acts: str | Path) -> tuple[Wiring, str]:
+    """The CLT's wiring and the cache's model, each of its hooks checked in cache ``acts`` (there, of its
+    model, of its width)."""
+    from dictlens.data.store import ActivationStore
+
+    wiring = clt_wiring(clt, run)
+    model = ""
+    for hooks, width, side in ((wiring.reads, clt.cfg.d_in, "reads"), (wiring.writes, clt.cfg.d_out, "writes")):
+        for hook in hooks:
+            store = ActivationStore(acts, hook)
+            _check_cache_model(clt, run, store)
+            if store.d_in != width:
+                raise InputError(f"the cross-layer transcoder in {run} {side} width {width} at {hook}; the cache's "
+                                 f"{hook} has width {store.d_in}")
+            model = store.model
+    return wiring, model
+
+
+def check_clt_model(clt: CLT, run: str | Path, lm: LoadedModel) -> Wiring:
+    """The CLT's wiring, checked against ``lm``: its model and tokenizer, and each hook's width."""
+    from dictlens.data.packing import tokenizer_fingerprint
+    from dictlens.data.tap import Tap
+
+    model_of(clt, run, lm.name)
+    _check_tokenizer(clt, run, tokenizer_fingerprint(lm.tokenizer), lm.name)
+    wiring = clt_wiring(clt, run)
+    probe = torch.tensor([[lm.tokenizer.eos_token_id or 0] * 2])
+    found = Tap(lm, wiring.hooks)(probe)
+    for hooks, width, side in ((wiring.reads, clt.cfg.d_in, "reads"), (wiring.writes, clt.cfg.d_out, "writes")):
+        for hook in hooks:
+            if int(found[hook].shape[-1]) != width:
+                raise InputError(f"{hook} of {lm.name} is {int(found[hook].shape[-1])} wide; the cross-layer "
+                                 f"transcoder in {run} {side} {width} there")
+    return wiring
 
 
 def own_directory(run: str | Path, command: str) -> Path:

@@ -53,6 +53,13 @@ def print_heldout(m: Metrics) -> None:
     """The one-line held-out summary of dictlens train / demo."""
     print(f"held-out ({m.n_tokens:,} tokens): FVU {m.fvu:.4f}  explained variance {m.explained_variance:.4f}  "
           f"L0 {m.l0:.1f}  dead {m.dead_fraction:.2%}")
+    print_by_output(m)
+
+
+def print_by_output(m: Metrics) -> None:
+    """Each written hook's FVU, for a dictionary that writes several (a CLT's layers)."""
+    if m.by_output:
+        print("  FVU by output: " + "  ".join(f"{hook} {r['fvu']:.4f}" for hook, r in m.by_output.items()))
 
 
 def print_metrics(m: Metrics) -> None:
@@ -67,6 +74,7 @@ def print_metrics(m: Metrics) -> None:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v:>10}")
+    print_by_output(m)
 
 
 def side_by_side(left: str, right: str, titles: tuple[str, str], width: int = 100) -> str:

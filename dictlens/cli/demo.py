@@ -51,6 +51,7 @@ def _step_train(job: Demo, out: Path) -> SAE:
     """Step 2; a run left by an older dictlens with other defaults is moved aside, not lost."""
     from dictlens.errors import CheckpointMismatch
     from dictlens.sae.config import SAEConfig
+    from dictlens.sae.model import SAE
     from dictlens.train.config import TrainConfig
     from dictlens.train.job import TrainJob, train_job
 
@@ -68,7 +69,7 @@ def _step_train(job: Demo, out: Path) -> SAE:
         run.rename(previous)
         print(f"the SAE in {run} was trained with other settings; moved it to {previous}, training afresh")
         [t] = train_job(train)
-    assert t.metrics is not None
+    assert t.metrics is not None and isinstance(t.sae, SAE)
     print_heldout(t.metrics)
     print(f"SAE: {run} (config.json, sae.safetensors); curves: {run / 'curves.png'}")
     return t.sae

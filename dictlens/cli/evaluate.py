@@ -27,7 +27,9 @@ def _eval(job: EvalJob) -> int:
               f"{s.recovered_vs_zero:.2%} vs zero, {s.recovered_vs_mean:.2%} vs mean  next-token agreement "
               f"{s.agreement:.2%}")
     if e.replaced is not None:
-        print(f"replacement model ({len(job.replacement) + 1} dictionaries spliced together):")
+        swapped = e.record["replacement"]["runs"]
+        what = f"{len(swapped)} dictionaries" if len(swapped) > 1 else "the cross-layer transcoder"
+        print(f"replacement model ({what} spliced together, every MLP output it writes replaced):")
         for name, r in e.replaced.items():
             print(f"  {name.replace('_', ' '):14s} CE {r.ce_sae:.4f} (clean {r.ce_clean:.4f}, all ablated "
                   f"{r.ce_zero:.4f})  KL {r.kl_sae:.4f}  next-token agreement {r.agreement:.2%}")

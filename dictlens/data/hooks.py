@@ -177,10 +177,20 @@ class Wiring:
             cls.transcoder(a, b)   # (refuses a write computed before its read)
         return cls(tuple(reads), tuple(writes))
 
+    @classmethod
+    def of_record(cls, hook_in: str, hook_out: str) -> Wiring:
+        """The wiring a dictionary's provenance records (several hooks comma-joined)."""
+        return cls(tuple(hook_in.split(",")), tuple(hook_out.split(",")))
+
     @property
     def autoencoder(self) -> bool:
         """Whether it writes what it reads (an SAE)."""
         return self.reads == self.writes
+
+    @property
+    def cross_layer(self) -> bool:
+        """Whether it is a cross-layer transcoder's (one read and one written hook per layer)."""
+        return not self.autoencoder and len(self.reads) > 1
 
     @property
     def hooks(self) -> list[str]:
@@ -221,14 +231,21 @@ def _span(hooks: tuple[str, ...]) -> str:
 
 
 def wirings(hooks: list[str], reads: list[str], writes: list[str], available: list[str], *,
-            where: str = "this model") -> list[Wiring]:
+            where: str = "this model", arch: str = "auto") -> list[Wiring]:
     """The dictionaries that ``--hook`` (SAEs) and ``--reads`` / ``--writes`` (transcoders) name, patterns
     expanded against ``available`` (``expand_hooks``): the i-th hook ``--reads`` names is paired with the
-    i-th ``--writes`` names (``--reads 'mlp_in.*' --writes 'mlp_out.*'``: one transcoder per layer)."""
-    out = [Wiring.sae(h) for h in expand_hooks(hooks, available, where=where)] if hooks else []
+    i-th ``--writes`` names (``--reads 'mlp_in.*' --writes 'mlp_out.*'``: one transcoder per layer).
+    ``arch`` ``clt``: one cross-layer transcoder over every pair instead."""
     if bool(reads) != bool(writes):
         raise HookError("--reads and --writes go together: a transcoder reads one hook and writes another "
                         "(an SAE: --hook)")
+    if arch == "clt":
+        if hooks or not reads:
+            raise HookError("--arch clt reads --reads and writes --writes, one hook per layer each (--reads "
+                            "'mlp_in.*' --writes 'mlp_out.*'); --hook names SAEs")
+        return [Wiring.clt(expand_hooks(reads, available, where=where),
+                           expand_hooks(writes, available, where=where))]
+    out = [Wiring.sae(h) for h in expand_hooks(hooks, available, where=where)] if hooks else []
     if reads:
         ins, outs = expand_hooks(reads, available, where=where), expand_hooks(writes, available, where=where)
         if len(ins) != len(outs):

@@ -15,7 +15,7 @@ from dictlens.eval.splice import SpliceConfig
 if TYPE_CHECKING:
     from dictlens.eval.metrics import Metrics
     from dictlens.eval.splice import SpliceMetrics
-    from dictlens.sae.model import SAE
+    from dictlens.sae.clt import Dictionary
 
 EVAL = "eval.json"
 
@@ -49,8 +49,8 @@ class EvalJob:
 class Evaluation:
     """What :func:`eval_job` measured and wrote (``record`` is eval.json's content)."""
 
-    sae: SAE
-    hook: str   # what it reads (and a transcoder writes hook_out)
+    sae: Dictionary
+    hook: str   # what it reads (and a transcoder writes hook_out; a CLT's hooks comma-joined)
     metrics: Metrics
     spliced: SpliceMetrics | None
     record: dict[str, Any]
@@ -60,67 +60,86 @@ class Evaluation:
 
 
 def eval_job(job: EvalJob) -> Evaluation:
-    """Measure the SAE on the cache (and in the model), write eval.json and feature_density.png."""
+    """Measure the dictionary on the cache (and in the model), write eval.json and feature_density.png."""
     from dictlens.data.hooks import Wiring
     from dictlens.data.store import CacheHooks, split_heldout, wiring_batches
     from dictlens.eval.metrics import evaluate
     from dictlens.eval.plots import density_histogram
     from dictlens.io import atomic_write_json
-    from dictlens.load import load_sae, open_cache, open_written, own_directory
+    from dictlens.load import check_clt_cache, load_dictionary, model_of, open_cache, open_written, own_directory
+    from dictlens.sae.clt import CLT
 
-    sae = load_sae(job.run)
-    store = open_cache(sae, job.run, job.acts, job.hook)
-    wiring = Wiring.sae(store.hook)
-    if sae.cfg.transcoder:   # measured on its prediction of what it writes
-        wiring = Wiring.transcoder(store.hook, open_written(sae, job.run, job.acts).hook)
+    sae = load_dictionary(job.run)
+    if isinstance(sae, CLT):   # one hook read and one written per layer
+        if job.hook:
+            raise ConfigError("--hook: a cross-layer transcoder reads the hooks it records, one per layer")
+        wiring, cache_model = check_clt_cache(sae, job.run, job.acts)
+        hook = ",".join(wiring.reads)
+    else:
+        store = open_cache(sae, job.run, job.acts, job.hook)
+        wiring = Wiring.sae(store.hook)
+        if sae.cfg.transcoder:   # measured on its prediction of what it writes
+            wiring = Wiring.transcoder(store.hook, open_written(sae, job.run, job.acts).hook)
+        hook, cache_model = store.hook, store.model
     source = CacheHooks(job.acts, wiring.hooks)
     if job.heldout:
         source = split_heldout(source, job.heldout)[1]
-    m = evaluate(sae, wiring_batches(source, wiring, job.batch_size))
+    m = evaluate(sae, wiring_batches(source, wiring, job.batch_size),
+                 outputs=list(wiring.writes) if len(wiring.writes) > 1 else None)
     out = Path(job.out) if job.out else own_directory(job.run, "eval")
     out.mkdir(parents=True, exist_ok=True)
-    record: dict[str, Any] = {"run": str(job.run), "acts": str(job.acts), "hook": store.hook,
-                              **({"writes": wiring.writes[0]} if sae.cfg.transcoder else {}),
+    record: dict[str, Any] = {"run": str(job.run), "acts": str(job.acts), "hook": hook,
+                              **({"writes": ",".join(wiring.writes)} if sae.cfg.transcoder else {}),
                               "heldout": job.heldout or "whole cache", **m.to_dict()}
     spliced, replaced = None, None
     if job.splice.splice_text:
         from dictlens.data.models import load_model
-        from dictlens.eval.splice import dictionary_swap, splice_metrics
-        from dictlens.load import check_model, check_written, model_of
+        from dictlens.eval.splice import dictionary_swap, dictionary_swaps, splice_metrics
 
-        model_name = model_of(sae, job.run, job.model or store.model)
+        model_name = model_of(sae, job.run, job.model or cache_model)
         lm = load_model(model_name)
-        check_model(sae, job.run, lm, store.hook)
-        if sae.cfg.transcoder:
-            check_written(sae, job.run, lm)
+        check_dictionary(sae, job.run, lm, hook)
         batches = job.splice.batches(lm)
-        swap = dictionary_swap(sae, reads=store.hook)
-        spliced = splice_metrics(lm, [swap], batches=batches, max_norm=sae.provenance.outlier_limit)
-        record["spliced"] = {"model": model_name, "text": job.splice.splice_text, "writes": swap.writes,
+        swaps = dictionary_swaps(sae) if isinstance(sae, CLT) else [dictionary_swap(sae, reads=hook)]
+        spliced = splice_metrics(lm, swaps, batches=batches, max_norm=sae.provenance.outlier_limit)
+        record["spliced"] = {"model": model_name, "text": job.splice.splice_text,
+                             "writes": ",".join(s.writes for s in swaps),
                              "skipped_tokens": job.splice.splice_skip, **spliced.to_dict()}
-        if job.replacement:
+        if job.replacement or isinstance(sae, CLT):   # (a CLT alone replaces every MLP of its layers)
             replaced = _replacement_model(job, sae, lm, batches)
             record["replacement"] = {"runs": [str(job.run), *job.replacement],
                                      **{k: v.to_dict() for k, v in replaced.items()}}
     atomic_write_json(out / EVAL, record)
     png = density_histogram(m, out / "feature_density.png", title=wiring.name)
-    return Evaluation(sae, store.hook, m, spliced, record, [out / EVAL, png], replaced)
+    return Evaluation(sae, hook, m, spliced, record, [out / EVAL, png], replaced)
 
 
-def _replacement_model(job: EvalJob, sae: SAE, lm: Any, batches: list[Any]) -> dict[str, SpliceMetrics]:
+def check_dictionary(d: Dictionary, run: str | Path, lm: Any, hook: str | None = None) -> None:
+    """Refuse a model that is not the dictionary's (by name, tokenizer, and the widths of its hooks)."""
+    from dictlens.load import check_clt_model, check_model, check_written, hook_of
+    from dictlens.sae.clt import CLT
+
+    if isinstance(d, CLT):
+        check_clt_model(d, run, lm)
+        return
+    check_model(d, run, lm, hook or hook_of(d, run))
+    if d.cfg.transcoder:
+        check_written(d, run, lm)
+
+
+def _replacement_model(job: EvalJob, sae: Dictionary, lm: Any, batches: list[Any]) -> dict[str, SpliceMetrics]:
     """The job's dictionary and its ``--replacement`` ones spliced in together (each checked against
     the model), without and with their error terms."""
-    from dictlens.eval.splice import dictionary_swap, splice_metrics, splice_reference
-    from dictlens.load import check_model, check_written, hook_of, load_sae
+    from dictlens.eval.splice import dictionary_swaps, splice_metrics, splice_reference
+    from dictlens.load import load_dictionary
 
-    others = [(run, load_sae(run)) for run in job.replacement]
+    others = [(run, load_dictionary(run)) for run in job.replacement]
     for run, other in others:
-        check_model(other, run, lm, hook_of(other, run))
-        if other.cfg.transcoder:
-            check_written(other, run, lm)
+        check_dictionary(other, run, lm)
     dictionaries = [sae] + [other for _, other in others]
-    swaps = [dictionary_swap(d) for d in dictionaries]
-    reference = splice_reference(lm, [s.writes for s in swaps], batches)
-    return {error: splice_metrics(lm, [dictionary_swap(d, error_term=error == "with_error") for d in dictionaries],
+    written = [s.writes for d in dictionaries for s in dictionary_swaps(d)]
+    reference = splice_reference(lm, written, batches)
+    return {error: splice_metrics(lm, [s for d in dictionaries
+                                       for s in dictionary_swaps(d, error_term=error == "with_error")],
                                   reference=reference)
             for error in ("without_error", "with_error")}

@@ -23,14 +23,15 @@ one computed in one batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
 from dictlens.errors import InputError
+from dictlens.sae.clt import Dictionary
 from dictlens.sae.kernels import Pattern
-from dictlens.sae.model import SAE
 
 DENSE_ABOVE = 0.1  # a feature active on more than this share of tokens counts as dense
 
@@ -53,10 +54,14 @@ class Metrics:
     relative_reconstruction_bias: float
     # per-feature count of tokens it fired on (not in to_dict: F numbers)
     feature_counts: torch.Tensor | None = field(default=None, repr=False)
+    # a dictionary that writes several hooks (a CLT's layers): each one's reconstruction, by hook
+    by_output: dict[str, dict[str, float]] | None = None
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("feature_counts")
+        if self.by_output is None:
+            d.pop("by_output")
         return d
 
     def feature_density(self) -> torch.Tensor:
@@ -147,14 +152,19 @@ Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]   # inputs, or (
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, batches: Iterable[Batch]) -> Metrics:
+def evaluate(sae: Dictionary, batches: Iterable[Batch], outputs: Sequence[str] | None = None) -> Metrics:
     """Metrics of ``sae`` on raw activation batches [B, D] (held out from training); a transcoder's
     batches are (inputs, targets) pairs, and its metrics are those of its prediction of the targets.
+    ``outputs``: the hooks its targets hold side by side (a CLT's layers), each then measured on its
+    own too (``Metrics.by_output``: FVU, explained variance, MSE, cosine of each).
 
     Features are ranked in float32, so the figures do not depend on the hardware's fast
     low-precision ranking (``select_dtype``).
     """
     stats = ReconstructionStats(sae.n_features)
+    parts = [ReconstructionStats() for _ in outputs or ()]
+    if parts and sae.d_out % len(parts):
+        raise InputError(f"evaluation: {sae.d_out} output columns do not split into {len(parts)} equal hooks")
     with sae.ranking("float32"):
         for batch in batches:
             x, y = batch if isinstance(batch, tuple) else (batch, None)
@@ -170,5 +180,13 @@ def evaluate(sae: SAE, batches: Iterable[Batch]) -> Metrics:
                 bad = int((~(torch.isfinite(x).all(dim=1) & torch.isfinite(target).all(dim=1))).sum())
                 raise InputError(f"evaluation data: {bad} rows hold NaN or Inf (after {stats.n} good tokens)")
             p, vals = sae.encode_sparse(x)
-            stats.update(target, sae.decode_sparse(p, vals, x), p, vals)
-    return stats.result()
+            pred = sae.decode_sparse(p, vals, x)
+            stats.update(target, pred, p, vals)
+            if parts:
+                for part, t, h in zip(parts, target.chunk(len(parts), 1), pred.chunk(len(parts), 1), strict=True):
+                    part.update(t, h)
+    m = stats.result()
+    if outputs:
+        m.by_output = {hook: {k: getattr(r, k) for k in ("fvu", "explained_variance", "mse", "cosine")}
+                       for hook, r in zip(outputs, (part.result() for part in parts), strict=True)}
+    return m

@@ -15,7 +15,9 @@ A transcoder writes another activation than it reads: its :class:`Swap` replaces
 (``mlp_out.L``) by its prediction from the MLP's input (``mlp_in.L``) of the same forward pass, and
 several swaps at once give the replacement model (every MLP replaced by its transcoder). With
 ``error_term`` the swap adds back what the transcoder misses in that pass (the model's own output
-minus the prediction), which leaves the logits as they were up to float rounding.
+minus the prediction), which leaves the logits as they were up to float rounding. A cross-layer
+transcoder is one swap per layer: layer j's MLP output becomes the sum of what the features of layers
+0..j write there, each layer's features read from that layer's MLP input in the same pass.
 
 Positions where ``keep`` is false (special tokens, padding) keep their clean activation
 and are not scored, as they were left out of training; so do positions whose activation
@@ -37,6 +39,7 @@ from dictlens.data.models import LoadedModel
 from dictlens.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
+    from dictlens.sae.clt import CLT, Dictionary
     from dictlens.sae.model import SAE
 
 
@@ -307,3 +310,60 @@ def dictionary_swap(sae: SAE, *, error_term: bool = False, reads: str | None = N
         raise InputError("splice: the dictionary's record names no hook it reads"
                          + (" or writes" if sae.cfg.transcoder else "") + "; give the hooks")
     return Swap(writes, sae_replacement(sae), reads if sae.cfg.transcoder else None, error_term)
+
+
+class _CLTPass:
+    """A cross-layer transcoder spliced into one forward pass, one swap per layer: layer j's swap encodes
+    layer j's MLP input, adds block j's writes to the pending predictions of layers j..L−1, and returns
+    layer j's. The model runs its layers in order, so layer 0's swap opens each pass; every block is
+    encoded once per pass (not once per layer it writes)."""
+
+    def __init__(self, clt: CLT):
+        self.clt = clt
+        self.pending: torch.Tensor | None = None
+        self.next = 0
+
+    def layer(self, j: int) -> Replace:
+        clt = self.clt
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            if j == 0:
+                self.pending, self.next = None, 0
+            if self.next != j:
+                raise InputError(f"splice: the cross-layer transcoder's layer {j} ran before its layer {self.next}: "
+                                 "the model must run its layers in order, each once per pass")
+            flat = x.reshape(-1, x.shape[-1]).float()
+            d = clt.cfg.d_out
+            if self.pending is None:
+                self.pending = torch.zeros(len(flat), clt.d_out, device=flat.device)
+            block = clt.block(j)
+            with block.ranking("float32"):
+                self.pending[:, j * d:] += block.decode_sparse(*block.encode_sparse(flat), flat)
+            self.next = j + 1
+            return self.pending[:, j * d:(j + 1) * d].reshape(*x.shape[:-1], d)
+        return predict
+
+
+def clt_swaps(clt: CLT, *, error_term: bool = False, reads: Sequence[str] | None = None,
+              writes: Sequence[str] | None = None) -> list[Swap]:
+    """The swaps that splice a cross-layer transcoder in: every MLP output of its layers replaced by
+    its prediction (hooks from its record unless given)."""
+    from dictlens.data.hooks import Wiring
+
+    if reads is None or writes is None:
+        if not clt.provenance.hook_in or not clt.provenance.hook_out:
+            raise InputError("splice: the cross-layer transcoder's record names no hooks; give them")
+        recorded = Wiring.of_record(clt.provenance.hook_in, clt.provenance.hook_out)
+        reads, writes = reads or recorded.reads, writes or recorded.writes
+    if len(reads) != clt.n_layers or len(writes) != clt.n_layers:
+        raise InputError(f"splice: a cross-layer transcoder over {clt.n_layers} layers reads and writes one hook "
+                         f"per layer, given {len(reads)} and {len(writes)}")
+    one_pass = _CLTPass(clt)
+    return [Swap(w, one_pass.layer(j), r, error_term) for j, (r, w) in enumerate(zip(reads, writes, strict=True))]
+
+
+def dictionary_swaps(d: Dictionary, *, error_term: bool = False) -> list[Swap]:
+    """The swaps that splice dictionary ``d`` where it belongs (one; a CLT's, one per layer)."""
+    from dictlens.sae.clt import CLT
+
+    return clt_swaps(d, error_term=error_term) if isinstance(d, CLT) else [dictionary_swap(d, error_term=error_term)]

@@ -35,7 +35,8 @@ def get(name: str) -> Format:
 
 def is_foreign(src: str | Path) -> bool:
     """Whether ``src`` is something other than a dictlens run directory."""
-    from dictlens.sae.model import CONFIG_FILE
+    from dictlens.sae.clt import FORMAT as CLT_FORMAT
+    from dictlens.sae.model import CONFIG_FILE, FORMAT
 
     if str(src).startswith((HF_PREFIX, "saelens:")):
         return True
@@ -45,7 +46,7 @@ def is_foreign(src: str | Path) -> bool:
     import json
 
     try:
-        return bool(json.loads(cfg.read_text()).get("format") != "dictlens-sae")
+        return bool(json.loads(cfg.read_text()).get("format") not in (FORMAT, CLT_FORMAT))
     except (ValueError, AttributeError):
         return True
 

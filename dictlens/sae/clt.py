@@ -288,10 +288,13 @@ class CLT(nn.Module):
         return clt.to(device=device).eval()
 
 
+Dictionary = SAE | CLT   # what reads activations and writes predictions: every kind dictlens trains
+
+
 def is_clt(path: str | Path) -> bool:
     """Whether ``path`` holds a dictlens CLT."""
     cfg = Path(path) / CONFIG_FILE
     return cfg.is_file() and read_json(cfg).get("format") == FORMAT
 
 
-__all__ = ["CLT", "CLT_FILE", "block_config", "is_clt"]
+__all__ = ["CLT", "CLT_FILE", "Dictionary", "block_config", "is_clt"]

@@ -42,6 +42,7 @@ from dictlens.sae.kernels import (
 from dictlens.sae.shard import LatentShard, initial_directions
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "sae.safetensors"
+FORMAT = "dictlens-sae"
 # Above this share of active pairs the sparse kernels lose to plain dense matmuls
 # (early ReLU training, before the penalty has bitten).
 SPARSE_KERNELS_BELOW = 0.05
@@ -354,7 +355,7 @@ class SAE(nn.Module):
 
         ``extra``: more top-level entries for ``config.json`` (the trainer adds its settings).
         """
-        return write_dictionary(path, WEIGHTS_FILE, "dictlens-sae", self.folded_state(), self.cfg, self.provenance,
+        return write_dictionary(path, WEIGHTS_FILE, FORMAT, self.folded_state(), self.cfg, self.provenance,
                                 extra)
 
     def load_state(self, state: dict[str, torch.Tensor], source: str) -> None:
@@ -397,7 +398,7 @@ class SAE(nn.Module):
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device | None = None) -> SAE:
         """Load an SAE saved by :meth:`save`; a damaged or foreign file is a clear error."""
-        cfg, provenance, state, weights = read_dictionary(path, WEIGHTS_FILE, "dictlens-sae", "SAE")
+        cfg, provenance, state, weights = read_dictionary(path, WEIGHTS_FILE, FORMAT, "SAE")
         sae = cls(cfg, device="cpu", provenance=provenance)
         sae.load_state(state, str(weights))
         return sae.to(device=device).eval()   # inference mode (BatchTopK: the threshold, not the batch)

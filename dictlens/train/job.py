@@ -17,10 +17,11 @@ if TYPE_CHECKING:
     from dictlens.data.hooks import Wiring
     from dictlens.data.store import HookSource
     from dictlens.eval.metrics import Metrics
-    from dictlens.sae.model import SAE
+    from dictlens.sae.clt import Dictionary
     from dictlens.train.trainer import Trainer
 
 METRICS = "metrics.json"
+ARCHS = ("auto", "clt")
 
 
 @dataclass(kw_only=True)
@@ -40,8 +41,10 @@ class TrainJob:
     writes: list[str] = field(default_factory=list, flag="--writes",
                               help="transcoders: the hook it writes (e.g. mlp_out.15), or a pattern")
     skip: bool = field(False, help="transcoders: add a learned affine skip connection (a skip transcoder)")
-    arch: str = field("auto", help="the kind of dictionary: auto (an SAE for --hook, a transcoder for --reads/"
-                                   "--writes); an activation's name (--arch topk) is taken as --activation")
+    arch: str = field("auto", help="the kind of dictionary: auto (an SAE for --hook, a transcoder for each pair "
+                                   "of --reads/--writes), clt (one cross-layer transcoder over every pair: each "
+                                   "layer's features write that layer and every later one); an activation's "
+                                   "name (--arch topk) is taken as --activation")
     model: str | None = field(None, help="model to stream from (with --text), or to check the cache against")
     text: str | None = field(None, help="text to stream through --model (instead of --acts)")
     text_field: str = field("text", help="field of .jsonl / column of .parquet")
@@ -82,9 +85,11 @@ class TrainJob:
             if not activations.get(self.arch).uses_k:
                 sae["k"] = None
             self.sae, self.arch = SAEConfig(**sae), "auto"
-        if self.arch != "auto":
-            raise ConfigError(f"arch: expected auto or an activation ({', '.join(activations.NAMES)}), "
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch: expected {', '.join(ARCHS)} or an activation ({', '.join(activations.NAMES)}), "
                               f"found {self.arch!r}")
+        if self.arch == "clt" and self.skip:
+            raise ConfigError("skip: a cross-layer transcoder has no skip connection (--arch clt without --skip)")
 
     def plan(self) -> tuple[HookSource, list[Wiring]]:
         """The data the job names (the cache's hooks read together, or one stream of every hook; each
@@ -101,7 +106,7 @@ class TrainJob:
             if not (self.hooks or self.reads) and len(available) > 1:
                 raise CacheError(f"{self.acts} holds hooks {available}: name the one to read (--hook), or "
                                  "several")
-            wires = (wirings(self.hooks, self.reads, self.writes, available, where=self.acts)
+            wires = (wirings(self.hooks, self.reads, self.writes, available, where=self.acts, arch=self.arch)
                      if self.hooks or self.reads else [Wiring.sae(h) for h in available])
             needed = list(dict.fromkeys(h for w in wires for h in w.hooks))
             missing = [h for h in needed if h not in available]
@@ -115,7 +120,8 @@ class TrainJob:
         from dictlens.data.models import load_model
 
         lm = load_model(self.model)
-        wires = wirings(self.hooks, self.reads, self.writes, list(named_hooks(lm.model)), where=lm.name)
+        wires = wirings(self.hooks, self.reads, self.writes, list(named_hooks(lm.model)), where=lm.name,
+                        arch=self.arch)
         needed = list(dict.fromkeys(h for w in wires for h in w.hooks))
         return StreamingSource(lm, needed, self.text, tokens=max(t.tokens for _, _, _, t in self.points(wires)),
                                context=self.context, text_field=self.text_field), wires
@@ -137,7 +143,9 @@ class TrainJob:
         for p in points:
             sae, train = p.configs(self.sae, self.train)
             wiring = by_name[p.hook]
-            if not wiring.autoencoder:
+            if wiring.cross_layer:   # (widths, k and --expansion per layer)
+                sae.update(transcoder=True, clt_layers=len(wiring.reads))
+            elif not wiring.autoencoder:
                 sae.update(transcoder=True, skip=self.skip or sae["skip"])
             elif self.skip:
                 raise ConfigError(f"skip: applies to transcoders (--reads and --writes), not to the SAE on {p.hook}")
@@ -151,7 +159,7 @@ class Trained:
     """What :func:`train_job` leaves for one SAE: the SAE (saved in ``out``), its trainer and, with
     held-out tokens, their metrics (saved as ``out/metrics.json``)."""
 
-    sae: SAE
+    sae: Dictionary
     trainer: Trainer
     out: Path
     metrics: Metrics | None
@@ -198,7 +206,8 @@ def train_job(job: TrainJob, *, progress: bool = True) -> list[Trained]:
                 wiring = wiring_of(key)
                 metrics = None
                 if heldout is not None and world.writes:
-                    metrics = evaluate(sae, wiring_batches(heldout, wiring))
+                    metrics = evaluate(sae, wiring_batches(heldout, wiring),
+                                       outputs=list(wiring.writes) if len(wiring.writes) > 1 else None)
                     atomic_write_json(Path(trainer.out or job.out) / METRICS, metrics.to_dict())
                 done.append(Trained(sae, trainer, Path(trainer.out or job.out), metrics, wiring.name))
         ok = True
