@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from dictlens.data.models import LoadedModel
     from dictlens.data.store import ActivationStore
     from dictlens.formats.base import ReadOptions
-    from dictlens.sae.clt import CLT, Dictionary
+    from dictlens.sae.clt import Dictionary
     from dictlens.sae.model import SAE
 
 
@@ -152,8 +152,8 @@ def load_sae(run: str | Path, device: str | torch.device | None = None, *, fmt: 
              opts: ReadOptions | None = None) -> SAE:
     """The SAE in ``run``: a dictlens run (its record converted if written by an older
     dictlens), or a dictionary in any format :mod:`dictlens.formats` reads (``fmt`` to insist
-    on one), local or ``hf://``. A cross-layer transcoder is refused by name (:func:`load_dictionary`
-    takes one)."""
+    on one), local or ``hf://``. A dictionary of several hooks (a cross-layer transcoder, a
+    crosscoder) is refused by name: :func:`load_dictionary` takes every kind."""
     from dictlens import formats
     from dictlens.sae.clt import is_clt
     from dictlens.sae.model import SAE
@@ -161,65 +161,86 @@ def load_sae(run: str | Path, device: str | torch.device | None = None, *, fmt: 
     if fmt or formats.is_foreign(run):
         return formats.read(run, fmt=fmt, opts=opts).to(device=device)
     if is_clt(run):
-        raise InputError(f"{run} holds a cross-layer transcoder: this command takes one-layer dictionaries "
+        raise InputError(f"{run} holds a cross-layer transcoder: this command takes one-hook dictionaries "
                          "(SAEs and transcoders); dictlens eval measures and splices a CLT")
-    return SAE.load(run, device=device)
+    sae = SAE.load(run, device=device)
+    if sae.cfg.crosscoder:
+        raise InputError(f"{run} holds a crosscoder over {sae.cfg.crosscoder} hooks: this command takes one-hook "
+                         "dictionaries (SAEs and transcoders); dictlens eval measures a crosscoder")
+    return sae
 
 
 def load_dictionary(run: str | Path, device: str | torch.device | None = None) -> Dictionary:
-    """The dictionary in ``run``, of any kind: a cross-layer transcoder, or what :func:`load_sae` loads."""
+    """The dictionary in ``run``, of any kind: an SAE, a transcoder, a crosscoder or a cross-layer transcoder."""
+    from dictlens import formats
     from dictlens.sae.clt import CLT, is_clt
+    from dictlens.sae.model import SAE
 
-    return CLT.load(run, device=device) if is_clt(run) else load_sae(run, device)
+    if formats.is_foreign(run):
+        return load_sae(run, device)
+    return CLT.load(run, device=device) if is_clt(run) else SAE.load(run, device=device)
 
 
-def clt_wiring(clt: CLT, run: str | Path) -> Wiring:
-    """The hooks a CLT reads and writes, one of each per layer, from its record."""
+def joint(d: Dictionary) -> int:
+    """How many hooks ``d`` reads side by side: a CLT's layers, a crosscoder's hooks (0: one hook)."""
+    return d.cfg.clt_layers or d.cfg.crosscoder
+
+
+def joint_wiring(d: Dictionary, run: str | Path) -> Wiring:
+    """The hooks a CLT or crosscoder reads and writes (one of each per layer; a crosscoder's the same
+    hooks), from its record."""
     from dictlens.data.hooks import Wiring
 
-    rec = clt.provenance
+    rec, n = d.provenance, joint(d)
     if not rec.hook_in or not rec.hook_out:
-        raise InputError(f"the cross-layer transcoder in {run} does not record the hooks it reads and writes")
+        raise InputError(f"the dictionary in {run} does not record the hooks it reads and writes")
     wiring = Wiring.of_record(rec.hook_in, rec.hook_out)
-    if len(wiring.reads) != clt.n_layers or len(wiring.writes) != clt.n_layers:
-        raise InputError(f"the cross-layer transcoder in {run} spans {clt.n_layers} layers but records "
-                         f"{len(wiring.reads)} read and {len(wiring.writes)} written hooks")
+    if len(wiring.reads) != n or len(wiring.writes) != n:
+        raise InputError(f"the dictionary in {run} spans {n} hooks but records {len(wiring.reads)} read and "
+                         f"{len(wiring.writes)} written")
     return wiring
 
 
-def check_clt_cache(clt: CLT, run: str | Path, acts: str | Path) -> tuple[Wiring, str]:
-    """The CLT's wiring and the cache's model, each of its hooks checked in cache ``acts`` (there, of its
-    model, of its width)."""
+def _joint_widths(d: Dictionary) -> tuple[int, int]:
+    """The width of each hook a CLT or crosscoder reads, and of each it writes."""
+    if d.cfg.crosscoder:
+        return (d.cfg.d_in // d.cfg.crosscoder,) * 2
+    return d.cfg.d_in, d.cfg.d_out
+
+
+def check_joint_cache(d: Dictionary, run: str | Path, acts: str | Path) -> tuple[Wiring, str]:
+    """A CLT's or crosscoder's wiring and the cache's model, each of its hooks checked in cache ``acts``
+    (there, of its model, of its width)."""
     from dictlens.data.store import ActivationStore
 
-    wiring = clt_wiring(clt, run)
+    wiring = joint_wiring(d, run)
     model = ""
-    for hooks, width, side in ((wiring.reads, clt.cfg.d_in, "reads"), (wiring.writes, clt.cfg.d_out, "writes")):
+    for hooks, width, side in zip((wiring.reads, wiring.writes), _joint_widths(d), ("reads", "writes"), strict=True):
         for hook in hooks:
             store = ActivationStore(acts, hook)
-            _check_cache_model(clt, run, store)
+            _check_cache_model(d, run, store)
             if store.d_in != width:
-                raise InputError(f"the cross-layer transcoder in {run} {side} width {width} at {hook}; the cache's "
-                                 f"{hook} has width {store.d_in}")
+                raise InputError(f"the dictionary in {run} {side} width {width} at {hook}; the cache's {hook} has "
+                                 f"width {store.d_in}")
             model = store.model
     return wiring, model
 
 
-def check_clt_model(clt: CLT, run: str | Path, lm: LoadedModel) -> Wiring:
-    """The CLT's wiring, checked against ``lm``: its model and tokenizer, and each hook's width."""
+def check_joint_model(d: Dictionary, run: str | Path, lm: LoadedModel) -> Wiring:
+    """A CLT's or crosscoder's wiring, checked against ``lm``: its model and tokenizer, each hook's width."""
     from dictlens.data.packing import tokenizer_fingerprint
     from dictlens.data.tap import Tap
 
-    model_of(clt, run, lm.name)
-    _check_tokenizer(clt, run, tokenizer_fingerprint(lm.tokenizer), lm.name)
-    wiring = clt_wiring(clt, run)
+    model_of(d, run, lm.name)
+    _check_tokenizer(d, run, tokenizer_fingerprint(lm.tokenizer), lm.name)
+    wiring = joint_wiring(d, run)
     probe = torch.tensor([[lm.tokenizer.eos_token_id or 0] * 2])
     found = Tap(lm, wiring.hooks)(probe)
-    for hooks, width, side in ((wiring.reads, clt.cfg.d_in, "reads"), (wiring.writes, clt.cfg.d_out, "writes")):
+    for hooks, width, side in zip((wiring.reads, wiring.writes), _joint_widths(d), ("reads", "writes"), strict=True):
         for hook in hooks:
             if int(found[hook].shape[-1]) != width:
-                raise InputError(f"{hook} of {lm.name} is {int(found[hook].shape[-1])} wide; the cross-layer "
-                                 f"transcoder in {run} {side} {width} there")
+                raise InputError(f"{hook} of {lm.name} is {int(found[hook].shape[-1])} wide; the dictionary in "
+                                 f"{run} {side} {width} there")
     return wiring
 
 

@@ -60,6 +60,11 @@ def print_by_output(m: Metrics) -> None:
     """Each written hook's FVU, for a dictionary that writes several (a CLT's layers)."""
     if m.by_output:
         print("  FVU by output: " + "  ".join(f"{hook} {r['fvu']:.4f}" for hook, r in m.by_output.items()))
+    shares = m.hook_shares
+    if shares:
+        only = "  ".join(f"{hook} {v:.1%}" for hook, v in shares["exclusive"].items())
+        print(f"  features ({shares['live_features']:,} live): shared by several hooks {shares['shared']:.1%}; "
+              f"exclusive to one ({shares['exclusive_at']:.0%} of the decoder norm there): {only}")
 
 
 def print_metrics(m: Metrics) -> None:

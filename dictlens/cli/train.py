@@ -18,7 +18,9 @@ def _train(job: TrainJob) -> int:
     done = train_job(job)
     for t in done:
         on = f" on {t.hook}" if len(done) > 1 else ""
-        kind = "cross-layer transcoder" if t.sae.cfg.clt_layers else "transcoder" if t.sae.cfg.transcoder else "SAE"
+        cfg = t.sae.cfg
+        kind = ("cross-layer transcoder" if cfg.clt_layers else "crosscoder" if cfg.crosscoder
+                else "transcoder" if cfg.transcoder else "SAE")
         print(f"trained {t.trainer.state.tokens:,} tokens in {t.trainer.state.step} steps{on}; {kind} saved to {t.out}")
         if t.metrics is not None:
             print_heldout(t.metrics)

@@ -178,6 +178,14 @@ class Wiring:
         return cls(tuple(reads), tuple(writes))
 
     @classmethod
+    def crosscoder(cls, hooks: list[str]) -> Wiring:
+        """One dictionary over several hooks at once, reconstructing each (a crosscoder)."""
+        if len(hooks) < 2:
+            raise HookError(f"a crosscoder reads several hooks at once (--hook A --hook B ...); found "
+                            f"{', '.join(hooks) or 'none'}")
+        return cls(tuple(hooks), tuple(hooks))
+
+    @classmethod
     def of_record(cls, hook_in: str, hook_out: str) -> Wiring:
         """The wiring a dictionary's provenance records (several hooks comma-joined)."""
         return cls(tuple(hook_in.split(",")), tuple(hook_out.split(",")))
@@ -186,6 +194,11 @@ class Wiring:
     def autoencoder(self) -> bool:
         """Whether it writes what it reads (an SAE)."""
         return self.reads == self.writes
+
+    @property
+    def joint(self) -> bool:
+        """Whether it is a crosscoder's (several hooks read and reconstructed together)."""
+        return self.autoencoder and len(self.reads) > 1
 
     @property
     def cross_layer(self) -> bool:
@@ -235,10 +248,16 @@ def wirings(hooks: list[str], reads: list[str], writes: list[str], available: li
     """The dictionaries that ``--hook`` (SAEs) and ``--reads`` / ``--writes`` (transcoders) name, patterns
     expanded against ``available`` (``expand_hooks``): the i-th hook ``--reads`` names is paired with the
     i-th ``--writes`` names (``--reads 'mlp_in.*' --writes 'mlp_out.*'``: one transcoder per layer).
-    ``arch`` ``clt``: one cross-layer transcoder over every pair instead."""
+    ``arch`` ``clt``: one cross-layer transcoder over every pair instead; ``crosscoder``: one dictionary
+    over every ``--hook``."""
     if bool(reads) != bool(writes):
         raise HookError("--reads and --writes go together: a transcoder reads one hook and writes another "
                         "(an SAE: --hook)")
+    if arch == "crosscoder":
+        if reads or writes:
+            raise HookError("--arch crosscoder reads and reconstructs the --hook hooks together; --reads/--writes "
+                            "name transcoders")
+        return [Wiring.crosscoder(expand_hooks(hooks, available, where=where))]
     if arch == "clt":
         if hooks or not reads:
             raise HookError("--arch clt reads --reads and writes --writes, one hook per layer each (--reads "

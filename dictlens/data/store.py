@@ -277,6 +277,39 @@ class ArraySource:
                                            buffer_rows=len(self.data), drop_last=drop_last))
 
 
+class ArrayHooks:
+    """In-memory arrays of several hooks, row i of each the same token: a :class:`HookSource` for the
+    Python API (a crosscoder's or CLT's hooks side by side from tensors in hand)."""
+
+    def __init__(self, arrays: dict[str, Any]):
+        self.views = {hook: ArraySource(a) for hook, a in arrays.items()}
+        if not self.views:
+            raise InputError("arrays: give at least one hook's activations")
+        lengths = {hook: len(v) for hook, v in self.views.items()}
+        if len(set(lengths.values())) > 1:
+            raise InputError(f"arrays: every hook holds the same tokens, found rows {lengths}")
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.views)
+
+    def view(self, hook: str) -> Source:
+        if hook not in self.views:
+            raise InputError(f"arrays hold no hook {hook!r} (they hold {', '.join(self.views)})")
+        return self.views[hook]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.views.values())))
+
+    def batches_by_hook(self, batch_size: int, *, shuffle: bool = True, seed: int = 0,
+                        drop_last: bool = False, part: tuple[int, int] = (0, 1)) -> Iterator[Rows]:
+        g = torch.Generator().manual_seed(seed)
+        rows = {hook: v.data for hook, v in self.views.items()}
+        for b in _shuffled_batches([rows], batch_size, shuffle=shuffle, generator=g, buffer_rows=len(self),
+                                   drop_last=drop_last):
+            yield {hook: x[part_rows(len(x), part)] for hook, x in b.items()}
+
+
 class StreamingSource:
     """Activations of one hook or several streamed from the model over a text, without touching disk.
 

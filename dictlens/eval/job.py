@@ -66,14 +66,21 @@ def eval_job(job: EvalJob) -> Evaluation:
     from dictlens.eval.metrics import evaluate
     from dictlens.eval.plots import density_histogram
     from dictlens.io import atomic_write_json
-    from dictlens.load import check_clt_cache, load_dictionary, model_of, open_cache, open_written, own_directory
+    from dictlens.load import (
+        check_joint_cache,
+        load_dictionary,
+        model_of,
+        open_cache,
+        open_written,
+        own_directory,
+    )
     from dictlens.sae.clt import CLT
 
     sae = load_dictionary(job.run)
-    if isinstance(sae, CLT):   # one hook read and one written per layer
+    if isinstance(sae, CLT) or sae.cfg.crosscoder:   # a CLT's hooks (one read, one written per layer), a crosscoder's
         if job.hook:
-            raise ConfigError("--hook: a cross-layer transcoder reads the hooks it records, one per layer")
-        wiring, cache_model = check_clt_cache(sae, job.run, job.acts)
+            raise ConfigError("--hook: a dictionary of several hooks reads the hooks it records")
+        wiring, cache_model = check_joint_cache(sae, job.run, job.acts)
         hook = ",".join(wiring.reads)
     else:
         store = open_cache(sae, job.run, job.acts, job.hook)
@@ -100,7 +107,8 @@ def eval_job(job: EvalJob) -> Evaluation:
         lm = load_model(model_name)
         check_dictionary(sae, job.run, lm, hook)
         batches = job.splice.batches(lm)
-        swaps = dictionary_swaps(sae) if isinstance(sae, CLT) else [dictionary_swap(sae, reads=hook)]
+        swaps = (dictionary_swaps(sae) if isinstance(sae, CLT) or sae.cfg.crosscoder
+                 else [dictionary_swap(sae, reads=hook)])
         spliced = splice_metrics(lm, swaps, batches=batches, max_norm=sae.provenance.outlier_limit)
         record["spliced"] = {"model": model_name, "text": job.splice.splice_text,
                              "writes": ",".join(s.writes for s in swaps),
@@ -116,11 +124,11 @@ def eval_job(job: EvalJob) -> Evaluation:
 
 def check_dictionary(d: Dictionary, run: str | Path, lm: Any, hook: str | None = None) -> None:
     """Refuse a model that is not the dictionary's (by name, tokenizer, and the widths of its hooks)."""
-    from dictlens.load import check_clt_model, check_model, check_written, hook_of
+    from dictlens.load import check_joint_model, check_model, check_written, hook_of
     from dictlens.sae.clt import CLT
 
-    if isinstance(d, CLT):
-        check_clt_model(d, run, lm)
+    if isinstance(d, CLT) or d.cfg.crosscoder:
+        check_joint_model(d, run, lm)
         return
     check_model(d, run, lm, hook or hook_of(d, run))
     if d.cfg.transcoder:

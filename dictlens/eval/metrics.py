@@ -32,6 +32,7 @@ import torch
 from dictlens.errors import InputError
 from dictlens.sae.clt import Dictionary
 from dictlens.sae.kernels import Pattern
+from dictlens.sae.model import SAE
 
 DENSE_ABOVE = 0.1  # a feature active on more than this share of tokens counts as dense
 
@@ -56,12 +57,15 @@ class Metrics:
     feature_counts: torch.Tensor | None = field(default=None, repr=False)
     # a dictionary that writes several hooks (a CLT's layers): each one's reconstruction, by hook
     by_output: dict[str, dict[str, float]] | None = None
+    # a crosscoder's: how its live features divide among its hooks (:func:`hook_shares`)
+    hook_shares: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("feature_counts")
-        if self.by_output is None:
-            d.pop("by_output")
+        for key in ("by_output", "hook_shares"):
+            if d[key] is None:
+                d.pop(key)
         return d
 
     def feature_density(self) -> torch.Tensor:
@@ -189,4 +193,38 @@ def evaluate(sae: Dictionary, batches: Iterable[Batch], outputs: Sequence[str] |
     if outputs:
         m.by_output = {hook: {k: getattr(r, k) for k in ("fvu", "explained_variance", "mse", "cosine")}
                        for hook, r in zip(outputs, (part.result() for part in parts), strict=True)}
+        if isinstance(sae, SAE) and sae.cfg.crosscoder == len(outputs):
+            m.hook_shares = hook_shares(sae, outputs, m.feature_counts)
     return m
+
+
+EXCLUSIVE_AT = 0.9   # a feature with this share of its decoder norm in one hook is exclusive to that hook
+
+
+def relative_norms(sae: SAE) -> torch.Tensor:
+    """A crosscoder's share of each feature's decoder norm in each hook [F, H] (rows sum to 1; trained
+    units, so a hook's raw size does not tilt it): 1/H for a feature written to every hook alike, near 1
+    in one hook for a feature only that hook has."""
+    norms = sae.hook_decoder_norms().float().cpu()
+    return norms / norms.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def hook_shares(sae: SAE, hooks: Sequence[str], counts: torch.Tensor | None = None) -> dict[str, Any]:
+    """How a crosscoder's live features (those that fired on the evaluated tokens, ``counts``; all of
+    them without) divide among its hooks: the share exclusive to each hook (at least ``EXCLUSIVE_AT`` of
+    the feature's decoder norm there) and the share shared by several; for two hooks also the
+    histogram of the first hook's relative norm (20 bins over [0, 1]), the figure of model diffing."""
+    rel = relative_norms(sae)
+    if rel.shape[1] != len(hooks):
+        raise InputError(f"hook shares: the crosscoder writes {rel.shape[1]} hooks, {len(hooks)} named")
+    alive = counts.cpu() > 0 if counts is not None else torch.ones(len(rel), dtype=torch.bool)
+    n = int(alive.sum())
+    top, which = rel.max(1)
+    exclusive = alive & (top >= EXCLUSIVE_AT)
+    out: dict[str, Any] = {
+        "live_features": n, "exclusive_at": EXCLUSIVE_AT,
+        "shared": float((alive & ~exclusive).sum()) / max(1, n),
+        "exclusive": {h: float((exclusive & (which == i)).sum()) / max(1, n) for i, h in enumerate(hooks)}}
+    if len(hooks) == 2:
+        out["relative_norm_histogram"] = [int(c) for c in torch.histc(rel[alive, 0], bins=20, min=0, max=1)]
+    return out

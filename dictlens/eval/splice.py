@@ -366,4 +366,9 @@ def dictionary_swaps(d: Dictionary, *, error_term: bool = False) -> list[Swap]:
     """The swaps that splice dictionary ``d`` where it belongs (one; a CLT's, one per layer)."""
     from dictlens.sae.clt import CLT
 
-    return clt_swaps(d, error_term=error_term) if isinstance(d, CLT) else [dictionary_swap(d, error_term=error_term)]
+    if isinstance(d, CLT):
+        return clt_swaps(d, error_term=error_term)
+    if d.cfg.crosscoder:
+        raise InputError("splice: a crosscoder's reconstruction of each hook reads every hook, later ones too, so it "
+                         "cannot replace them in one forward pass; measure it without splicing")
+    return [dictionary_swap(d, error_term=error_term)]

@@ -119,6 +119,8 @@ def write(sae: SAE, out: str | Path, to: str, *, overwrite: bool = False) -> lis
     f = get(to)
     if not f.writes:
         raise FormatError(f"{f.name}: dictlens reads this format but does not write it")
+    if sae.cfg.crosscoder:
+        raise FormatError(f"{f.name}: holds dictionaries of one hook; this crosscoder reads {sae.cfg.crosscoder}")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out} is not empty: choose another --out, or pass --overwrite")

@@ -29,6 +29,9 @@ class SAEConfig:
     skip: bool = field(False, help="transcoders: add a learned affine skip connection W_skip x (a skip transcoder)")
     clt_layers: int = field(0, help="a cross-layer transcoder over this many consecutive layers (0: one layer); "
                                     "d_in, d_out, n_features and k are then per layer", cli=False)
+    crosscoder: int = field(0, help="a crosscoder over this many hooks side by side (0: one hook): d_in is every "
+                                    "hook's width together, each hook scaled on its own in training, and "
+                                    "--expansion counts features per dimension of one hook", cli=False)
     expansion: float = field(16.0, help="features per input dimension (F = expansion × D)")
     n_features: int = field(0, help="number of features F (overrides --expansion when > 0; set from "
                                     "expansion × d_in once d_in is known)")
@@ -80,8 +83,18 @@ class SAEConfig:
         check(self.expansion > 0, "expansion", "a positive number", self.expansion)
         check(self.n_features >= 0, "n_features", "a positive count", self.n_features)
         check(self.d_in >= 0, "d_in", "a positive width", self.d_in)
+        check(self.crosscoder >= 0, "crosscoder", "a hook count >= 0", self.crosscoder)
+        if self.crosscoder:
+            for name, why in (("transcoder", "a crosscoder reconstructs the hooks it reads"),
+                              ("tied", "its decoder is rescaled per hook when saved, its encoder is not"),
+                              ("clt_layers", "a cross-layer transcoder is another kind")):
+                if getattr(self, name):
+                    raise ConfigError(f"{name}: not for a crosscoder ({why})")
+            if self.d_in % self.crosscoder:
+                raise ConfigError(f"d_in: a crosscoder over {self.crosscoder} hooks of one width; {self.d_in} "
+                                  "columns do not split evenly")
         if self.d_in and not self.n_features:  # F is resolved as soon as D is known: one name, n_features
-            self.n_features = max(1, round(self.expansion * self.d_in))
+            self.n_features = max(1, round(self.expansion * self.d_in / max(1, self.crosscoder)))
         if self.uses_k and self.k is None:
             self.k = 32
         if not self.uses_k and self.k is not None:

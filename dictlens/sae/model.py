@@ -67,6 +67,7 @@ class SAE(nn.Module):
 
     input_scale: torch.Tensor
     output_scale: torch.Tensor   # transcoders only
+    hook_scale: torch.Tensor   # crosscoders only
     W_skip: nn.Parameter   # skip transcoders only
     # owned by one activation each (registered by it): BatchTopK, JumpReLU, Gated
     threshold: torch.Tensor
@@ -110,7 +111,10 @@ class SAE(nn.Module):
         if cfg.skip:   # a skip transcoder's affine skip connection, from zero (Paulo et al. 2025)
             self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, D))
         self.activation.add_parameters(self)
-        self.register_buffer("input_scale", torch.tensor(1.0))
+        # a crosscoder's: one scale per hook, over its columns [D] (every column of a hook the same)
+        self.register_buffer("input_scale", torch.ones(cfg.d_in) if cfg.crosscoder else torch.tensor(1.0))
+        if cfg.crosscoder:   # each hook's training scale, kept when the scales are folded (its normalised units)
+            self.register_buffer("hook_scale", torch.ones(cfg.crosscoder))
         if cfg.transcoder:   # what its target was multiplied by in training (an SAE's is its input's)
             self.register_buffer("output_scale", torch.tensor(1.0))
         self.to(device=device)
@@ -157,6 +161,25 @@ class SAE(nn.Module):
     def decoder_norms(self) -> torch.Tensor:
         """‖W_dec[f]‖ for every feature [F]."""
         norms: torch.Tensor = self.W_dec.norm(dim=1)
+        return norms
+
+    def penalty_norms(self) -> torch.Tensor:
+        """What a sparsity penalty weights each feature's code by [F], with gradient: ‖W_dec[f]‖, and a
+        crosscoder's Σ_h ‖W_dec[f, hook h]‖ (Lindsey et al. 2024: a feature pays for every hook it writes,
+        so writing one hook is cheaper than spreading over all)."""
+        if not self.cfg.crosscoder:
+            return self.decoder_norms()
+        norms: torch.Tensor = self.W_dec.view(self.W_dec.shape[0], self.cfg.crosscoder, -1).norm(dim=2).sum(1)
+        return norms
+
+    def hook_decoder_norms(self) -> torch.Tensor:
+        """A crosscoder's ‖W_dec[f, hook h's columns]‖ for every feature and hook [F, H], in the units it
+        was trained in (every hook scaled to one typical norm), so that a feature writing two hooks alike
+        has equal norms there whatever their raw sizes."""
+        hooks = max(1, self.cfg.crosscoder)
+        norms: torch.Tensor = self.W_dec.detach().view(self.W_dec.shape[0], hooks, -1).norm(dim=2)
+        if self.cfg.crosscoder and bool((self.input_scale == 1).all()):   # saved: its scales folded in
+            norms = norms * (self.hook_scale / self.hook_scale.mean())
         return norms
 
     def feature_directions(self) -> torch.Tensor:
@@ -246,7 +269,13 @@ class SAE(nn.Module):
         with torch.no_grad():
             codes = self.encode_codes(x_BD * self.input_scale)
         keep = codes.vals > 0
-        return codes.pattern.subset(keep), codes.vals[keep] / self.target_scale
+        return codes.pattern.subset(keep), codes.vals[keep] / self.code_scale
+
+    @property
+    def code_scale(self) -> torch.Tensor:
+        """What raw codes are the trained ones divided by: the target's scale, a crosscoder's mean hook
+        scale (its saved form's codes: :meth:`folded_state`)."""
+        return self.input_scale.mean() if self.cfg.crosscoder else self.target_scale
 
     @contextmanager
     def ranking(self, select_dtype: str) -> Iterator[SAE]:
@@ -273,6 +302,8 @@ class SAE(nn.Module):
         adds its skip connection of the raw inputs ``x_BD`` when given (the dictionary's part alone
         without them)."""
         with torch.no_grad():
+            if self.cfg.crosscoder:   # (scales per column: decoded in trained units, then brought back)
+                return self.decode_values(vals * self.code_scale, p, bias=self.b_dec) / self.input_scale
             out = self.decode_values(vals, p, bias=self.b_dec / self.target_scale)
             skip = self.raw_skip(x_BD)
             return out if skip is None else out + skip
@@ -288,6 +319,8 @@ class SAE(nn.Module):
         of the raw inputs ``x_BD`` when given."""
         if f_BF.ndim != 2 or f_BF.shape[1] != self.n_features:
             raise InputError(f"SAE codes: expected [batch, {self.n_features}], found {list(f_BF.shape)}")
+        if self.cfg.crosscoder:
+            return (f_BF * self.code_scale @ self.W_dec + self.b_dec) / self.input_scale
         out = f_BF @ self.W_dec + self.b_dec / self.target_scale
         skip = self.raw_skip(x_BD)
         return out if skip is None else out + skip
@@ -335,9 +368,23 @@ class SAE(nn.Module):
         """Weights with the training scales folded in: the saved SAE reads raw activations and writes
         raw ones, its decoder rows unchanged. Codes come out divided by the target's scale s_out, so
         the encoder (and a skip) take the ratio s_in / s_out (1 for an SAE) and the biases and
-        thresholds are divided by s_out."""
-        s_in, s_out = float(self.input_scale), float(self.target_scale)
+        thresholds are divided by s_out.
+
+        A crosscoder's scales are per hook (vectors over the columns): codes come out divided by their
+        mean c, the encoder's columns take s / c, the decoder's c / s (so a hook scaled
+        up in training is written back at its own size) and the decoder bias ÷ s."""
         state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        if self.cfg.crosscoder:
+            s = self.input_scale.detach()
+            c = float(s.mean())
+            state["W_enc_"] *= s / c
+            state["W_dec"] *= c / s
+            state["b_enc"] /= c
+            state["b_dec"] /= s
+            self.activation.fold_scale(state, c)
+            state["input_scale"] = torch.ones_like(s)
+            return state
+        s_in, s_out = float(self.input_scale), float(self.target_scale)
         if s_in != s_out:   # (a transcoder's: an SAE, possibly tied, reads and writes in one scale)
             state["W_enc_"] *= s_in / s_out
             if self.cfg.skip:
@@ -386,6 +433,14 @@ class SAE(nn.Module):
 
     def set_scales(self, inputs: list[float], output: float) -> None:
         """The training scales: the input's (one per read hook) and the target's."""
+        if self.cfg.crosscoder:
+            if len(inputs) != self.cfg.crosscoder:
+                raise ConfigError(f"a crosscoder over {self.cfg.crosscoder} hooks takes one input scale each, "
+                                  f"found {len(inputs)}")
+            scales = torch.tensor(inputs, dtype=torch.float32, device=self.input_scale.device)
+            self.hook_scale.copy_(scales)
+            self.input_scale.copy_(scales.repeat_interleave(self.cfg.d_in // self.cfg.crosscoder))
+            return
         self.input_scale.fill_(inputs[0])
         if self.cfg.transcoder:
             self.output_scale.fill_(output)

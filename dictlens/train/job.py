@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from dictlens.train.trainer import Trainer
 
 METRICS = "metrics.json"
-ARCHS = ("auto", "clt")
+ARCHS = ("auto", "clt", "crosscoder")
 
 
 @dataclass(kw_only=True)
@@ -43,7 +43,8 @@ class TrainJob:
     skip: bool = field(False, help="transcoders: add a learned affine skip connection (a skip transcoder)")
     arch: str = field("auto", help="the kind of dictionary: auto (an SAE for --hook, a transcoder for each pair "
                                    "of --reads/--writes), clt (one cross-layer transcoder over every pair: each "
-                                   "layer's features write that layer and every later one); an activation's "
+                                   "layer's features write that layer and every later one), "
+                                   "crosscoder (one dictionary over every --hook, each reconstructed); an activation's "
                                    "name (--arch topk) is taken as --activation")
     model: str | None = field(None, help="model to stream from (with --text), or to check the cache against")
     text: str | None = field(None, help="text to stream through --model (instead of --acts)")
@@ -107,7 +108,7 @@ class TrainJob:
                 raise CacheError(f"{self.acts} holds hooks {available}: name the one to read (--hook), or "
                                  "several")
             wires = (wirings(self.hooks, self.reads, self.writes, available, where=self.acts, arch=self.arch)
-                     if self.hooks or self.reads else [Wiring.sae(h) for h in available])
+                     if self.hooks or self.reads or self.arch != "auto" else [Wiring.sae(h) for h in available])
             needed = list(dict.fromkeys(h for w in wires for h in w.hooks))
             missing = [h for h in needed if h not in available]
             if missing:
@@ -145,6 +146,8 @@ class TrainJob:
             wiring = by_name[p.hook]
             if wiring.cross_layer:   # (widths, k and --expansion per layer)
                 sae.update(transcoder=True, clt_layers=len(wiring.reads))
+            elif wiring.joint:
+                sae.update(crosscoder=len(wiring.reads))
             elif not wiring.autoencoder:
                 sae.update(transcoder=True, skip=self.skip or sae["skip"])
             elif self.skip:

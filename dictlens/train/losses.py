@@ -85,7 +85,7 @@ def sparsity(sae: SAE, codes: Codes, penalty: str, weighted: bool) -> torch.Tens
         return sae.activation.l0_surrogate(codes) / b
     vals = sae.activation.sparsity_values(codes)
     if weighted and penalty in ("l1", "tanh", "smooth_l0"):
-        vals = vals * sae.decoder_norms()[codes.pattern.cols]
+        vals = vals * sae.penalty_norms()[codes.pattern.cols]
     if penalty == "l1":
         return vals.sum() / b
     if penalty == "tanh":

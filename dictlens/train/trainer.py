@@ -157,9 +157,9 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def _same_widths(widths: list[int]) -> None:
+def _same_widths(widths: list[int], kind: str) -> None:
     if len(set(widths)) > 1:
-        raise InputError(f"a cross-layer transcoder's hooks must share one width; found widths {sorted(set(widths))}")
+        raise InputError(f"a {kind}'s hooks must share one width; found widths {sorted(set(widths))}")
 
 
 class Trainer:
@@ -178,10 +178,16 @@ class Trainer:
             if src is not None and layers > 1 and len(getattr(src, "parts", ())) != layers:
                 raise InputError(f"{what}: a cross-layer transcoder over {layers} layers reads {layers} hooks side by "
                                  f"side (a Joined source), found {len(getattr(src, 'parts', ())) or 1}")
+        if sae_cfg.crosscoder and len(getattr(source, "parts", ())) != sae_cfg.crosscoder:
+            raise InputError(f"source: a crosscoder over {sae_cfg.crosscoder} hooks reads them side by side (a Joined "
+                             f"source), found {len(getattr(source, 'parts', ())) or 1}")
+        if sae_cfg.crosscoder and target is not None:
+            raise ConfigError("target: a crosscoder reconstructs the hooks it reads; it has no other target")
         d = int(source.d_in) // layers
-        if layers > 1:
+        if layers > 1 or sae_cfg.crosscoder:
             _same_widths([int(p.d_in) for p in getattr(source, "parts", [])]
-                         + [int(p.d_in) for p in getattr(target, "parts", [])])
+                         + [int(p.d_in) for p in getattr(target, "parts", [])], "crosscoder" if sae_cfg.crosscoder
+                         else "cross-layer transcoder")
         if sae_cfg.d_in and sae_cfg.d_in != d:
             raise InputError(f"d_in: the SAE expects width {sae_cfg.d_in}, the activations have width {d}")
         if sae_cfg.transcoder and target is None:
@@ -288,11 +294,11 @@ class Trainer:
         reads = list(getattr(self.source, "parts", [self.source]))
         writes = list(getattr(self.target, "parts", [self.target])) if self.target is not None else reads
         self.sae.set_scales([self._scale([p]) for p in reads], self._scale(writes))
-        scale = float(self.sae.target_scale)
+        scale = self.sae.target_scale   # (a crosscoder's: per column)
         if self.cfg.b_dec_init == "zero":
             return
         sample = sample_rows()
-        sample = sample[torch.isfinite(sample).all(dim=1)].to(self.device) * scale
+        sample = sample[torch.isfinite(sample).all(dim=1)].to(self.device) * scale.to(self.device)
         init = sample.mean(0) if self.cfg.b_dec_init == "mean" else geometric_median(sample)
         self.sae.init_decoder_bias(init)
 
@@ -591,8 +597,9 @@ class Trainer:
                 record = record.replace(hook_out=written().hook_out if written is not None else None)
             record = record.replace(output_scale=float(self.sae.target_scale))
         scales = self.sae.input_scale.reshape(-1)
-        if self.sae_cfg.clt_layers:   # (one per layer: in the notes; the record's field is their mean)
-            per_layer = scales.view(self.sae_cfg.clt_layers, -1)[:, 0]
+        parts = self.sae_cfg.clt_layers or self.sae_cfg.crosscoder
+        if parts:   # (one per layer or hook: in the notes; the record's field is their mean)
+            per_layer = scales.view(parts, -1)[:, 0]
             record = record.replace(notes={**record.notes, "input_scales": [float(s) for s in per_layer]})
         self.sae.provenance = record.replace(normalization=self.sae_cfg.normalize,
                                              input_scale=float(scales.mean()))

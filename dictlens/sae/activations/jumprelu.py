@@ -117,4 +117,4 @@ def pre_activation_loss(sae: SAE, x: torch.Tensor) -> torch.Tensor:
     x_c = sae.centring(x)[0]
     z = x_c @ sae.W_enc.T + sae.b_enc
     theta = sae.log_threshold.exp()
-    return ((theta - z).relu() * sae.decoder_norms()).sum(1).mean()
+    return ((theta - z).relu() * sae.penalty_norms()).sum(1).mean()
