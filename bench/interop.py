@@ -75,71 +75,118 @@ def _dense(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- SAELens -------------------------------------------------------------------------
 def saelens() -> None:
-    import sae_lens
 
     kinds = {"standard": ("StandardSAE", "StandardSAEConfig", {}), "topk": ("TopKSAE", "TopKSAEConfig", {"k": K}),
              "jumprelu": ("JumpReLUSAE", "JumpReLUSAEConfig", {}), "gated": ("GatedSAE", "GatedSAEConfig", {})}
     for kind, (cls_name, cfg_name, extra) in kinds.items():
-        def theirs_to_ours(tmp: Path, cls_name: str = cls_name, cfg_name: str = cfg_name, extra: dict = extra
-                           ) -> tuple[torch.Tensor, ...]:
-            cfg = getattr(sae_lens, cfg_name)(d_in=D, d_sae=F, **extra)
-            sae = getattr(sae_lens, cls_name)(cfg)
-            _perturb(sae, ("b_enc", "b_dec", "b_gate", "b_mag", "r_mag", "W_enc", "W_dec"))
-            if hasattr(sae, "threshold"):
-                with torch.no_grad():
-                    sae.threshold.fill_(0.2)
-            sae.save_model(str(tmp))
-            x = _x()
-            with torch.no_grad():
-                f = sae.encode(x)
-                xh = sae.decode(f)
-            of, ox = _dense(read(tmp), x)
-            return f, of, xh, ox
-        _record("sae-lens", "theirs → dictlens", kind, theirs_to_ours)
+        _record("sae-lens", "theirs → dictlens", kind,
+                lambda tmp, c=cls_name, n=cfg_name, e=extra: _saelens_made(tmp, c, n, e, whole=False))
     for activation in ("relu", "topk", "jumprelu", "batchtopk", "gated"):
-        def ours_to_theirs(tmp: Path, activation: str = activation) -> tuple[torch.Tensor, ...]:
-            ours = _ours(activation, k=K if activation in ("topk", "batchtopk") else None)
-            write(ours, tmp / "sl", "saelens")
-            sae = sae_lens.SAE.load_from_disk(str(tmp / "sl"))
-            x = _x()
-            with torch.no_grad():
-                f = sae.encode(x)
-                of, ox = _dense(ours, x)
-                return f, of, sae.decode(f), ox
-        _record("sae-lens", "dictlens → theirs", activation, ours_to_theirs)
+        _record("sae-lens", "dictlens → theirs", activation, lambda tmp, a=activation: _saelens_loaded(
+            tmp, _ours(a, k=K if a in ("topk", "batchtopk") else None), whole=False))
+
+
+def _saelens_made(tmp: Path, cls_name: str, cfg_name: str, cfg: dict[str, object], *, whole: bool
+                  ) -> tuple[torch.Tensor, ...]:
+    """A SAELens class built by SAELens (parameters moved off their defaults), saved with its own code and read
+    here; the output compared is its decode of its codes, or (``whole``: a transcoder, skip included) its forward."""
+    import sae_lens
+
+    sae = getattr(sae_lens, cls_name)(getattr(sae_lens, cfg_name)(d_in=D, d_sae=F, **cfg))
+    _perturb(sae, ("b_enc", "b_dec", "b_gate", "b_mag", "r_mag", "W_enc", "W_dec", "W_skip"))
+    if hasattr(sae, "threshold"):
+        with torch.no_grad():
+            sae.threshold.fill_(0.2)
+    sae.save_model(str(tmp))
+    x = _x()
+    with torch.no_grad():
+        f = sae.encode(x)
+        out = sae(x) if whole else sae.decode(f)
+    of, ox = _dense(read(tmp), x)
+    return f, of, out, ox
+
+
+def _saelens_loaded(tmp: Path, ours: SAE, *, whole: bool) -> tuple[torch.Tensor, ...]:
+    """``ours`` written in SAELens's layout and loaded by SAELens's own loader."""
+    import sae_lens
+
+    write(ours, tmp / "sl", "saelens")
+    sae = sae_lens.SAE.load_from_disk(str(tmp / "sl"))
+    x = _x()
+    with torch.no_grad():
+        f = sae.encode(x)
+        of, ox = _dense(ours, x)
+        return f, of, sae(x) if whole else sae.decode(f), ox
 
 
 # ---- sparsify -----------------------------------------------------------------------------
 def sparsify() -> None:
+    """sparsify's TopK SAEs and transcoders (``transcode=True``, with and without ``skip_connection``) both
+    ways; a transcoder's prediction is its decode plus ``x @ W_skipᵀ``."""
     from sparsify import SparseCoder, SparseCoderConfig
 
-    def dense(sc: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(sc: object, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = sc.encode(x)   # type: ignore[attr-defined]
         f = torch.zeros(len(x), F).scatter(1, out.top_indices, out.top_acts)
-        return f, sc.decode(out.top_acts, out.top_indices)   # type: ignore[attr-defined]
+        y = sc.decode(out.top_acts, out.top_indices)   # type: ignore[attr-defined]
+        W_skip = getattr(sc, "W_skip", None)
+        return f, y if W_skip is None else y + x @ W_skip.mT
 
-    def theirs_to_ours(tmp: Path) -> tuple[torch.Tensor, ...]:
-        sc = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K), device="cpu")
-        _perturb(sc, ("encoder.bias", "b_dec"))
-        sc.save_to_disk(tmp / "layers.3")
-        x = _x()
-        with torch.no_grad():
-            f, xh = dense(sc, x)
-        of, ox = _dense(read(tmp / "layers.3"), x)
-        return f, of, xh, ox
+    for kind, point, extra in (("topk", "layers.3", {}), ("topk transcoder", "layers.3.mlp", {"transcode": True}),
+                               ("topk transcoder + skip", "layers.3.mlp",
+                                {"transcode": True, "skip_connection": True})):
+        def theirs_to_ours(tmp: Path, point: str = point, extra: dict = extra) -> tuple[torch.Tensor, ...]:
+            sc = SparseCoder(D, SparseCoderConfig(num_latents=F, k=K, **extra), device="cpu")
+            _perturb(sc, ("encoder.bias", "b_dec", "W_skip"))
+            sc.save_to_disk(tmp / point)
+            x = _x()
+            with torch.no_grad():
+                f, y = predict(sc, x)
+            of, oy = _dense(read(tmp / point), x)
+            return f, of, y, oy
 
-    def ours_to_theirs(tmp: Path) -> tuple[torch.Tensor, ...]:
-        ours = _ours("topk", k=K)
-        files = write(ours, tmp, "sparsify")
-        sc = SparseCoder.load_from_disk(files[0].parent, device="cpu")
-        x = _x()
-        with torch.no_grad():
-            f, xh = dense(sc, x)
-        of, ox = _dense(ours, x)
-        return f, of, xh, ox
+        def ours_to_theirs(tmp: Path, extra: dict = extra) -> tuple[torch.Tensor, ...]:
+            ours = (_our_transcoder("topk", bool(extra.get("skip_connection")), D) if extra.get("transcode")
+                    else _ours("topk", k=K))
+            files = write(ours, tmp, "sparsify")
+            sc = SparseCoder.load_from_disk(files[0].parent, device="cpu")
+            x = _x()
+            with torch.no_grad():
+                f, y = predict(sc, x)
+            of, oy = _dense(ours, x)
+            return f, of, y, oy
 
-    _record("eai-sparsify", "theirs → dictlens", "topk", theirs_to_ours)
-    _record("eai-sparsify", "dictlens → theirs", "topk", ours_to_theirs)
+        _record("eai-sparsify", "theirs → dictlens", kind, theirs_to_ours)
+        _record("eai-sparsify", "dictlens → theirs", kind, ours_to_theirs)
+
+
+# ---- transcoders -----------------------------------------------------------------------------
+D_OUT = 48   # a transcoder's output width (SAELens allows another; sparsify's is its input's)
+
+
+def _our_transcoder(activation: str, skip: bool, d_out: int) -> SAE:
+    tc = SAE(SAEConfig(d_in=D, n_features=F, activation=activation, k=K if activation == "topk" else None,
+                       transcoder=True, d_out=d_out, skip=skip), seed=3,
+             provenance=Provenance(model="gpt2", hook_in="mlp_in.3", hook_out="mlp_out.3", context=128))
+    _perturb(tc, ("b_enc", "b_dec", "W_skip"))
+    with torch.no_grad():
+        if activation == "jumprelu":
+            tc.log_threshold.fill_(-1.5)
+    return tc.eval()
+
+
+def saelens_transcoders() -> None:
+    """SAELens's four transcoder classes written by SAELens and read here; dictlens's written and loaded there.
+    Reconstructions are the full predictions (the skip included: SAELens's forward)."""
+    kinds = {"transcoder": ("Transcoder", "TranscoderConfig"), "skip_transcoder": ("SkipTranscoder",
+             "SkipTranscoderConfig"), "jumprelu_transcoder": ("JumpReLUTranscoder", "JumpReLUTranscoderConfig"),
+             "jumprelu_skip_transcoder": ("JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig")}
+    for kind, (cls_name, cfg_name) in kinds.items():
+        _record("sae-lens", "theirs → dictlens", kind,
+                lambda tmp, c=cls_name, n=cfg_name: _saelens_made(tmp, c, n, {"d_out": D_OUT}, whole=True))
+    for activation, skip in (("relu", False), ("relu", True), ("jumprelu", False), ("jumprelu", True)):
+        _record("sae-lens", "dictlens → theirs", f"{activation} transcoder{' + skip' if skip else ''}",
+                lambda tmp, a=activation, s=skip: _saelens_loaded(tmp, _our_transcoder(a, s, D_OUT), whole=True))
 
 
 # ---- dictionary_learning --------------------------------------------------------------------
@@ -198,7 +245,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--heldout", type=int, default=16384)
     args = p.parse_args()
-    for lib in (saelens, sparsify, dictionary_learning):
+    for lib in (saelens, sparsify, dictionary_learning, saelens_transcoders):
         try:
             lib()
         except ImportError as e:

@@ -341,9 +341,9 @@ def test_gemma_scope_2_reads_its_hook_points_and_writes_back(tmp_path):
            "threshold": t["threshold"]}
     _same(sae, *_jumprelu_reference(ref, x), x)
     assert (sae.provenance.model, sae.provenance.hook_in) == ("google/gemma-3-270m-pt", "resid_post.9")
-    # a transcoder with an affine skip is refused, not half-read
+    # weights the config does not describe (an affine skip on an SAE) are refused, not half-read
     save_file({**t, "affine_skip_connection": torch.eye(D)}, str(path / "params.safetensors"))
-    with pytest.raises(FormatError, match="a transcoder .*affine skip connection.*no transcoders yet"):
+    with pytest.raises(FormatError, match="affine_connection false, but the file holds an affine skip"):
         read(path)
 
 
@@ -401,8 +401,8 @@ def test_sparsify_hookpoints_read_as_sparsify_computes(tmp_path, activation):
     assert (sae.provenance.model, sae.provenance.hook_in) == ("EleutherAI/pythia-160m", "mlp_out.6")
     with pytest.raises(FormatError, match="holds several dictionaries \\(layers.6.mlp\\): give one"):
         read(tmp_path / "run")
-    with pytest.raises(FormatError, match="transcode \\(a transcoder\\)"):
-        read(_write_sparsify(tmp_path / "tc", t, transcode=True))
+    with pytest.raises(FormatError, match="multi_topk \\(the multi-TopK loss's decoding\\)"):
+        read(_write_sparsify(tmp_path / "tc", t, multi_topk=True))
     back = read(write(sae, tmp_path / "out", "sparsify")[0].parent)
     assert back.provenance.hook_in == "mlp_out.6"
     with sae.ranking("float32"), back.ranking("float32"):

@@ -81,23 +81,39 @@ class Weights:
     b_enc: torch.Tensor
     b_dec: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)   # log_threshold, r_mag, b_mag, threshold
+    W_skip: torch.Tensor | None = None   # a skip transcoder's [D_out, D], applied as x @ W_skipᵀ
 
 
 def build_sae(activation: str, w: Weights, *, pre_bias: bool, provenance: Provenance,
-              k: int | None = None, matryoshka: list[int] | None = None, unit_tol: float = 1e-4) -> SAE:
+              k: int | None = None, matryoshka: list[int] | None = None, unit_tol: float = 1e-4,
+              transcoder: bool = False) -> SAE:
     """A dictlens SAE holding exactly ``w`` (decoder rows kept as they are: ``decoder_norm`` is
-    "unit" only when every row already has norm 1 within ``unit_tol``)."""
+    "unit" only when every row already has norm 1 within ``unit_tol``). ``transcoder`` (or a
+    decoder wider or narrower than the encoder, or a skip): a transcoder, which never subtracts
+    ``b_dec`` from its input."""
     from dictlens.sae.config import SAEConfig
     from dictlens.sae.model import SAE
 
-    F, D = w.W_dec.shape
+    F, D = w.W_enc.shape
+    D_out = int(w.W_dec.shape[1])
+    transcoder = transcoder or D_out != D or w.W_skip is not None
+    if transcoder and pre_bias:   # (old sparsify transcoders): W (x − b_dec) + b_enc = W x + (b_enc − W b_dec)
+        if D_out != D:
+            raise FormatError(f"{provenance.origin}: a transcoder that subtracts its {D_out}-wide output bias from "
+                              f"its {D}-wide input")
+        w.b_enc, pre_bias = w.b_enc - w.W_enc @ w.b_dec, False
     norms = w.W_dec.norm(dim=1)
     unit = bool(((norms - 1).abs() <= unit_tol).all())
     cfg = SAEConfig(d_in=D, n_features=F, activation=activation, k=k, pre_bias=pre_bias,
-                    decoder_norm="unit" if unit else "free", matryoshka=matryoshka)
+                    decoder_norm="unit" if unit else "free", matryoshka=matryoshka, transcoder=transcoder,
+                    d_out=D_out if transcoder else 0, skip=w.W_skip is not None)
     sae = SAE(cfg, device="cpu", provenance=provenance)
     state: dict[str, Any] = {"W_dec": w.W_dec, "W_enc_": w.W_enc, "b_enc": w.b_enc, "b_dec": w.b_dec,
                              "input_scale": torch.tensor(1.0), **w.extra}
+    if transcoder:
+        state["output_scale"] = torch.tensor(1.0)
+    if w.W_skip is not None:
+        state["W_skip"] = w.W_skip
     if "threshold" not in state and "threshold" in sae.state_dict():
         state["threshold"] = torch.tensor(-1.0)
     sae.load_state({k_: torch.as_tensor(v, dtype=torch.float32) for k_, v in state.items()}, provenance.origin or "")

@@ -8,11 +8,14 @@ Gemma Scope 1 names neither model nor hook in its files; they are read from the 
 ``--model`` / ``--hook``. Its ``res`` SAEs read the residual stream after block L; ``mlp``
 and ``att`` read TransformerLens's ``hook_mlp_out`` (after Gemma's post-feed-forward norm)
 and ``attn.hook_z`` (the attention output projection's input). Gemma Scope 2 names the
-Hugging Face points (``hf_hook_point_in/out``). Transcoders, affine skip connections and
-the embedding SAEs are refused until dictlens has transcoders (issue 17).
+Hugging Face points (``hf_hook_point_in/out``); its transcoders (``pre_feedforward_layernorm`` output,
+the MLP's input, to ``post_feedforward_layernorm`` output) read as dictlens transcoders, the affine skip
+``x @ A`` as ``W_skip = Aᵀ``. Gemma Scope 1's transcoders and embedding SAEs, and Gemma Scope 2's
+cross-layer transcoders, are refused.
 
 Write: the Gemma Scope 2 layout, for JumpReLU, ReLU (θ = 0) and BatchTopK (its threshold
-per feature) SAEs, the pre-bias folded into ``b_enc`` (``b_enc − W_enc b_dec``: exact).
+per feature) SAEs and transcoders (with their skip), the pre-bias folded into ``b_enc``
+(``b_enc − W_enc b_dec``: exact).
 """
 
 from __future__ import annotations
@@ -49,12 +52,18 @@ _LAYER = re.compile(r"layer_(\d+)")
 
 
 def _weights(t: dict[str, torch.Tensor], where: str) -> tuple[Weights, torch.Tensor]:
+    """The weights (a transcoder's decoder may be of another width; its affine skip ``x @ A`` becomes
+    dictlens's ``W_skip = Aᵀ``) and the thresholds."""
     t = {k.lower() if k.lower().startswith("w_") else k: v for k, v in t.items()}
-    if "w_enc" not in t:
-        raise FormatError(f"{where}: no tensor 'W_enc' (found {', '.join(sorted(t))})")
+    for name in ("w_enc", "w_dec"):
+        if name not in t:
+            raise FormatError(f"{where}: no tensor {name!r} (found {', '.join(sorted(t))})")
     D, F = t["w_enc"].shape
-    w = Weights(W_enc=need(t, "w_enc", (D, F), where).T.contiguous(), W_dec=need(t, "w_dec", (F, D), where),
-                b_enc=need(t, "b_enc", (F,), where), b_dec=need(t, "b_dec", (D,), where))
+    D_out = int(t["w_dec"].shape[-1])
+    w = Weights(W_enc=need(t, "w_enc", (D, F), where).T.contiguous(), W_dec=need(t, "w_dec", (F, D_out), where),
+                b_enc=need(t, "b_enc", (F,), where), b_dec=need(t, "b_dec", (D_out,), where))
+    if "affine_skip_connection" in t:
+        w.W_skip = need(t, "affine_skip_connection", (D, D_out), where).T.contiguous()
     return w, need(t, "threshold", (F,), where)
 
 
@@ -103,7 +112,8 @@ class GemmaScope:
             raise FormatError(f"{f}: an embedding SAE, trained after Gemma's √d embedding scale, which dictlens's "
                               "hooks do not include yet")
         if repo and repo.group(3) == "transcoders":
-            raise FormatError(f"{f}: a Gemma Scope transcoder; dictlens has no transcoders yet")
+            raise FormatError(f"{f}: a Gemma Scope 1 transcoder (npz, reading TransformerLens's ln2.hook_normalized); "
+                              "dictlens reads Gemma Scope 2's transcoders, not these yet")
         model = opts.model or (f"google/gemma-2-{repo.group(1)}" + ("-it" if repo.group(2) == "it" else "")
                                if repo else None)
         hook = opts.hook
@@ -140,17 +150,22 @@ class GemmaScope2:
             raise FormatError(f"{path / GS2_CONFIG}: architecture {cfg['architecture']!r}; Gemma Scope 2 SAEs "
                               "are jump_relu")
         point_in, point_out = cfg.get("hf_hook_point_in"), cfg.get("hf_hook_point_out") or cfg.get("hf_hook_point_in")
-        if "affine_skip_connection" in tensors or cfg.get("affine_connection") or point_in != point_out:
-            raise FormatError(f"{path}: a transcoder (reads {point_in}, writes {point_out}"
-                              + (", with an affine skip connection" if "affine_skip_connection" in tensors else "")
-                              + "); dictlens has no transcoders yet")
+        if bool(cfg.get("affine_connection")) != ("affine_skip_connection" in tensors):
+            said = "names an affine skip connection the file does not hold" if cfg.get("affine_connection") else \
+                "says affine_connection false, but the file holds an affine skip connection"
+            raise FormatError(f"{path / GS2_CONFIG}: the config {said}")
         w, theta = _weights(tensors, where)
         w.extra["log_threshold"] = log_threshold(theta)
+        transcoder = point_in != point_out or w.W_skip is not None or w.W_dec.shape[1] != w.W_enc.shape[1]
         model = opts.model or cfg.get("model_name")
         hook = opts.hook or (from_module_point(str(point_in)) if point_in else None)
-        notes: dict[str, object] = {k: cfg[k] for k in ("hf_hook_point_in", "width", "l0", "type") if k in cfg}
-        prov = written_by_dictlens(cfg, path / GS2_CONFIG, _provenance(self.name, path, model, hook, notes))
-        return build_sae("jumprelu", w, pre_bias=False, provenance=prov)
+        notes: dict[str, object] = {k: cfg[k] for k in ("hf_hook_point_in", "hf_hook_point_out", "width", "l0",
+                                                        "type", "affine_connection") if k in cfg}
+        found = _provenance(self.name, path, model, hook, notes)
+        if transcoder:   # what it writes (Gemma 3's post-feed-forward norm output: a module path in dictlens)
+            found = found.replace(hook_out=from_module_point(str(point_out)) if point_out else None)
+        prov = written_by_dictlens(cfg, path / GS2_CONFIG, found)
+        return build_sae("jumprelu", w, pre_bias=False, provenance=prov, transcoder=transcoder)
 
     def write(self, sae: SAE, out: Path) -> list[Path]:
         from safetensors.torch import save
@@ -165,9 +180,14 @@ class GemmaScope2:
                    "threshold": kind.inference_threshold(state, sae.n_features)}
         p = sae.provenance
         point = to_module_point(p.hook_in, p.model) if p.hook_in else None
+        point_out = point
+        if sae.cfg.transcoder:
+            point_out = to_module_point(p.hook_out, p.model) if p.hook_out else None
+            if sae.cfg.skip:   # Gemma Scope 2 adds x @ A: A = W_skipᵀ
+                tensors["affine_skip_connection"] = state["W_skip"].T.contiguous()
         cfg = {"architecture": "jump_relu", "model_name": p.model, "hf_hook_point_in": point,
-               "hf_hook_point_out": point, "width": sae.n_features, "affine_connection": False, "type": "sae",
-               "dictlens": {"provenance": p.to_json()}}
+               "hf_hook_point_out": point_out, "width": sae.n_features, "affine_connection": sae.cfg.skip,
+               "type": "transcoder" if sae.cfg.transcoder else "sae", "dictlens": {"provenance": p.to_json()}}
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / GS2_WEIGHTS, save(tensors))
         atomic_write_json(out / GS2_CONFIG, cfg)

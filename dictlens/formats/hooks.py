@@ -113,6 +113,9 @@ def from_module_point(point: str) -> str:
                       r"(?:down_proj|c_proj)$", point)
     if hidden and io == "input":
         return f"mlp_hidden.{hidden.group(1)}"
+    pre_norm = re.match(r"^(?:model\.language_model\.layers|model\.layers)\.(\d+)\.pre_feedforward_layernorm$", point)
+    if pre_norm and io == "output":   # (Gemma 2/3: what the MLP receives, a transcoder's input)
+        return f"mlp_in.{pre_norm.group(1)}"
     mlp = re.match(r"^(?:model\.language_model\.layers|model\.layers|transformer\.h)\.(\d+)\.mlp$", point)
     if mlp:
         return f"{'mlp_in' if io == 'input' else 'mlp_out'}.{mlp.group(1)}"
@@ -132,6 +135,15 @@ def from_base_model_path(path: str) -> str:
         kind = {None: "resid_post", "mlp": "mlp_out", "self_attn": "attn_out"}[m.group(2)]
         return f"{kind}.{m.group(1)}"
     return path if path.startswith("model.") else f"model.{path}"
+
+
+def base_model_input(path: str) -> str:
+    """The dictlens hook of what the module at sparsify hookpoint ``path`` receives (a transcoder's input):
+    ``layers.10.mlp`` → ``mlp_in.10``, ``layers.10`` → ``resid_pre.10``, else the module's raw input."""
+    m = re.match(r"^(?:model\.)?layers\.(\d+)(\.mlp)?$", path)
+    if m:
+        return f"{'mlp_in' if m.group(2) else 'resid_pre'}.{m.group(1)}"
+    return (path if path.startswith("model.") else f"model.{path}") + ":input"
 
 
 def to_base_model_path(hook: str) -> str:

@@ -8,7 +8,8 @@ dictlens reproduces: ``b_enc/s_in, b_dec/s_out, W_dec·s_in/s_out``, then (with
 ``sparsity_include_decoder_norm``, the default) each feature's decoder norm n folded in
 (``W_dec/n, W_enc·n, b_enc·n``), then ``f = pre·1[pre > θ]``. SAELens skips the decoder-norm
 fold, so its Llama Scope SAEs fire about 1,000 features per token instead of about 30.
-Transcoders (``hook_point_in`` ≠ ``hook_point_out``) wait for issue 17.
+Transcoders (``hook_point_in`` ≠ ``hook_point_out``, the LXTC releases) read the same way, with
+s_in ≠ s_out.
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ class LlamaScope:
         weights = next(path / c for c in CANDIDATES if (path / c).is_file())
         where = str(weights)
         hook_in, hook_out = cfg.get("hook_point_in"), cfg.get("hook_point_out", cfg.get("hook_point_in"))
-        if hook_in != hook_out:
-            raise FormatError(f"{path / HYPER}: a transcoder ({hook_in} → {hook_out}); dictlens has no transcoders yet")
+        transcoder = hook_in != hook_out   # (the LXTC releases: an MLP's input to its output)
         act = str(cfg.get("act_fn", "jumprelu")).lower()
         if act != "jumprelu":
             raise FormatError(f"{path / HYPER}: act_fn {act!r}; the released Llama Scope SAEs are jumprelu")
@@ -79,8 +79,11 @@ class LlamaScope:
                  "jump_relu_threshold": cfg.get("jump_relu_threshold")}
         prov = Provenance.of_sae(model=model, hook=hook, source=self.name, origin=str(path), normalization="none",
                                  notes={self.name: notes})
-        return build_sae("jumprelu", w, pre_bias=bool(cfg.get("apply_decoder_bias_to_pre_encoder", True)),
-                         provenance=prov)
+        if transcoder:
+            notes["hook_name_out"] = hook_out
+            prov = prov.replace(hook_out=from_transformer_lens(str(hook_out), model) if hook_out else None)
+        return build_sae("jumprelu", w, pre_bias=bool(cfg.get("apply_decoder_bias_to_pre_encoder", not transcoder)),
+                         provenance=prov, transcoder=transcoder)
 
     def _scales(self, path: Path, cfg: dict[str, Any], D: int) -> tuple[float, float]:
         if cfg.get("norm_activation", "dataset-wise") != "dataset-wise":

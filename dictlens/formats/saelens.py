@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 CFG, WEIGHTS, SCALER = "cfg.json", "sae_weights.safetensors", "activation_scaler.json"
 WRITTEN_AS = "6.0.0"   # the SAELens config layout written (metadata.sae_lens_version)
 RUNTIME_NORMS = ("constant_norm_rescale", "layer_norm", "constant_scalar_rescale")
+TRANSCODERS = ("transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder")
 
 
 def _version(v: object) -> tuple[int, ...]:
@@ -100,22 +101,31 @@ class SAELens:
         where = str(path / WEIGHTS)
         tensors = read_safetensors(path / WEIGHTS)
         arch = str(cfg.get("architecture", "standard"))
-        if arch not in ("standard", "topk", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk"):
+        if arch not in ("standard", "topk", "jumprelu", "gated", "batchtopk", "matryoshka_batchtopk", *TRANSCODERS):
             raise FormatError(f"{path / CFG}: SAELens architecture {arch!r} has no dictlens equivalent yet "
-                              "(readable: standard, topk, jumprelu, gated, batchtopk, matryoshka_batchtopk)")
+                              "(readable: standard, topk, jumprelu, gated, batchtopk, matryoshka_batchtopk, "
+                              + ", ".join(TRANSCODERS) + ")")
+        transcoder = arch in TRANSCODERS
         D, F = int(cfg["d_in"]), int(cfg["d_sae"])
+        D_out = int(cfg.get("d_out", D)) if transcoder else D
         w = Weights(W_enc=need(tensors, "W_enc", (D, F), where).T.contiguous(),
-                    W_dec=need(tensors, "W_dec", (F, D), where),
+                    W_dec=need(tensors, "W_dec", (F, D_out), where),
                     b_enc=need(tensors, "b_gate" if arch == "gated" else "b_enc", (F,), where),
-                    b_dec=need(tensors, "b_dec", (D,), where))
+                    b_dec=need(tensors, "b_dec", (D_out,), where))
+        if transcoder:
+            if cfg.get("apply_b_dec_to_input"):
+                raise FormatError(f"{path / CFG}: a transcoder with apply_b_dec_to_input (SAELens refuses it too)")
+            if "skip" in arch:   # W_skip [d_out, d_in], applied x @ W_skipᵀ: dictlens's own orientation
+                w.W_skip = need(tensors, "W_skip", (D_out, D), where)
+            arch = "jumprelu" if arch.startswith("jumprelu") else "standard"
         if "scaling_factor" in tensors:   # SAELens's legacy finetuning factor multiplies the codes before decoding
             w.W_dec = w.W_dec * need(tensors, "scaling_factor", (F,), where)[:, None]
         activation, k = self._activation(arch, cfg, tensors, w, F, where)
         s = self._norm_factor(path, cfg, opts)
         if s is not None:     # SAELens's fold: the codes stay in normalised units
             w.W_enc, w.W_dec, w.b_dec = w.W_enc * s, w.W_dec / s, w.b_dec / s
-        return build_sae(activation, w, pre_bias=bool(cfg.get("apply_b_dec_to_input", True)), k=k,
-                         provenance=self._provenance(path, raw, cfg, opts, s))
+        return build_sae(activation, w, pre_bias=bool(cfg.get("apply_b_dec_to_input", not transcoder)), k=k,
+                         provenance=self._provenance(path, raw, cfg, opts, s), transcoder=transcoder)
 
     def _activation(self, arch: str, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], w: Weights, F: int,
                     where: str) -> tuple[str, int | None]:
@@ -176,21 +186,26 @@ class SAELens:
         model = opts.model or hf_model_name(meta.get("model_name"))   # TransformerLens names → hub ids
         source_hook = meta.get("hook_name")
         hook = opts.hook or (from_transformer_lens(source_hook, model) if source_hook else None)
-        notes = {k: meta[k] for k in ("model_name", "hook_name", "dataset_path", "neuronpedia_id", "prepend_bos",
-                                      "sae_lens_version", "sae_lens_training_version") if meta.get(k) is not None}
+        notes = {k: meta[k] for k in ("model_name", "hook_name", "hook_name_out", "dataset_path", "neuronpedia_id",
+                                      "prepend_bos", "sae_lens_version", "sae_lens_training_version")
+                 if meta.get(k) is not None}
         if s is not None:
             notes["norm_scaling_factor"] = s
-        return Provenance.of_sae(model=model, hook=hook, context=meta.get("context_size"), source="saelens",
-                                 origin=str(path), normalization="none", notes={"saelens": notes})
+        found = Provenance.of_sae(model=model, hook=hook, context=meta.get("context_size"), source="saelens",
+                                  origin=str(path), normalization="none", notes={"saelens": notes})
+        if str(cfg.get("architecture")) in TRANSCODERS:   # what it writes
+            out_hook = meta.get("hook_name_out")
+            found = found.replace(hook_out=from_transformer_lens(out_hook, model) if out_hook else None)
+        return found
 
     # ---- write ---------------------------------------------------------------------
     def write(self, sae: SAE, out: Path) -> list[Path]:
-        from safetensors.torch import save
-
         state = export_state(sae)
         kind = sae.activation
         tensors = {"W_enc": state["W_enc"].T.contiguous(), "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
         extra: dict[str, Any] = {}
+        if sae.cfg.transcoder:
+            return self._write_transcoder(sae, state, out)
         if kind.form is Form.RELU:
             arch = "standard"
         elif kind.form is Form.TOPK:
@@ -216,10 +231,45 @@ class SAELens:
                "apply_b_dec_to_input": sae.cfg.pre_bias, "normalize_activations": "none",
                "reshape_activations": "none", "architecture": arch, **extra, "metadata": metadata,
                "dictlens": {"activation": sae.cfg.activation, "k": sae.cfg.k, "provenance": p.to_json()}}
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / WEIGHTS, save({k: v.contiguous() for k, v in tensors.items()}))
-        atomic_write_json(out / CFG, cfg)
-        return [out / CFG, out / WEIGHTS]
+        return _save(out, tensors, cfg)
+
+    def _write_transcoder(self, sae: SAE, state: dict[str, torch.Tensor], out: Path) -> list[Path]:
+        """SAELens's transcoder classes: ReLU (``transcoder``) or thresholded codes (``jumprelu_transcoder``,
+        BatchTopK with its threshold), each with ``skip_`` when it has the affine skip."""
+        kind = sae.activation
+        tensors = {"W_enc": state["W_enc"].T.contiguous(), "W_dec": state["W_dec"], "b_dec": state["b_dec"],
+                   "b_enc": state["b_enc"]}
+        if kind.form is Form.RELU:
+            arch = "transcoder"
+        elif kind.form is Form.THRESHOLD:
+            arch = "jumprelu_transcoder"
+            tensors["threshold"] = kind.inference_threshold(state, sae.n_features)
+        else:
+            raise FormatError(f"SAELens has no {sae.cfg.activation} transcoder (its transcoders have ReLU or "
+                              "JumpReLU codes; dictlens writes BatchTopK as JumpReLU)")
+        if sae.cfg.skip:
+            arch = "skip_transcoder" if arch == "transcoder" else "jumprelu_skip_transcoder"
+            tensors["W_skip"] = state["W_skip"]
+        p = sae.provenance
+        hook, out_hook = p.hook_in or "", p.hook_out or ""
+        metadata = {"sae_lens_version": WRITTEN_AS, "model_name": p.model,
+                    "hook_name": to_transformer_lens(hook, p.model) or hook, "hook_head_index": None,
+                    "hook_name_out": to_transformer_lens(out_hook, p.model) or out_hook, "hook_head_index_out": None,
+                    "context_size": p.context, "prepend_bos": True, "dataset_path": p.text or p.acts}
+        cfg = {"d_in": sae.d_in, "d_sae": sae.n_features, "d_out": sae.d_out, "dtype": "float32", "device": "cpu",
+               "apply_b_dec_to_input": False, "normalize_activations": "none", "reshape_activations": "none",
+               "architecture": arch, "metadata": metadata,
+               "dictlens": {"activation": sae.cfg.activation, "k": sae.cfg.k, "provenance": p.to_json()}}
+        return _save(out, tensors, cfg)
+
+
+def _save(out: Path, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> list[Path]:
+    from safetensors.torch import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / WEIGHTS, save({k: v.contiguous() for k, v in tensors.items()}))
+    atomic_write_json(out / CFG, cfg)
+    return [out / CFG, out / WEIGHTS]
 
 
 FORMAT = SAELens()
