@@ -183,7 +183,8 @@ def saelens_transcoders() -> None:
              "jumprelu_skip_transcoder": ("JumpReLUSkipTranscoder", "JumpReLUSkipTranscoderConfig")}
     for kind, (cls_name, cfg_name) in kinds.items():
         _record("sae-lens", "theirs → dictlens", kind,
-                lambda tmp, c=cls_name, n=cfg_name: _saelens_made(tmp, c, n, {"d_out": D_OUT}, whole=True))
+                lambda tmp, c=cls_name, n=cfg_name: _saelens_made(
+                    tmp, c, n, {"d_out": D_OUT, "apply_b_dec_to_input": False}, whole=True))
     for activation, skip in (("relu", False), ("relu", True), ("jumprelu", False), ("jumprelu", True)):
         _record("sae-lens", "dictlens → theirs", f"{activation} transcoder{' + skip' if skip else ''}",
                 lambda tmp, a=activation, s=skip: _saelens_loaded(tmp, _our_transcoder(a, s, D_OUT), whole=True))

@@ -154,30 +154,28 @@ def load_sae(run: str | Path, device: str | torch.device | None = None, *, fmt: 
     dictlens), or a dictionary in any format :mod:`dictlens.formats` reads (``fmt`` to insist
     on one), local or ``hf://``. A dictionary of several hooks (a cross-layer transcoder, a
     crosscoder) is refused by name: :func:`load_dictionary` takes every kind."""
-    from dictlens import formats
-    from dictlens.sae.clt import is_clt
     from dictlens.sae.model import SAE
 
-    if fmt or formats.is_foreign(run):
-        return formats.read(run, fmt=fmt, opts=opts).to(device=device)
-    if is_clt(run):
+    d = load_dictionary(run, device, fmt=fmt, opts=opts)
+    if not isinstance(d, SAE):
         raise InputError(f"{run} holds a cross-layer transcoder: this command takes one-hook dictionaries "
                          "(SAEs and transcoders); dictlens eval measures and splices a CLT")
-    sae = SAE.load(run, device=device)
-    if sae.cfg.crosscoder:
-        raise InputError(f"{run} holds a crosscoder over {sae.cfg.crosscoder} hooks: this command takes one-hook "
+    if d.cfg.crosscoder:
+        raise InputError(f"{run} holds a crosscoder over {d.cfg.crosscoder} hooks: this command takes one-hook "
                          "dictionaries (SAEs and transcoders); dictlens eval measures a crosscoder")
-    return sae
+    return d
 
 
-def load_dictionary(run: str | Path, device: str | torch.device | None = None) -> Dictionary:
-    """The dictionary in ``run``, of any kind: an SAE, a transcoder, a crosscoder or a cross-layer transcoder."""
+def load_dictionary(run: str | Path, device: str | torch.device | None = None, *, fmt: str | None = None,
+                    opts: ReadOptions | None = None) -> Dictionary:
+    """The dictionary in ``run``, of any kind: an SAE, a transcoder, a crosscoder or a cross-layer
+    transcoder, a dictlens run or any format :mod:`dictlens.formats` reads."""
     from dictlens import formats
     from dictlens.sae.clt import CLT, is_clt
     from dictlens.sae.model import SAE
 
-    if formats.is_foreign(run):
-        return load_sae(run, device)
+    if fmt or formats.is_foreign(run):
+        return formats.read(run, fmt=fmt, opts=opts).to(device=device)
     return CLT.load(run, device=device) if is_clt(run) else SAE.load(run, device=device)
 
 

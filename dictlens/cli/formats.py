@@ -13,8 +13,14 @@ def _convert(job: ConvertJob) -> int:
 
     c = convert_job(job)
     sae, p = c.sae, c.sae.provenance
-    print(f"{job.src} ({p.source}): {sae.cfg.activation} SAE, F={sae.n_features:,}, D={sae.d_in}, "
+    if c.layers:
+        print(f"{job.src} ({p.source}): a transcoder set of {len(c.layers)} layers, {sae.cfg.activation}, "
+              f"F={sae.n_features:,} per layer, model {p.model or 'unknown'}")
+        print(f"dictlens runs: {c.layers[0]} ... {c.layers[-1]}")
+        return 0
+    print(f"{job.src} ({p.source}): {sae.cfg.activation} {sae.cfg.family}, F={sae.n_features:,}, D={sae.d_in}, "
           f"model {p.model or 'unknown'}, hook {p.hook_in or 'unknown'}"
+          + (f" -> {p.hook_out}" if sae.cfg.transcoder else "")
           + (f" (theirs: {p.notes['saelens']['hook_name']})" if p.notes.get("saelens", {}).get("hook_name") else ""))
     if c.preflight is not None:
         print(c.preflight.line() + (f"; FORCED past: {c.preflight.problem}" if c.preflight.problem else ""))

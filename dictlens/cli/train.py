@@ -18,10 +18,8 @@ def _train(job: TrainJob) -> int:
     done = train_job(job)
     for t in done:
         on = f" on {t.hook}" if len(done) > 1 else ""
-        cfg = t.sae.cfg
-        kind = ("cross-layer transcoder" if cfg.clt_layers else "crosscoder" if cfg.crosscoder
-                else "transcoder" if cfg.transcoder else "SAE")
-        print(f"trained {t.trainer.state.tokens:,} tokens in {t.trainer.state.step} steps{on}; {kind} saved to {t.out}")
+        print(f"trained {t.trainer.state.tokens:,} tokens in {t.trainer.state.step} steps{on}; {t.sae.cfg.family} "
+              f"saved to {t.out}")
         if t.metrics is not None:
             print_heldout(t.metrics)
     return 0

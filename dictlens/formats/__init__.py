@@ -8,19 +8,30 @@ new format is one module with a :class:`~dictlens.formats.base.Format` and a lin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dictlens.errors import FormatError, InputError
-from dictlens.formats import dictionary_learning, gemma_scope, goodfire, llama_scope, openai, saelens, sparsify
+from dictlens.formats import (
+    circuit_tracer,
+    dictionary_learning,
+    gemma_scope,
+    goodfire,
+    llama_scope,
+    openai,
+    saelens,
+    sparsify,
+)
 from dictlens.formats.base import Format, ReadOptions
 
 if TYPE_CHECKING:
+    from dictlens.sae.clt import Dictionary
     from dictlens.sae.model import SAE
 
 REGISTRY: dict[str, Format] = {f.name: f for f in (saelens.FORMAT, gemma_scope.FORMAT, gemma_scope.FORMAT_2,
                                                      sparsify.FORMAT, dictionary_learning.FORMAT, llama_scope.FORMAT,
-                                                     openai.FORMAT, goodfire.FORMAT)}
+                                                     openai.FORMAT, goodfire.FORMAT, circuit_tracer.FORMAT)}
 NAMES = tuple(REGISTRY)
 HF_PREFIX = "hf://"
 
@@ -96,9 +107,10 @@ def detect(path: Path) -> Format:
                       + "; ".join(f"{f.name}: {f.describe}" for f in REGISTRY.values()))
 
 
-def read(src: str | Path, *, fmt: str | None = None, opts: ReadOptions | None = None) -> SAE:
-    """The dictionary in ``src`` (any known format, or ``fmt``), as a dictlens SAE; ``src`` may be
-    ``saelens:RELEASE/SAE_ID`` (SAELens's registry, with the sae-lens package)."""
+def read(src: str | Path, *, fmt: str | None = None, opts: ReadOptions | None = None) -> Dictionary:
+    """The dictionary in ``src`` (any known format, or ``fmt``), as a dictlens SAE (a CLT where the
+    format holds one); ``src`` may be ``saelens:RELEASE/SAE_ID`` (SAELens's registry, with the sae-lens
+    package)."""
     from dictlens.formats import registry
 
     l0 = None
@@ -114,14 +126,25 @@ def read(src: str | Path, *, fmt: str | None = None, opts: ReadOptions | None = 
     return sae
 
 
-def write(sae: SAE, out: str | Path, to: str, *, overwrite: bool = False) -> list[Path]:
-    """Write ``sae`` into directory ``out`` in format ``to``; an existing one is kept unless ``overwrite``."""
+def write(sae: Dictionary, out: str | Path, to: str, *, overwrite: bool = False,
+          also: Sequence[SAE] = ()) -> list[Path]:
+    """Write ``sae`` into directory ``out`` in format ``to``; an existing one is kept unless ``overwrite``.
+    ``also``: circuit-tracer's transcoder sets, the other layers' transcoders written with it as one set."""
+    from dictlens.sae.clt import CLT
+
     f = get(to)
     if not f.writes:
         raise FormatError(f"{f.name}: dictlens reads this format but does not write it")
     if sae.cfg.crosscoder:
         raise FormatError(f"{f.name}: holds dictionaries of one hook; this crosscoder reads {sae.cfg.crosscoder}")
+    if (isinstance(sae, CLT) or also) and f is not circuit_tracer.FORMAT:
+        what = "a cross-layer transcoder" if isinstance(sae, CLT) else "a set of transcoders"
+        raise FormatError(f"{f.name}: holds one dictionary of one layer, not {what} (write it as circuit-tracer)")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out} is not empty: choose another --out, or pass --overwrite")
+    if isinstance(sae, CLT):
+        return circuit_tracer.FORMAT.write(sae, out)
+    if also:
+        return circuit_tracer.write_set([sae, *also], out)
     return f.write(sae, out)

@@ -21,6 +21,7 @@ from dictlens.errors import CheckpointError, FormatError
 
 if TYPE_CHECKING:
     from dictlens.provenance import Provenance
+    from dictlens.sae.clt import Dictionary
     from dictlens.sae.model import SAE
 
 
@@ -44,8 +45,9 @@ class Format(Protocol):
     def detect(self, path: Path) -> bool:
         """Whether ``path`` (a directory or file) is in this layout."""
 
-    def read(self, path: Path, opts: ReadOptions) -> SAE:
-        """The SAE in ``path``, with its provenance (source = this format, origin = path)."""
+    def read(self, path: Path, opts: ReadOptions) -> Dictionary:
+        """The dictionary in ``path`` (an SAE or transcoder; a CLT where the format holds one), with its
+        provenance (source = this format, origin = path)."""
 
     def write(self, sae: SAE, out: Path) -> list[Path]:
         """Write ``sae`` in this layout into directory ``out``; the files written."""

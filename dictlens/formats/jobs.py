@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ from dictlens.formats.base import ReadOptions
 from dictlens.formats.preflight import Preflight, preflight, sample
 
 if TYPE_CHECKING:
+    from dictlens.sae.clt import Dictionary
     from dictlens.sae.model import SAE
 
 
@@ -37,11 +39,13 @@ class ConvertJob:
 
 @dataclass
 class Converted:
-    """The dictlens run written, its SAE, and the preflight's measurement (with --check)."""
+    """The dictlens run written, its dictionary, and the preflight's measurement (with --check); a
+    circuit-tracer transcoder set converts into one run per layer (``layers``: OUT/layer_L each)."""
 
     out: Path
-    sae: SAE
+    sae: Dictionary
     preflight: Preflight | None
+    layers: list[Path] = dc_field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -55,20 +59,36 @@ class ExportJob:
     overwrite: bool = field(False, help="replace what is in --out")
     source_set: str = field("dictlens", help="neuronpedia: the source set's name (the source is LAYER-SET)")
     model_id: str | None = field(None, help="neuronpedia: the model's id there (default: the model's name)")
+    also: list[str] = field(default_factory=list, flag="--also",
+                            help="circuit-tracer: the other layers' transcoders, written with RUN as one transcoder "
+                                 "set (circuit-tracer needs every layer from 0)")
 
 
 def convert_job(job: ConvertJob) -> Converted:
     """Read ``job.src``, check it on the model with ``job.check``, save it as a dictlens run in ``job.out``."""
-    from dictlens.load import load_sae
-    from dictlens.sae.model import CONFIG_FILE
+    from dictlens.formats import circuit_tracer
+    from dictlens.load import load_dictionary
+    from dictlens.sae.model import CONFIG_FILE, SAE
 
     out = Path(job.out)
     if (out / CONFIG_FILE).exists() and not job.overwrite:
         raise InputError(f"{out} already holds a dictionary: choose another --out, or pass --overwrite")
-    sae = load_sae(job.src, fmt=job.from_format,
-                   opts=ReadOptions(norm_scaling_factor=job.norm_scaling_factor, model=job.model, hook=job.hook))
+    opts = ReadOptions(norm_scaling_factor=job.norm_scaling_factor, model=job.model, hook=job.hook)
+    if circuit_tracer.is_set(Path(job.src)):   # every layer, a run each
+        files = circuit_tracer.layer_files(Path(job.src))
+        if job.hook:
+            raise InputError("--hook: a transcoder set's hooks come from its config, one per layer")
+        layers = {layer: load_dictionary(f, fmt="circuit-tracer", opts=opts) for layer, f in files.items()}
+        taken = [out / f"layer_{layer}" for layer in layers if (out / f"layer_{layer}" / CONFIG_FILE).exists()]
+        if taken and not job.overwrite:
+            raise InputError(f"{taken[0]} already holds a dictionary: choose another --out, or pass --overwrite")
+        runs = [d.save(out / f"layer_{layer}") for layer, d in layers.items()]
+        return Converted(out, next(iter(layers.values())), None, runs)
+    sae = load_dictionary(job.src, fmt=job.from_format, opts=opts)
     report = None
     if job.check:
+        if not isinstance(sae, SAE) or sae.cfg.crosscoder:
+            raise InputError("--check: the preflight runs one-hook dictionaries on their hook; this one reads several")
         report = check_on_model(sae, job.src, tokens=job.check_tokens, text=job.check_text, force=job.force)
         sae.provenance = sae.provenance.replace(notes={**sae.provenance.notes, "preflight": asdict(report)})
     return Converted(sae.save(out), sae, report)
@@ -102,4 +122,10 @@ def export_job(job: ExportJob) -> list[Path]:
         if analysis is None:
             raise InputError(f"no analysis in {job.run}: run `dictlens analyze {job.run}` first")
         return neuronpedia.export(analysis, out, source_set=job.source_set, model_id=job.model_id)
-    return formats.write(load_sae(job.run), job.out, job.to, overwrite=job.overwrite)
+    if job.also and job.to != "circuit-tracer":
+        raise InputError(f"--also: only circuit-tracer writes several dictionaries as one (a transcoder set), not "
+                         f"{job.to}")
+    from dictlens.load import load_dictionary
+
+    return formats.write(load_dictionary(job.run), job.out, job.to, overwrite=job.overwrite,
+                         also=[load_sae(run) for run in job.also])

@@ -114,6 +114,13 @@ class SAEConfig:
         kind.check_config(self)
 
     @property
+    def family(self) -> str:
+        """What kind of dictionary, in words: SAE, transcoder, crosscoder or cross-layer transcoder."""
+        if self.clt_layers:
+            return "cross-layer transcoder"
+        return "crosscoder" if self.crosscoder else "transcoder" if self.transcoder else "SAE"
+
+    @property
     def kind(self) -> type[Activation]:
         """The registered activation class named by ``activation``."""
         return activations.get(self.activation)
