@@ -1,7 +1,17 @@
 """``python -m dictlens`` (and ``torchrun -m dictlens``): the command line."""
 
+import os
 import sys
 
 from dictlens.cli import main
 
-sys.exit(main())
+code = main()
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # A torchrun worker whose work is done (its files written, its process group destroyed) leaves
+    # without the interpreter's teardown: there PyTorch's C++ threads race Python's shutdown and can
+    # abort the process ("terminate called without an active exception", SIGABRT), which fails the
+    # whole run after it succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)
