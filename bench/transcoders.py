@@ -188,21 +188,6 @@ def run_clt(out: Path, tokens: int, heldout: int) -> dict[str, Any]:
             "fvu_by_layer": [round(r["fvu"], 4) for r in m.by_output.values()], "step_seconds": trainer.step_seconds}
 
 
-def clt_floor(repeats: int = 3) -> dict[str, float]:
-    """The 30 dense encoder products of a CLT step alone ([B, D] × [D, F] per layer), tokens/s."""
-    x, W, b = torch.randn(B, D), torch.randn(F_CLT, D), torch.zeros(F_CLT)
-    out = {}
-    for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        xd, Wd, bd = x.to(dt), W.to(dt), b.to(dt)
-        torch.addmm(bd, xd, Wd.T)
-        t = time.perf_counter()
-        for _ in range(repeats):
-            for _ in range(L):
-                torch.addmm(bd, xd, Wd.T)
-        out[name] = B / ((time.perf_counter() - t) / repeats)
-    return out
-
-
 def worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     if method == "clt":
@@ -234,7 +219,7 @@ def main() -> None:
         return
     if any(m != "clt" for m in args.only):
         prepare_pair(Path(args.tc_dir), args.tokens, args.heldout)   # once, before the workers
-    floor, floor_clt = encoder_floor(), clt_floor()
+    floor, floor_clt = encoder_floor(), encoder_floor(3, F_CLT, L)
     rows = []
     for m in args.only:
         keys = ("tc_dir", "clt_dir", "tokens", "heldout", "clt_tokens", "clt_heldout")

@@ -199,11 +199,12 @@ def joint_wiring(d: Dictionary, run: str | Path) -> Wiring:
     return wiring
 
 
-def _joint_widths(d: Dictionary) -> tuple[int, int]:
-    """The width of each hook a CLT or crosscoder reads, and of each it writes."""
+def _joint_hooks(d: Dictionary, wiring: Wiring) -> dict[str, tuple[int, str]]:
+    """Each hook a CLT or crosscoder needs, with its width and whether the dictionary reads or writes it
+    (a crosscoder's hooks once: it writes what it reads)."""
     if d.cfg.crosscoder:
-        return (d.cfg.d_in // d.cfg.crosscoder,) * 2
-    return d.cfg.d_in, d.cfg.d_out
+        return {h: (d.cfg.d_in // d.cfg.crosscoder, "reads") for h in wiring.reads}
+    return {**{h: (d.cfg.d_out, "writes") for h in wiring.writes}, **{h: (d.cfg.d_in, "reads") for h in wiring.reads}}
 
 
 def check_joint_cache(d: Dictionary, run: str | Path, acts: str | Path) -> tuple[Wiring, str]:
@@ -213,14 +214,13 @@ def check_joint_cache(d: Dictionary, run: str | Path, acts: str | Path) -> tuple
 
     wiring = joint_wiring(d, run)
     model = ""
-    for hooks, width, side in zip((wiring.reads, wiring.writes), _joint_widths(d), ("reads", "writes"), strict=True):
-        for hook in hooks:
-            store = ActivationStore(acts, hook)
-            _check_cache_model(d, run, store)
-            if store.d_in != width:
-                raise InputError(f"the dictionary in {run} {side} width {width} at {hook}; the cache's {hook} has "
-                                 f"width {store.d_in}")
-            model = store.model
+    for hook, (width, side) in _joint_hooks(d, wiring).items():
+        store = ActivationStore(acts, hook)
+        _check_cache_model(d, run, store)
+        if store.d_in != width:
+            raise InputError(f"the dictionary in {run} {side} width {width} at {hook}; the cache's {hook} has "
+                             f"width {store.d_in}")
+        model = store.model
     return wiring, model
 
 
@@ -234,11 +234,10 @@ def check_joint_model(d: Dictionary, run: str | Path, lm: LoadedModel) -> Wiring
     wiring = joint_wiring(d, run)
     probe = torch.tensor([[lm.tokenizer.eos_token_id or 0] * 2])
     found = Tap(lm, wiring.hooks)(probe)
-    for hooks, width, side in zip((wiring.reads, wiring.writes), _joint_widths(d), ("reads", "writes"), strict=True):
-        for hook in hooks:
-            if int(found[hook].shape[-1]) != width:
-                raise InputError(f"{hook} of {lm.name} is {int(found[hook].shape[-1])} wide; the dictionary in "
-                                 f"{run} {side} {width} there")
+    for hook, (width, side) in _joint_hooks(d, wiring).items():
+        if int(found[hook].shape[-1]) != width:
+            raise InputError(f"{hook} of {lm.name} is {int(found[hook].shape[-1])} wide; the dictionary in "
+                             f"{run} {side} {width} there")
     return wiring
 
 

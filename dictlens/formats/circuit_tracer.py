@@ -101,20 +101,30 @@ def _tl_relative(hook: str, model: str | None) -> tuple[str, int]:
     return m.group(2), int(m.group(1))
 
 
-def _activation(cfg: dict[str, Any], threshold: torch.Tensor | None, where: str) -> tuple[str, int | None]:
+# circuit-tracer's ``activation`` config values (absent: JumpReLU where thresholds are stored, else ReLU),
+# the codes each names, and the dictlens activation that computes them
+THEIRS = {"topk": Form.TOPK, "relu": Form.RELU, "jumprelu": Form.THRESHOLD}
+OURS = {Form.TOPK: "topk", Form.RELU: "relu", Form.THRESHOLD: "jumprelu"}
+
+
+def _non_negative(theta: torch.Tensor, where: str) -> torch.Tensor:
+    if bool((theta < 0).any()):
+        raise FormatError(f"{where}: negative JumpReLU thresholds (circuit-tracer then passes negative codes; "
+                          "dictlens codes are never negative)")
+    return theta
+
+
+def _form(cfg: dict[str, Any], thresholds: bool, where: str) -> tuple[Form, int | None]:
+    """The codes a circuit-tracer dictionary computes (and a TopK set's k) from its config and files."""
     kind = cfg.get("activation")
-    if kind == "topk":
+    if kind is not None and kind not in THEIRS:
+        raise FormatError(f"{where}: activation {kind!r} (readable: {', '.join(THEIRS)})")
+    form = THEIRS[kind] if kind is not None else Form.THRESHOLD if thresholds else Form.RELU
+    if form is Form.TOPK:
         if not isinstance(cfg.get("k"), int):
             raise FormatError(f"{where}: activation topk without an integer k in the config")
-        return "topk", int(cfg["k"])
-    if threshold is not None:
-        if bool((threshold < 0).any()):
-            raise FormatError(f"{where}: negative JumpReLU thresholds (circuit-tracer then passes negative codes; "
-                              "dictlens codes are never negative)")
-        return "jumprelu", None
-    if kind not in (None, "relu", "jumprelu"):
-        raise FormatError(f"{where}: activation {kind!r} (readable: relu, jumprelu, topk)")
-    return "relu", None
+        return form, int(cfg["k"])
+    return (Form.THRESHOLD if thresholds else form), None
 
 
 class CircuitTracer:
@@ -154,16 +164,15 @@ class CircuitTracer:
         if "W_enc" not in t:
             raise FormatError(f"{where}: no tensor 'W_enc' (found {', '.join(sorted(t))})")
         F, D = t["W_enc"].shape
-        threshold = need(t, "activation_function.threshold", (F,), where) if "activation_function.threshold" in t \
-            else None
-        activation, k = _activation(cfg, threshold, where)
+        form, k = _form(cfg, "activation_function.threshold" in t, where)
         w = Weights(W_enc=need(t, "W_enc", (F, D), where), W_dec=need(t, "W_dec", (F, D), where),
                     b_enc=need(t, "b_enc", (F,), where), b_dec=need(t, "b_dec", (D,), where),
                     W_skip=need(t, "W_skip", (D, D), where) if "W_skip" in t else None)
-        if threshold is not None and activation == "jumprelu":
-            w.extra["log_threshold"] = log_threshold(threshold)
+        if form is Form.THRESHOLD:
+            theta = _non_negative(need(t, "activation_function.threshold", (F,), where), where)
+            w.extra["log_threshold"] = log_threshold(theta)
         prov = self._provenance(path.parent, cfg, model, [layer], opts)
-        return build_sae(activation, w, pre_bias=False, k=k, provenance=prov, transcoder=True)
+        return build_sae(OURS[form], w, pre_bias=False, k=k, provenance=prov, transcoder=True)
 
     def _read_clt(self, path: Path, opts: ReadOptions) -> CLT:
         from dictlens.sae.clt import CLT
@@ -182,10 +191,9 @@ class CircuitTracer:
         thresholds = [e.get(f"threshold_{i}") for i, e in enumerate(encoders)]
         if any(th is None for th in thresholds) and not all(th is None for th in thresholds):
             raise FormatError(f"{path}: thresholds for some layers only")
-        if cfg.get("activation") == "topk":
+        form, _ = _form(cfg, thresholds[0] is not None, str(path / CONFIG))
+        if form is Form.TOPK:
             raise FormatError(f"{path / CONFIG}: circuit-tracer's CLTs have no TopK")
-        first = None if thresholds[0] is None else need(encoders[0], "threshold_0", (F,), str(path))
-        activation, _ = _activation({}, first, str(path / "W_enc_0.safetensors"))
         state: dict[str, torch.Tensor] = {}
         rows_unit = True
         for i, (enc, dec) in enumerate(zip(encoders, decoders, strict=True)):
@@ -198,14 +206,11 @@ class CircuitTracer:
                      "b_enc": need(enc, f"b_enc_{i}", (F,), where_e),
                      "W_dec": W_dec, "b_dec": b_dec, "input_scale": torch.tensor(1.0),
                      "output_scale": torch.tensor(1.0)}
-            if activation == "jumprelu":
-                theta = need(enc, f"threshold_{i}", (F,), where_e)
-                if bool((theta < 0).any()):
-                    raise FormatError(f"{where_e}: negative JumpReLU thresholds (circuit-tracer then passes negative "
-                                      "codes; dictlens codes are never negative)")
+            if form is Form.THRESHOLD:
+                theta = _non_negative(need(enc, f"threshold_{i}", (F,), where_e), where_e)
                 block["log_threshold"] = log_threshold(theta)
             state.update({f"blocks.{i}.{k}": v for k, v in block.items()})
-        sae_cfg = SAEConfig(d_in=D, d_out=D, n_features=F, activation=activation, transcoder=True, clt_layers=n,
+        sae_cfg = SAEConfig(d_in=D, d_out=D, n_features=F, activation=OURS[form], transcoder=True, clt_layers=n,
                             decoder_norm="unit" if rows_unit else "free")
         clt = CLT(sae_cfg, device="cpu", provenance=self._provenance(path, cfg, model, list(range(n)), opts),
                   draw=False)
@@ -271,7 +276,7 @@ class CircuitTracer:
             for name, tensors in ((f"W_enc_{i}.safetensors", enc), (f"W_dec_{i}.safetensors", dec)):
                 atomic_write_bytes(out / name, save(tensors))
                 written.append(out / name)
-        written.append(_write_config(out, CROSS, clt.provenance, clt.cfg.activation, None))
+        written.append(_write_config(out, CROSS, clt.provenance, form, None))
         return written
 
 
@@ -325,12 +330,12 @@ def write_set(transcoders: Sequence[SAE], out: Path) -> list[Path]:
         atomic_write_bytes(out / f"layer_{layer}.safetensors", save(tensors))
         written.append(out / f"layer_{layer}.safetensors")
     first = by_layer[0]
-    written.append(_write_config(out, SET, first.provenance, first.cfg.activation, first.cfg.k,
+    written.append(_write_config(out, SET, first.provenance, first.activation.form, first.cfg.k,
                                  records=[tc.provenance for _, tc in sorted(by_layer.items())]))
     return written
 
 
-def _write_config(out: Path, kind: str, p: Provenance, activation: str, k: int | None,
+def _write_config(out: Path, kind: str, p: Provenance, form: Form, k: int | None,
                   records: Sequence[Provenance] = ()) -> Path:
     import yaml
 
@@ -339,11 +344,10 @@ def _write_config(out: Path, kind: str, p: Provenance, activation: str, k: int |
                            "feature_input_hook": _tl_relative(reads, p.model)[0],
                            "feature_output_hook": _tl_relative(writes, p.model)[0], "scan": f"dictlens:{out.name}"}
     if kind == SET:   # (a TopK set's k goes here: circuit-tracer's strict load refuses a k tensor in the files)
-        cfg["activation"] = "topk" if activation == "topk" else "relu" if activation == "relu" else None
-        if activation == "topk":
+        if form is not Form.THRESHOLD:   # (JumpReLU: found from the threshold tensors)
+            cfg["activation"] = next(theirs for theirs, f in THEIRS.items() if f is form)
+        if form is Form.TOPK:
             cfg["k"] = int(k or 0)
-        if cfg["activation"] is None:
-            del cfg["activation"]   # (JumpReLU: found from the threshold tensors)
     record = [r.to_json() for r in records] if records else None
     cfg["dictlens"] = {"provenance": p.to_json(), **({"layers": record} if record else {})}
     atomic_write_bytes(out / CONFIG, yaml.safe_dump(cfg, sort_keys=False).encode())
